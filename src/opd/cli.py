@@ -1,0 +1,125 @@
+"""Command line: ``opd <command>``. Each command builds a typed config and calls the same function the
+Python API exposes (``opd train`` → :func:`opd.methods.opd.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from opd.config import ConfigError, OPDConfig, help_text, load_config
+
+TRAIN_EPILOG = """\
+Configuration keys (set in CONFIG.yaml or as key=value overrides, which win):
+{keys}
+
+Examples:
+  opd train configs/lab.yaml steps=50
+  opd train student=lab:student teacher=lab:teacher-a-plus prompts=lab:train output_dir=runs/x
+"""
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="run on-policy distillation",
+        description="Run on-policy distillation of a student toward a teacher on the student's own samples.",
+        epilog=TRAIN_EPILOG.format(keys=help_text(OPDConfig)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd",
+        description="opd: on-policy distillation of LLMs (engine, diagnosis, lab). "
+        "Run `opd <command> --help` for each command's options.",
+        epilog="OPD config keys (opd train):\n" + help_text(OPDConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _train_parser(sub)
+    d = sub.add_parser("demo", help="the main job: OPD end to end on CPU-sized models, with a report")
+    d.add_argument("--smoke", action="store_true", help="a reduced, fast version (CI)")
+    d.add_argument("--out", default=None, help="output directory (default runs/demo-<time>)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=None, help="OPD steps per run (default: the demo's own)")
+    d.add_argument("--no-progress", action="store_true")
+    lab = sub.add_parser("lab", help="the model organism: build the zoo, list it")
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND")
+    b = lab_sub.add_parser("build", help="train the lab zoo from scratch (fixed seeds)")
+    b.add_argument("--out", default=None, help="where to write the zoo (default: the package's zoo folder)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--only", nargs="*", default=None, help="build only these models")
+    lab_sub.add_parser("list", help="list zoo models and lab prompt sets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="[%(name)s] %(levelname)s %(message)s",
+    )
+    try:
+        if args.command == "train":
+            return _cmd_train(args)
+        if args.command == "demo":
+            from opd.demo import run_demo
+
+            run_demo(
+                smoke=args.smoke,
+                out=args.out,
+                seed=args.seed,
+                steps=args.steps,
+                progress=not args.no_progress,
+            )
+            return 0
+        if args.command == "lab":
+            return _cmd_lab(args, parser)
+        parser.print_help()
+        return 0
+    except ConfigError as e:
+        print(f"opd: config error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"opd: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_train(args) -> int:
+    from opd.methods.opd import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no YAML file, only overrides
+        overrides.insert(0, config)
+        config = None
+    cfg = load_config(OPDConfig, config, overrides)
+    summary = train(cfg)
+    print(f"opd: done: {summary['steps_done']} steps, final model in {summary['final_model']}")
+    return 0
+
+
+def _cmd_lab(args, parser) -> int:
+    if args.lab_command == "build":
+        from opd.lab.zoo import build
+
+        build(out_dir=args.out, seed=args.seed, only=args.only)
+        return 0
+    if args.lab_command == "list":
+        from opd.lab import zoo
+
+        for name in zoo.MODEL_NAMES:
+            print(f"lab:{name}")
+        return 0
+    parser.parse_args(["lab", "--help"])
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Typed configuration for opd runs.
+
+One dataclass per command. Each field has a docstring (``field_docs`` extracts them for ``--help``).
+Configs come from YAML files plus ``key=value`` overrides (:func:`load_config`); cross-field rules are
+checked in ``__post_init__`` and raise :class:`ConfigError` with the fix. No runtime-derived values live
+in the user config.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from opd.objectives import AGGREGATIONS, SUPPORTS, WEIGHTINGS
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and the fix."""
+
+
+@dataclass
+class OPDConfig:
+    """On-policy distillation run. Defaults follow the study's reference recipe, scaled for small runs."""
+
+    # --- models ---
+    student: str = ""
+    """Student model: a local directory, a hub id (online only), a .gguf file or ``lab:<name>``."""
+    teacher: str = ""
+    """Teacher model (same tokenizer as the student): a local directory, hub id, .gguf file or ``lab:<name>``."""
+    student_dtype: str = "float32"
+    """Student weights dtype: float32 or bfloat16 (log-probs and losses are always float32)."""
+    teacher_dtype: str = "float32"
+    """Teacher weights dtype: float32 or bfloat16."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own Python code. Off unless you trust the source."""
+
+    # --- data ---
+    prompts: str = ""
+    """Prompt source: .jsonl/.json/.parquet/.csv, a saved HF dataset directory, or ``lab:<split>``."""
+    prompt_field: str = "auto"
+    """Field holding the prompt (text or a verl-style chat list); 'auto' tries prompt/problem/question/..."""
+    answer_field: str = "auto"
+    """Field holding the ground-truth answer (dotted paths allowed, e.g. reward_model.ground_truth)."""
+    prompt_template: str | None = None
+    """Template applied to the prompt text; ``{problem}`` is replaced by the prompt. None = use as is."""
+    use_chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (recommended for chat models)."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for apply_chat_template, e.g. {enable_thinking: false}."""
+    max_prompt_tokens: int = 1024
+    """Prompts longer than this many tokens are dropped (the count is logged)."""
+
+    # --- rollout ---
+    steps: int = 100
+    """Number of optimizer steps (each on a fresh on-policy rollout batch)."""
+    prompts_per_step: int = 8
+    """Prompts sampled per step."""
+    rollouts_per_prompt: int = 4
+    """Student responses sampled per prompt."""
+    max_new_tokens: int = 256
+    """Maximum response length in tokens; longer responses are truncated (and flagged)."""
+    temperature: float = 1.0
+    """Student sampling temperature for rollouts (the study uses 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold for rollouts (1.0 = off)."""
+    rollout_top_k: int = 0
+    """Top-k sampling for rollouts (0 = off). Not to be confused with ``top_k``, the objective's support size."""
+    rollout_batch_size: int = 0
+    """Prompts per generate call (0 = all prompts of the step at once)."""
+
+    # --- objective ---
+    top_k: int = 16
+    """Objective support size: 0 = sampled-token reward; K > 0 = top-K objective; -1 = full-vocabulary reverse KL."""
+    support: str = "student"
+    """Top-K support: student, teacher, intersection, union or symmetric_difference."""
+    weighting: str = "student_p"
+    """Top-K weights: student_p, teacher_p or uniform."""
+    renormalize: bool = False
+    """Use the paper's Eq. 5 form (p, q renormalised on the support) instead of the reference code's full-vocab log-ratio."""
+    estimator: str = "k1"
+    """Sampled-token reward estimator: k1 (log q - log p) or k3."""
+    teacher_temperature: float = 1.0
+    """Temperature applied to the teacher's logits when scoring."""
+    loss_aggregation: str = "token-mean"
+    """token-mean, seq-mean-token-sum or seq-mean-token-mean."""
+    metrics_top_k: int = 16
+    """k for the mechanism metrics (overlap ratio etc.), logged in every objective mode."""
+    metrics_position_chunk: int = 256
+    """Position-chunk size (tokens) for the per-position metrics."""
+
+    # --- optimisation ---
+    lr: float = 1e-6
+    """AdamW learning rate (the study: 1e-6 for 1.5B+ models; tiny models need far more)."""
+    lr_schedule: str = "constant"
+    """constant or cosine (both with linear warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass; gradients are accumulated over the rollout batch."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch; ratio clipping matters only when > 1."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon."""
+    dual_clip: float = 3.0
+    """Dual-clip constant c for negative advantages."""
+    score_chunk_size: int = 256
+    """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
+
+    # --- run ---
+    output_dir: str = "runs/opd"
+    """Where metrics.jsonl, checkpoints and the final model go."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation of any randomness."""
+    save_every: int = 0
+    """Save a resumable checkpoint every N steps (0 = only the final model)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in output_dir."""
+    eval_every: int = 0
+    """Evaluate accuracy on ``eval_prompts`` every N steps (0 = off)."""
+    eval_prompts: str = ""
+    """Prompt source with answers for periodic evaluation (same formats as ``prompts``)."""
+    eval_limit: int = 0
+    """Evaluate on at most this many eval prompts (0 = all)."""
+    eval_temperature: float = 0.0
+    """Sampling temperature for periodic evaluation (0 = greedy)."""
+    eval_samples: int = 1
+    """Samples per eval prompt (avg@n)."""
+    alerts: bool = True
+    """Check the failure-signature alerts (see docs/metrics.md)."""
+    stop_on_alert: bool = False
+    """Stop the run when an alert fires."""
+    progress: bool = True
+    """Show a progress bar."""
+    threads: int = 0
+    """torch CPU threads (0 = torch default)."""
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        errs = []
+        if self.top_k < -1:
+            errs.append(f"top_k={self.top_k}: use 0 (sampled-token), K > 0 (top-K) or -1 (full vocabulary)")
+        if self.support not in SUPPORTS:
+            errs.append(f"support={self.support!r}: choose one of {', '.join(SUPPORTS)}")
+        if self.weighting not in WEIGHTINGS:
+            errs.append(f"weighting={self.weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+        if self.loss_aggregation not in AGGREGATIONS:
+            errs.append(
+                f"loss_aggregation={self.loss_aggregation!r}: choose one of {', '.join(AGGREGATIONS)}"
+            )
+        if self.estimator not in ("k1", "k3"):
+            errs.append(f"estimator={self.estimator!r}: choose k1 or k3")
+        if self.lr_schedule not in ("constant", "cosine"):
+            errs.append(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
+        for dt_key in ("student_dtype", "teacher_dtype"):
+            if getattr(self, dt_key) not in ("float32", "bfloat16", "float16"):
+                errs.append(f"{dt_key}={getattr(self, dt_key)!r}: choose float32 or bfloat16")
+        for key in (
+            "steps",
+            "prompts_per_step",
+            "rollouts_per_prompt",
+            "max_new_tokens",
+            "micro_batch_size",
+            "ppo_epochs",
+            "max_prompt_tokens",
+            "score_chunk_size",
+            "metrics_top_k",
+        ):
+            if getattr(self, key) < 1:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        for key in (
+            "save_every",
+            "keep_checkpoints",
+            "warmup_steps",
+            "eval_every",
+            "eval_limit",
+            "threads",
+            "rollout_top_k",
+            "rollout_batch_size",
+        ):
+            if getattr(self, key) < 0:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        if self.temperature < 0 or self.teacher_temperature <= 0:
+            errs.append("temperature must be >= 0 and teacher_temperature > 0")
+        if not 0 < self.top_p <= 1:
+            errs.append(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.lr <= 0:
+            errs.append(f"lr={self.lr}: must be > 0")
+        if self.clip_eps <= 0 or self.dual_clip <= 1:
+            errs.append("clip_eps must be > 0 and dual_clip > 1")
+        if self.keep_checkpoints < 1 and self.save_every > 0:
+            errs.append("keep_checkpoints must be >= 1 when save_every > 0")
+        if self.eval_every and not self.eval_prompts:
+            errs.append("eval_every > 0 needs eval_prompts (a prompt source with answers)")
+        if self.warmup_steps > self.steps:
+            errs.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: lower warmup_steps")
+        if errs:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+    def check_runnable(self) -> None:
+        """Rules that only matter when actually training (not when printing help or defaults)."""
+        missing = [k for k in ("student", "teacher", "prompts") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(
+                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as "
+                f"key=value, e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train"
+            )
+
+    @property
+    def objective(self) -> str:
+        """'sampled', 'topk' or 'full' (derived from ``top_k``)."""
+        return "sampled" if self.top_k == 0 else ("full" if self.top_k < 0 else "topk")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name → docstring (the string literal right after each annotated field)."""
+    src = inspect.getsource(cls)
+    tree = ast.parse(src)
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return get_type_hints(cls)[name]
+
+
+def _coerce_value(tp: Any, value: Any, key: str) -> Any:
+    """Convert YAML/CLI values to the field type, with an error naming the key on failure."""
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key}: null is not allowed; give a value")
+    if origin is not None and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return _coerce_value(inner[0], value, key)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            return tuple(_coerce_value(a, v, key) for a, v in zip(args, value, strict=True))
+        if tp is dict or origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) or {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{key}={value!r}: expected a value of type {getattr(tp, '__name__', tp)}"
+        ) from None
+    return value
+
+
+def _coerce_types(obj: Any) -> None:
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        setattr(obj, f.name, _coerce_value(hints[f.name], getattr(obj, f.name), f.name))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. steps=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"override {item!r}: {key!r} is not a config key")
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key] = raw
+        # keep strings like "lab:student" or paths as given
+        if isinstance(out[key], (dict, list)) and key not in ("chat_template_kwargs", "adam_betas"):
+            out[key] = raw
+    return out
+
+
+def build_config(cls: type, values: dict[str, Any]):
+    """Instantiate ``cls`` from a dict, rejecting unknown keys with a did-you-mean hint."""
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        import difflib
+
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, names, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"unknown config key(s) for {cls.__name__}: {', '.join(hints)}; run `opd train --help` for the list"
+        )
+    return cls(**values)
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | dict | None = None):
+    """YAML file (optional) + overrides → validated config of type ``cls``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping of key: value at the top level")
+        values.update(loaded)
+    if overrides:
+        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return build_config(cls, values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def help_text(cls: type) -> str:
+    """One line per key: name, type, default, meaning (used by ``opd train --help``)."""
+    docs = field_docs(cls)
+    hints = get_type_hints(cls)
+    lines = []
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        tp = hints[f.name]
+        tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        lines.append(f"  {f.name} ({tname}, default: {default!r})\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,558 @@
+"""On-policy distillation (OPD), one readable file.
+
+Each step:
+  1. sample ``prompts_per_step`` prompts x ``rollouts_per_prompt`` student responses (rollout backend);
+  2. score the responses with the student (its top-K, entropy, sampled-token log-probs; no grad) and the
+     teacher (log-probs at the student's top-K ids, its own top-K, entropy; no grad);
+  3. build per-token rewards (PAPER.md §1): sampled-token ``log q - log p``; top-K
+     ``w(v) (log q(v) - log p(v))`` on a support; or the exact full-vocabulary reverse KL;
+  4. update the student with the policy-gradient loss (rewards used as advantages; no baseline, no
+     discount, no KL-to-reference), micro-batches with gradient accumulation, ``ppo_epochs`` passes;
+  5. log the step (metrics.jsonl), check alerts, checkpoint atomically every ``save_every`` steps.
+
+What this file deliberately leaves out: value functions and baselines (the study uses none), reference-
+model KL penalties, multi-turn rollouts, sequence packing, and distributed setup (the same code runs
+under ``accelerate launch`` via :mod:`opd.device` helpers later). Full-vocabulary mode differentiates
+the exact KL per micro-batch instead of using a policy gradient; it re-runs the teacher on each
+micro-batch so no B x T x V tensor is ever kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from opd import objectives as obj
+from opd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.config import OPDConfig, to_dict
+from opd.tracking import MetricsLogger, progress
+
+log = logging.getLogger("opd")
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OPDConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant or cosine decay to 0 at ``cfg.steps``. Stepped once per OPD step."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            span = max(1, cfg.steps - cfg.warmup_steps)
+            progress_ = min(1.0, (step - cfg.warmup_steps) / span)
+            return 0.5 * (1.0 + math.cos(math.pi * progress_))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    n = mask.sum()
+    return float((x * mask).sum() / n) if n > 0 else 0.0
+
+
+def micro_batch_weight(mask_mb_B_T: torch.Tensor, mask_all_B_T: torch.Tensor, aggregation: str) -> float:
+    """Scale of a micro-batch's aggregated loss so that the accumulated sum equals the aggregate over
+    the whole rollout batch (token-mean: by token count; seq-mean-*: by the number of non-empty rows)."""
+    if aggregation == "token-mean":
+        total = mask_all_B_T.sum()
+        return float(mask_mb_B_T.sum() / total) if total > 0 else 0.0
+    total = (mask_all_B_T.sum(-1) > 0).sum()
+    return float((mask_mb_B_T.sum(-1) > 0).sum() / total) if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- scoring + rewards
+
+
+def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> dict[str, Any]:
+    """No-grad scoring of a rollout batch by both models and the per-token rewards.
+
+    Returns a dict of tensors: ``mask`` (B,T), ``student``/``teacher`` ScoreOutputs, and for the
+    objective: ``old_logp`` and ``advantages`` ((B,T) sampled-token, (B,T,S) top-K) plus
+    ``support_ids``/``valid`` for top-K. Done in micro-batches to bound memory.
+    """
+    from opd.scoring import ScoreOutput, score
+
+    mask = batch.response_mask_B_T.float()
+    mk = cfg.metrics_top_k
+    width = max(mk, cfg.top_k if cfg.objective == "topk" else 0)
+    parts_s, parts_t = [], []
+    t_student = t_teacher = 0.0
+    B = batch.input_ids_B_T.shape[0]
+    with torch.no_grad():
+        for lo in range(0, B, cfg.micro_batch_size):
+            mb = batch.select(slice(lo, lo + cfg.micro_batch_size))
+            t0 = time.perf_counter()
+            s = score(
+                student,
+                mb.input_ids_B_T,
+                mb.attention_mask_B_T,
+                mb.response_mask_B_T,
+                top_k=width,
+                entropy=True,
+                chunk_size=cfg.score_chunk_size,
+                vocab_limit=vocab_limit,
+            )
+            t1 = time.perf_counter()
+            t = score(
+                teacher,
+                mb.input_ids_B_T,
+                mb.attention_mask_B_T,
+                mb.response_mask_B_T,
+                temperature=cfg.teacher_temperature,
+                top_k=width,
+                given_ids_B_T_K=s.topk_ids_B_T_K,
+                entropy=True,
+                chunk_size=cfg.score_chunk_size,
+                vocab_limit=vocab_limit,
+            )
+            t_student += t1 - t0
+            t_teacher += time.perf_counter() - t1
+            parts_s.append(s)
+            parts_t.append(t)
+    s_out = ScoreOutput(
+        **{k: _cat([getattr(p, k) for p in parts_s]) for k in ScoreOutput.__dataclass_fields__}
+    )
+    t_out = ScoreOutput(
+        **{k: _cat([getattr(p, k) for p in parts_t]) for k in ScoreOutput.__dataclass_fields__}
+    )
+    out: dict[str, Any] = {"mask": mask, "student": s_out, "teacher": t_out}
+
+    if cfg.objective == "sampled":
+        out["old_logp"] = s_out.token_logp_B_T
+        out["advantages"] = obj.sampled_token_rewards(
+            s_out.token_logp_B_T, t_out.token_logp_B_T, mask, estimator=cfg.estimator
+        )
+        out["token_reward"] = out["advantages"]
+    elif cfg.objective == "topk":
+        K = cfg.top_k
+        s_ids, s_lp = s_out.topk_ids_B_T_K[..., :K], s_out.topk_logp_B_T_K[..., :K]
+        t_ids, t_lp = t_out.topk_ids_B_T_K[..., :K], t_out.topk_logp_B_T_K[..., :K]
+        t_at_s = t_out.given_logp_B_T_K[..., :K]
+        support_ids, valid = obj.build_support(s_ids, t_ids, cfg.support)
+        if cfg.support in ("student", "intersection"):
+            s_sup, t_sup = s_lp, t_at_s
+        else:
+            # the student's log-probs at the teacher's top-K ids need one more (no-grad) student pass
+            t0 = time.perf_counter()
+            s_at_t = _score_given(student, batch, t_ids, cfg, vocab_limit)
+            t_student += time.perf_counter() - t0
+            if cfg.support == "teacher":
+                s_sup, t_sup = s_at_t, t_lp
+            else:  # union / symmetric_difference: ids = cat(student, teacher)
+                s_sup, t_sup = torch.cat([s_lp, s_at_t], -1), torch.cat([t_at_s, t_lp], -1)
+        weights = obj.support_weights(s_sup, t_sup, valid, cfg.weighting, cfg.support)
+        rewards = obj.topk_rewards(s_sup, t_sup, weights, valid, mask, renormalize=cfg.renormalize)
+        out.update(
+            support_ids=support_ids,
+            valid=valid,
+            old_logp=s_sup,
+            advantages=rewards,
+            adv_student_logp=s_sup,
+            adv_teacher_logp=t_sup,
+            token_reward=rewards.sum(-1),
+        )
+    else:  # full vocabulary: the loss is the exact KL, computed with grad in the update
+        out["token_reward"] = t_out.token_logp_B_T - s_out.token_logp_B_T
+    out["time/score_student"], out["time/score_teacher"] = t_student, t_teacher
+    return out
+
+
+def _score_given(model, batch, ids_B_T_K, cfg: OPDConfig, vocab_limit: int) -> torch.Tensor:
+    from opd.scoring import score
+
+    parts = []
+    with torch.no_grad():
+        for lo in range(0, batch.input_ids_B_T.shape[0], cfg.micro_batch_size):
+            sl = slice(lo, lo + cfg.micro_batch_size)
+            mb = batch.select(sl)
+            o = score(
+                model,
+                mb.input_ids_B_T,
+                mb.attention_mask_B_T,
+                mb.response_mask_B_T,
+                entropy=False,
+                given_ids_B_T_K=ids_B_T_K[sl],
+                chunk_size=cfg.score_chunk_size,
+                vocab_limit=vocab_limit,
+            )
+            parts.append(o.given_logp_B_T_K)
+    return torch.cat(parts)
+
+
+def _cat(xs: list) -> Any:
+    return None if xs[0] is None else torch.cat(xs)
+
+
+# --------------------------------------------------------------------------- update
+
+
+def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDConfig, vocab_limit: int):
+    """``ppo_epochs`` optimizer updates over the rollout batch. Returns (loss, grad_norm, skipped, stats)."""
+    from opd.scoring import score, score_full_logits
+
+    mask_all = scored["mask"]
+    B = batch.input_ids_B_T.shape[0]
+    params = [p for p in student.parameters() if p.requires_grad]
+    losses, norms, skipped, clip_fracs = [], [], 0, []
+    student.train()
+    for _ in range(cfg.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        for lo in range(0, B, cfg.micro_batch_size):
+            sl = slice(lo, lo + cfg.micro_batch_size)
+            mb = batch.select(sl)
+            mask = mask_all[sl]
+            if mask.sum() == 0:
+                continue
+            w = micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
+            if cfg.objective == "full":
+                loss = _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit, score_full_logits)
+                stats = {}
+            else:
+                given = scored["support_ids"][sl] if cfg.objective == "topk" else None
+                out = score(
+                    student,
+                    mb.input_ids_B_T,
+                    mb.attention_mask_B_T,
+                    mb.response_mask_B_T,
+                    given_ids_B_T_K=given,
+                    entropy=False,
+                    grad=True,
+                    chunk_size=cfg.score_chunk_size,
+                    vocab_limit=vocab_limit,
+                )
+                new_logp = out.given_logp_B_T_K if given is not None else out.token_logp_B_T
+                loss, stats = obj.policy_gradient_loss(
+                    new_logp,
+                    scored["old_logp"][sl],
+                    scored["advantages"][sl],
+                    mask,
+                    valid_B_T_S=scored["valid"][sl] if given is not None else None,
+                    clip_eps=cfg.clip_eps,
+                    dual_clip=cfg.dual_clip,
+                    aggregation=cfg.loss_aggregation,
+                )
+            (loss * w).backward()
+            total_loss += float(loss.detach()) * w
+            if "clip_frac" in stats:
+                clip_fracs.append(stats["clip_frac"])
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            log.warning("non-finite gradient norm (%s): update skipped", norm)
+        else:
+            optimizer.step()
+        losses.append(total_loss)
+        norms.append(norm)
+    student.eval()
+    stats = {"clip_frac": float(np.mean(clip_fracs)) if clip_fracs else 0.0}
+    return float(np.mean(losses)), norms[-1], skipped, stats
+
+
+def _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit, score_full_logits):
+    """Exact per-token KL(p||q) over the whole vocabulary, chunked over positions (teacher no-grad)."""
+    with torch.no_grad():
+        t_chunks = list(
+            score_full_logits(
+                teacher,
+                mb.input_ids_B_T,
+                mb.attention_mask_B_T,
+                mb.response_mask_B_T,
+                temperature=cfg.teacher_temperature,
+                vocab_limit=vocab_limit,
+                chunk_size=cfg.score_chunk_size,
+            )
+        )
+    per_token = torch.zeros_like(mask)
+    s_iter = score_full_logits(
+        student,
+        mb.input_ids_B_T,
+        mb.attention_mask_B_T,
+        mb.response_mask_B_T,
+        vocab_limit=vocab_limit,
+        grad=True,
+        chunk_size=cfg.score_chunk_size,
+    )
+    for (rows, cols, s_logits), (_, _, t_logits) in zip(s_iter, t_chunks, strict=True):
+        ones = torch.ones(1, s_logits.shape[0], device=s_logits.device)
+        div = obj.full_vocab_divergence(s_logits[None], t_logits[None], ones, kind="reverse_kl")[0]
+        per_token = per_token.index_put((rows, cols), div)
+    return obj.aggregate(per_token, mask, cfg.loss_aggregation)
+
+
+# --------------------------------------------------------------------------- the training run
+
+
+def train(cfg: OPDConfig) -> dict[str, Any]:
+    """Run OPD as configured. Returns the run summary (also written to ``output_dir/summary.json``)."""
+    from opd.data import PromptSampler, load_prompts
+    from opd.models import check_compatibility, load_model, load_tokenizer
+    from opd.rollout import HFGenerateBackend, stop_token_ids
+
+    cfg.check_runnable()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+
+    # -- models and tokenizers; compatibility first, so a mismatch fails before any work
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    student = load_model(cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code)
+    teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    compat = check_compatibility(tokenizer, teacher_tokenizer, student, teacher)
+    for w in compat.warnings:
+        log.warning(w)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    student.eval()
+
+    prompts = load_prompts(
+        cfg.prompts,
+        tokenizer,
+        prompt_field=cfg.prompt_field,
+        answer_field=cfg.answer_field,
+        prompt_template=cfg.prompt_template,
+        use_chat_template=cfg.use_chat_template,
+        chat_template_kwargs=cfg.chat_template_kwargs,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+    )
+    if prompts.dropped_overlong:
+        log.warning(
+            "dropped %d prompt(s) longer than max_prompt_tokens=%d",
+            prompts.dropped_overlong,
+            cfg.max_prompt_tokens,
+        )
+    eval_set = None
+    if cfg.eval_every:
+        eval_set = load_prompts(
+            cfg.eval_prompts,
+            tokenizer,
+            prompt_field=cfg.prompt_field,
+            answer_field=cfg.answer_field,
+            prompt_template=cfg.prompt_template,
+            use_chat_template=cfg.use_chat_template,
+            chat_template_kwargs=cfg.chat_template_kwargs,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            limit=cfg.eval_limit or None,
+        )
+    sampler = PromptSampler(prompts, seed=cfg.seed)
+    backend = HFGenerateBackend(
+        student, tokenizer, stop_token_ids(tokenizer), batch_size=cfg.rollout_batch_size or None
+    )
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+    )
+    scheduler = make_scheduler(optimizer, cfg)
+
+    metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
+    monitor = None
+    if cfg.alerts:
+        from opd.alerts import AlertConfig, AlertMonitor
+
+        monitor = AlertMonitor(AlertConfig(stop_on_alert=cfg.stop_on_alert))
+
+    start_step, skipped_total = 0, 0
+    if cfg.resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
+        else:
+            state = load_checkpoint(ckpt, model=student, optimizer=optimizer, scheduler=scheduler)
+            start_step = state["step"]
+            skipped_total = state.get("skipped_steps", 0)
+            sampler.load_state_dict(state["sampler"])
+            if monitor is not None and "alerts" in state:
+                monitor.load_state_dict(state["alerts"])
+            log.info("resumed from %s (step %d)", ckpt, start_step)
+    metrics_log.truncate_after(start_step)
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    history: list[dict[str, Any]] = []
+    run_t0 = time.perf_counter()
+    stopped_by_alert = None
+    bar = progress(total=cfg.steps, initial=start_step, desc="opd", enabled=cfg.progress, unit="step")
+    for step in range(start_step + 1, cfg.steps + 1):
+        row = opd_step(
+            student, teacher, backend, prompts, sampler, optimizer, scheduler, cfg, compat.vocab_limit, step
+        )
+        skipped_total += row.pop("_skipped")
+        row["skipped_steps"] = skipped_total
+        if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
+        if monitor is not None:
+            for name, msg in monitor.update(step, row).items():
+                row[name] = msg
+                bar.write(f"[opd] ALERT step {step}: {msg}")
+        metrics_log.log(row)
+        history.append(row)
+        bar.set_postfix(
+            loss=f"{row['loss/pg']:.4f}",
+            kl=f"{row['kl/sampled']:.3f}",
+            ovl=f"{row.get('overlap/ratio', float('nan')):.3f}",
+        )
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save_checkpoint(
+                out_dir,
+                step,
+                model=student,
+                tokenizer=tokenizer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                keep=cfg.keep_checkpoints,
+                state={
+                    "sampler": sampler.state_dict(),
+                    "skipped_steps": skipped_total,
+                    "alerts": monitor.state_dict() if monitor is not None else None,
+                },
+            )
+        if monitor is not None and monitor.should_stop:
+            stopped_by_alert = step
+            bar.write(f"[opd] stop_on_alert: stopping after step {step}")
+            break
+    bar.close()
+    metrics_log.close()
+
+    final_dir = out_dir / "final"
+    _save_final(student, tokenizer, final_dir)
+    summary = {
+        "output_dir": str(out_dir),
+        "final_model": str(final_dir),
+        "steps_done": history[-1]["step"] if history else start_step,
+        "skipped_steps": skipped_total,
+        "wall_time_s": time.perf_counter() - run_t0,
+        "stopped_by_alert": stopped_by_alert,
+        "last": history[-1] if history else {},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def opd_step(
+    student,
+    teacher,
+    backend,
+    prompts,
+    sampler,
+    optimizer,
+    scheduler,
+    cfg: OPDConfig,
+    vocab_limit: int,
+    step: int,
+) -> dict[str, Any]:
+    """One OPD step (rollout → scoring → rewards → update → metrics). Returns the metrics row."""
+    from opd.metrics import mechanism_metrics
+
+    t_step = time.perf_counter()
+    idx = sampler.next_batch(cfg.prompts_per_step)
+    t0 = time.perf_counter()
+    batch = backend.generate(
+        [prompts.examples[i].input_ids for i in idx],
+        n=cfg.rollouts_per_prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.rollout_top_k,
+        seed=None,
+    )
+    t_rollout = time.perf_counter() - t0
+
+    scored = score_batch(student, teacher, batch, cfg, vocab_limit)
+    mask = scored["mask"]
+    s, t = scored["student"], scored["teacher"]
+
+    t0 = time.perf_counter()
+    lr = scheduler.get_last_lr()[0]
+    loss, grad_norm, skipped, upd_stats = update(student, teacher, batch, scored, optimizer, cfg, vocab_limit)
+    scheduler.step()
+    t_update = time.perf_counter() - t0
+
+    mk = cfg.metrics_top_k
+    mech = mechanism_metrics(
+        s.topk_ids_B_T_K[..., :mk],
+        s.topk_logp_B_T_K[..., :mk],
+        t.topk_ids_B_T_K[..., :mk],
+        t.given_logp_B_T_K[..., :mk],
+        s.entropy_B_T,
+        t.entropy_B_T,
+        mask,
+        advantages_B_T_S=scored.get("advantages") if cfg.objective == "topk" else None,
+        adv_student_logp_B_T_S=scored.get("adv_student_logp"),
+        adv_teacher_logp_B_T_S=scored.get("adv_teacher_logp"),
+        position_chunk=cfg.metrics_position_chunk,
+    )
+    n_tokens = int(mask.sum())
+    step_time = time.perf_counter() - t_step
+    row: dict[str, Any] = {
+        "step": step,
+        "loss/pg": loss,
+        "reward/mean": masked_mean(scored["token_reward"], mask),
+        "kl/sampled": masked_mean(s.token_logp_B_T - t.token_logp_B_T, mask),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "clip_frac": upd_stats["clip_frac"],
+        "response/length_mean": float(batch.response_lengths_B.float().mean()),
+        "response/truncated_frac": float(batch.truncated_B.float().mean()),
+        **mech,
+        "time/rollout": t_rollout,
+        "time/score_student": scored["time/score_student"],
+        "time/score_teacher": scored["time/score_teacher"],
+        "time/update": t_update,
+        "time/step": step_time,
+        "throughput/tokens_per_s": n_tokens / step_time if step_time > 0 else 0.0,
+        "_skipped": skipped,
+    }
+    return row
+
+
+def evaluate_during_training(model, tokenizer, eval_set, cfg: OPDConfig) -> dict[str, float]:
+    from opd.evaluate import evaluate_accuracy
+
+    res = evaluate_accuracy(
+        model,
+        tokenizer,
+        eval_set,
+        temperature=cfg.eval_temperature,
+        n=cfg.eval_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        progress=False,
+    )
+    return {"eval/accuracy": res["accuracy"]}
+
+
+def _save_final(model, tokenizer, final_dir: Path) -> None:
+    """Save atomically: write to a temporary sibling, then rename."""
+    import shutil
+
+    tmp = final_dir.with_name(f".tmp-final-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)

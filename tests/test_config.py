@@ -1,0 +1,100 @@
+import pytest
+
+from opd.cli import build_parser, main
+from opd.config import ConfigError, OPDConfig, field_docs, load_config, parse_overrides
+
+
+def test_defaults_follow_the_paper():
+    cfg = OPDConfig()
+    assert (cfg.top_k, cfg.support, cfg.weighting, cfg.loss_aggregation) == (
+        16,
+        "student",
+        "student_p",
+        "token-mean",
+    )
+    assert cfg.temperature == 1.0 and cfg.top_p == 1.0 and cfg.teacher_temperature == 1.0
+    assert cfg.clip_eps == 0.2 and cfg.dual_clip == 3.0 and cfg.grad_clip == 1.0
+    assert cfg.trust_remote_code is False
+    assert cfg.objective == "topk"
+    assert OPDConfig(top_k=0).objective == "sampled" and OPDConfig(top_k=-1).objective == "full"
+
+
+def test_every_field_has_a_docstring():
+    docs = field_docs(OPDConfig)
+    missing = [f for f in OPDConfig.__dataclass_fields__ if not docs.get(f)]
+    assert missing == []
+
+
+def test_yaml_plus_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "student: a\nteacher: b\nprompts: p.jsonl\nsteps: 3\nlr: 1.0e-4\nchat_template_kwargs: {enable_thinking: false}\n"
+    )
+    cfg = load_config(
+        OPDConfig, p, ["steps=5", "support=union", "prompt_template={problem} go", "adam_betas=[0.8, 0.9]"]
+    )
+    assert cfg.steps == 5 and cfg.support == "union" and cfg.lr == 1e-4
+    assert cfg.chat_template_kwargs == {"enable_thinking": False}
+    assert cfg.prompt_template == "{problem} go"
+    assert cfg.adam_betas == (0.8, 0.9)
+    assert load_config(OPDConfig, None, ["student=lab:student"]).student == "lab:student"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("support=overlap", "support='overlap'"),
+        ("weighting=none", "weighting"),
+        ("loss_aggregation=mean", "loss_aggregation"),
+        ("top_k=-3", "top_k=-3"),
+        ("steps=0", "steps=0"),
+        ("lr=0", "lr=0"),
+        ("top_p=1.5", "top_p"),
+        ("student_dtype=int8", "student_dtype"),
+        ("steps=abc", "steps='abc'"),
+        ("eval_every=5", "eval_prompts"),
+        ("warmup_steps=500", "warmup_steps"),
+    ],
+)
+def test_bad_values_name_the_key_and_fix(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(OPDConfig, None, [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="did you mean 'top_k'"):
+        load_config(OPDConfig, None, ["topk=4"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["steps"])
+
+
+def test_missing_required_keys_have_a_fix():
+    with pytest.raises(ConfigError, match="student=lab:student"):
+        OPDConfig().check_runnable()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(OPDConfig, tmp_path / "nope.yaml")
+
+
+def test_help_lists_every_key(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in OPDConfig.__dataclass_fields__:
+        assert f"  {name} (" in out, name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "train" in out and "demo" in out and "top_k (" in out
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", "support=bogus"]) == 2
+    assert "support='bogus'" in capsys.readouterr().err
