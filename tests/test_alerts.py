@@ -163,6 +163,9 @@ def test_resume_keeps_fired_alerts_and_history():
     assert _run(hist, monitor=again)[1] == {}
     with pytest.raises(ValueError, match="version"):
         AlertMonitor().load_state_dict({"version": 99})
+    fresh = AlertMonitor()
+    fresh.load_state_dict(None)  # checkpoint written with alerts off
+    assert fresh.fired == {}
 
 
 def test_history_stays_bounded():

@@ -364,9 +364,12 @@ class AlertMonitor:
             "done": sorted(self._done),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Restore :meth:`state_dict` output. The current config is kept (thresholds may be changed
-        on resume); alerts already fired stay fired."""
+        on resume); alerts already fired stay fired. ``None`` (a checkpoint saved with alerts off)
+        restores nothing: the monitor starts from an empty history."""
+        if state is None:
+            return
         version = state.get("version")
         if version != _STATE_VERSION:
             raise ValueError(
