@@ -1,15 +1,78 @@
 """Prompt data: files → rendered prompts with token ids and optional answers.
 
-CONTRACT (implemented by the data helper):
+``load_prompts(source, tokenizer, ...) -> PromptSet`` reads a prompt pool or benchmark and turns every
+row into a :class:`PromptExample`: the problem text (after ``prompt_template``), the string the model
+sees (after the tokenizer's chat template), its token ids and the ground-truth answer. ``read_rows``
+is the lower layer (source → list of dict rows); ``PromptSampler`` draws prompt indices for training,
+epoch by epoch, resumably.
 
-``load_prompts(source, tokenizer, *, prompt_field="auto", answer_field="auto", prompt_template=None,
-               use_chat_template=True, chat_template_kwargs=None, max_prompt_tokens=1024,
-               system_prompt=None, limit=None) -> PromptSet``
+Sources (``read_rows``):
+  ``*.jsonl``, ``*.json`` (a list of objects), ``*.parquet``, ``*.csv``, a directory written by
+  ``datasets.Dataset.save_to_disk`` (needs ``pip install opd[datasets]``), and ``lab:<split>`` for
+  the built-in lab's prompt splits (rows with ``prompt`` and ``answer``).
+
+Field mapping (``load_prompts``):
+  - prompt: ``prompt_field="auto"`` takes the first of ``prompt, problem, question, input, instruction``
+    present in the first row. The value is a string, or a verl-style list of chat messages
+    ``[{"role": ..., "content": ...}, ...]`` that is used as the conversation as is.
+  - answer: ``answer_field="auto"`` takes the first of ``reward_model.ground_truth, answer, solution,
+    ground_truth, final_answer`` present in the first row, or no answers if none is. Dotted names walk
+    nested dicts. A GSM8K rationale ending ``#### N`` becomes ``N``. ``answer_field=None``: no answers.
+  Explicitly named fields that a row lacks are an error naming the file, the row and the fields it has.
+
+Prompt text:
+  - ``prompt_template`` (e.g. ``"{problem} Please reason step by step, and put your final answer
+    within \\boxed{}."``) replaces only the ``{problem}`` / ``{prompt}`` placeholder, never via
+    ``str.format``, so literal braces such as ``\\boxed{}`` survive. With chat messages it applies to the
+    last user message only.
+  - The DAPO-Math-17K ``\\boxed`` variant ships the artefact ``\\boxed{{}}`` (a ``str.format`` escape that
+    was never formatted). Every prompt text and template is normalised ``\\boxed{{}}`` → ``\\boxed{}``,
+    so the model sees the same instruction as with a clean template.
+  - ``use_chat_template=True`` renders ``tokenizer.apply_chat_template(messages, tokenize=False,
+    add_generation_prompt=True, **chat_template_kwargs)`` (e.g. ``{"enable_thinking": False}``) and
+    tokenises with ``add_special_tokens=False`` (the template already wrote the special tokens);
+    otherwise the text is used raw and tokenised with the tokenizer's defaults (e.g. its BOS).
+  - Prompts longer than ``max_prompt_tokens`` are dropped, counted in ``PromptSet.dropped_overlong`` and
+    logged once with the count.
+
+Row order, ``limit`` and ``seed``: with ``seed`` the rows are shuffled (deterministically) first;
+then rows are rendered in order until ``limit`` prompts are kept, so ``limit`` counts kept prompts and
+only the rows visited are validated and counted as dropped.
 """
 
 from __future__ import annotations
 
+import csv
+import importlib
+import json
+import logging
+import random
+from collections.abc import Sized
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PromptExample",
+    "PromptSet",
+    "PromptSampler",
+    "load_prompts",
+    "read_rows",
+    "PROMPT_FIELDS",
+    "ANSWER_FIELDS",
+    "SUPPORTED_SUFFIXES",
+]
+
+log = logging.getLogger(__name__)
+
+PROMPT_FIELDS = ("prompt", "problem", "question", "input", "instruction")
+"""Fields tried, in order, by ``prompt_field="auto"``."""
+ANSWER_FIELDS = ("reward_model.ground_truth", "answer", "solution", "ground_truth", "final_answer")
+"""Fields tried, in order, by ``answer_field="auto"`` (dotted names walk nested dicts)."""
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+PLACEHOLDERS = ("{problem}", "{prompt}")
+"""Placeholders a ``prompt_template`` may use for the problem text."""
+_BOXED_ARTEFACT = "\\boxed{{}}"
 
 
 @dataclass
@@ -18,11 +81,456 @@ class PromptExample:
     rendered: str  # what the model sees (after the chat template, if used)
     input_ids: list[int]
     answer: str | None = None  # ground truth for grading, when the source has one
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # {"row": index in the source, plus data_source/id if present}
 
 
 @dataclass
 class PromptSet:
     examples: list[PromptExample]
     source: str
-    dropped_overlong: int = 0
+    dropped_overlong: int = 0  # rows dropped because their prompt exceeded max_prompt_tokens
+    prompt_field: str | None = None  # the field the prompts were read from (resolved from "auto")
+    answer_field: str | None = None  # the field the answers were read from; None: no answers
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> PromptExample:
+        return self.examples[i]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sources → rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_rows(source: str | Path) -> list[dict]:
+    """Read every row of ``source`` as a plain dict (nested lists / dicts as Python objects).
+
+    ``source`` is a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, a ``datasets``
+    ``save_to_disk`` directory, or ``lab:<split>``.
+    """
+    name = str(source)
+    path = Path(source)
+    if name.startswith("lab:"):
+        rows = _read_lab(name)
+    elif not path.exists():
+        raise FileNotFoundError(
+            f"prompt source {name!r} does not exist; pass a {', '.join(SUPPORTED_SUFFIXES)} file, a "
+            "datasets save_to_disk directory, or lab:<split>"
+        )
+    elif path.is_dir():
+        rows = _read_hf_dir(path)
+    else:
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            rows = _read_jsonl(path)
+        elif suffix == ".json":
+            rows = _read_json(path)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        elif suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = [dict(r) for r in csv.DictReader(f)]
+        else:
+            raise ValueError(
+                f"prompt source {name!r}: unsupported file type {suffix!r}; expected one of "
+                f"{', '.join(SUPPORTED_SUFFIXES)}, a datasets save_to_disk directory, or lab:<split>"
+            )
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(
+                f"{name}: row {i} is a {type(r).__name__} ({_short(r)}), expected an object with named "
+                "fields such as 'prompt' and 'answer'"
+            )
+    return rows
+
+
+def _read_lab(name: str) -> list[dict]:
+    split = name[len("lab:") :]
+    try:
+        lab = importlib.import_module("opd.lab")
+    except ModuleNotFoundError as e:
+        if e.name not in ("opd.lab", "opd"):
+            raise
+        lab = None
+    prompt_rows = getattr(lab, "prompt_rows", None)
+    if prompt_rows is None:
+        raise ImportError(
+            f"prompt source {name!r} needs opd.lab.prompt_rows, which this installation of opd does not "
+            "provide; reinstall opd (pip install -e .) or point at a prompt file instead"
+        )
+    rows = list(prompt_rows(split))
+    return rows
+
+
+def _read_hf_dir(path: Path) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            f"prompt source {str(path)!r} is a directory, read as a Hugging Face dataset saved with "
+            "save_to_disk, which needs the datasets package: pip install opd[datasets]"
+        ) from e
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise ValueError(
+            f"prompt source {str(path)!r} is a directory but not a dataset written by save_to_disk ({e}); "
+            f"pass a {', '.join(SUPPORTED_SUFFIXES)} file or a save_to_disk directory"
+        ) from e
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds.keys())
+        if len(splits) != 1:
+            raise ValueError(
+                f"prompt source {str(path)!r} is a DatasetDict with splits {splits}; point at one split's "
+                f"subdirectory instead, e.g. {str(path / splits[0])!r}"
+            )
+        ds = ds[splits[0]]
+    return ds.to_list()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}: line {lineno} is not valid JSON ({e.msg}): {_short(line)}; "
+                    "each line of a .jsonl file must be one JSON object"
+                ) from e
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of objects") from e
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{path}: top-level JSON value is a {type(data).__name__}, expected a list of objects "
+            "(use .jsonl for one object per line)"
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rows → prompts
+# ---------------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _short(value: Any, n: int = 80) -> str:
+    s = repr(value)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _get_field(row: dict, name: str) -> Any:
+    """``row[name]``, or the dotted path ``a.b.c`` through nested dicts; ``_MISSING`` if absent."""
+    if name in row:
+        return row[name]
+    cur: Any = row
+    for part in name.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
+def _resolve_field(row: dict, requested: str | None, candidates: tuple[str, ...]) -> str | None:
+    if requested != "auto":
+        return requested
+    for name in candidates:
+        v = _get_field(row, name)
+        if v is not _MISSING and v is not None:
+            return name
+    return None
+
+
+def apply_template(text: str, template: str | None) -> str:
+    """``template`` with its ``{problem}`` / ``{prompt}`` placeholder replaced by ``text``.
+
+    Only the placeholder is substituted (no ``str.format``): other braces, e.g. ``\\boxed{}``, stay. The
+    ``\\boxed{{}}`` artefact is normalised to ``\\boxed{}`` in the result.
+    """
+    if template is not None:
+        for ph in PLACEHOLDERS:
+            if ph in template:
+                text = template.replace(ph, text)
+                break
+        else:
+            raise ValueError(
+                f"prompt_template {_short(template)} has no placeholder; put {PLACEHOLDERS[0]} (or "
+                f"{PLACEHOLDERS[1]}) where the problem text goes"
+            )
+    return text.replace(_BOXED_ARTEFACT, "\\boxed{}")
+
+
+def _clean_answer(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    s = str(value).strip()
+    if "####" in s:  # GSM8K: rationale, then "#### N"
+        s = s.rsplit("####", 1)[1].strip()
+    return s
+
+
+def load_prompts(
+    source: str | Path,
+    tokenizer,
+    *,
+    prompt_field: str = "auto",
+    answer_field: str | None = "auto",
+    prompt_template: str | None = None,
+    use_chat_template: bool = True,
+    chat_template_kwargs: dict | None = None,
+    system_prompt: str | None = None,
+    max_prompt_tokens: int | None = 1024,
+    limit: int | None = None,
+    seed: int | None = None,
+) -> PromptSet:
+    """Load, template, render and tokenise the prompts of ``source`` (see the module docstring).
+
+    Args:
+        source: file, ``save_to_disk`` directory or ``lab:<split>``.
+        tokenizer: a Hugging Face tokenizer (the student's; teacher and student share it).
+        prompt_field: field holding the prompt (string or chat messages); ``"auto"`` tries ``PROMPT_FIELDS``.
+        answer_field: field holding the ground truth (dotted paths allowed); ``"auto"`` tries
+            ``ANSWER_FIELDS`` and yields no answers if none exists; ``None`` skips answers.
+        prompt_template: text with a ``{problem}`` or ``{prompt}`` placeholder, applied to the problem
+            (to the last user message of a chat prompt).
+        use_chat_template: render with ``tokenizer.apply_chat_template``; False uses the text raw.
+        chat_template_kwargs: extra keyword arguments for the chat template, e.g. ``{"enable_thinking": False}``.
+        system_prompt: a system message put before each conversation (needs the chat template).
+        max_prompt_tokens: prompts with more tokens are dropped and counted; None keeps all.
+        limit: stop after this many kept prompts.
+        seed: shuffle the rows with this seed before applying ``limit``.
+    """
+    name = str(source)
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit={limit}: must be a positive number of prompts, or None for all")
+    if max_prompt_tokens is not None and max_prompt_tokens <= 0:
+        raise ValueError(f"max_prompt_tokens={max_prompt_tokens}: must be positive, or None for no limit")
+    if system_prompt is not None and not use_chat_template:
+        raise ValueError(
+            "system_prompt is set but use_chat_template=False: a system message needs the chat template; "
+            "set use_chat_template=True or put the instruction into prompt_template"
+        )
+    if use_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"use_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no chat_template; "
+            "pass use_chat_template=False to feed the prompt text raw, or use the model's chat tokenizer"
+        )
+    if chat_template_kwargs and not use_chat_template:
+        raise ValueError(
+            f"chat_template_kwargs={chat_template_kwargs} given but use_chat_template=False; drop one of them"
+        )
+    tmpl_kwargs = dict(chat_template_kwargs or {})
+
+    rows = read_rows(source)
+    if not rows:
+        raise ValueError(f"prompt source {name!r} has no rows; check the file or the split name")
+
+    p_field = _resolve_field(rows[0], prompt_field, PROMPT_FIELDS)
+    if p_field is None:
+        raise ValueError(
+            f"{name}: row 0 has none of the prompt fields {list(PROMPT_FIELDS)} (fields: "
+            f"{sorted(rows[0])}); pass prompt_field=<name>"
+        )
+    a_field = _resolve_field(rows[0], answer_field, ANSWER_FIELDS)
+
+    order = list(range(len(rows)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+
+    examples: list[PromptExample] = []
+    dropped = 0
+    for i in order:
+        row = rows[i]
+        text, messages = _prompt_of(row, i, name, p_field, prompt_template, system_prompt)
+        if use_chat_template:
+            try:
+                rendered = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, **tmpl_kwargs
+                )
+            except Exception as e:
+                raise ValueError(
+                    f"{name}: row {i}: the chat template failed on messages {_short(messages)}: {e}; check "
+                    "the messages' roles or pass use_chat_template=False"
+                ) from e
+            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        else:
+            rendered = text
+            ids = tokenizer(rendered)["input_ids"]
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            dropped += 1
+            continue
+        answer = None
+        if a_field is not None:
+            value = _get_field(row, a_field)
+            if value is _MISSING:
+                raise ValueError(
+                    f"{name}: row {i} has no answer field {a_field!r} (fields: {sorted(row)}); pass "
+                    "answer_field=<name>, or answer_field=None to load prompts without answers"
+                )
+            answer = _clean_answer(value)
+        meta: dict = {"row": i}
+        for key in ("data_source", "id"):
+            if key in row:
+                meta[key] = row[key]
+        examples.append(
+            PromptExample(text=text, rendered=rendered, input_ids=list(ids), answer=answer, meta=meta)
+        )
+        if limit is not None and len(examples) >= limit:
+            break
+
+    if dropped:
+        log.warning(
+            "%s: dropped %d prompt(s) longer than max_prompt_tokens=%d", name, dropped, max_prompt_tokens
+        )
+    if not examples:
+        raise ValueError(
+            f"{name}: no prompts left: all {dropped} visited prompt(s) are longer than "
+            f"max_prompt_tokens={max_prompt_tokens}; raise max_prompt_tokens"
+        )
+    return PromptSet(
+        examples=examples, source=name, dropped_overlong=dropped, prompt_field=p_field, answer_field=a_field
+    )
+
+
+def _prompt_of(
+    row: dict, i: int, name: str, p_field: str, template: str | None, system_prompt: str | None
+) -> tuple[str, list[dict]]:
+    """(problem text after the template, chat messages) of one row; errors name the file and row."""
+    value = _get_field(row, p_field)
+    if value is _MISSING:
+        raise ValueError(
+            f"{name}: row {i} has no prompt field {p_field!r} (fields: {sorted(row)}); pass "
+            "prompt_field=<name> naming the field that holds the prompt"
+        )
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{name}: row {i}: prompt field {p_field!r} is empty; remove the row or fill it")
+        text = apply_template(value, template)
+        messages = [{"role": "user", "content": text}]
+    elif isinstance(value, (list, tuple)):
+        messages = _check_messages(value, i, name, p_field)
+        last_user = max((j for j, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise ValueError(
+                f"{name}: row {i}: prompt field {p_field!r} is a message list without a 'user' message "
+                f"(roles: {[m['role'] for m in messages]}); add the user turn"
+            )
+        text = apply_template(messages[last_user]["content"], template)
+        messages[last_user]["content"] = text
+        messages = [
+            m if j == last_user else {**m, "content": apply_template(m["content"], None)}
+            for j, m in enumerate(messages)
+        ]
+    else:
+        raise ValueError(
+            f"{name}: row {i}: prompt field {p_field!r} is a {type(value).__name__} ({_short(value)}), "
+            "expected a string or a list of {'role', 'content'} messages"
+        )
+    if system_prompt is not None:
+        if messages[0]["role"] == "system":
+            raise ValueError(
+                f"{name}: row {i} already has a system message; pass system_prompt=None to keep the "
+                "data's own, or remove it from the data"
+            )
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return text, messages
+
+
+def _check_messages(value: list | tuple, i: int, name: str, p_field: str) -> list[dict]:
+    if not value:
+        raise ValueError(f"{name}: row {i}: prompt field {p_field!r} is an empty message list")
+    out = []
+    for j, m in enumerate(value):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError(
+                f"{name}: row {i}: message {j} of prompt field {p_field!r} is {_short(m)}; each message "
+                "must be {'role': str, 'content': str}"
+            )
+        if not m["content"].strip():
+            raise ValueError(f"{name}: row {i}: message {j} ({m['role']}) has empty content")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------------------
+
+
+class PromptSampler:
+    """Deterministic epoch-wise shuffled prompt indices, resumable at the exact data position.
+
+    Epoch ``e`` visits every index once, in the permutation drawn from ``random.Random`` seeded with
+    ``(seed, e)``; a batch that runs past the end of an epoch continues into the next one. The state is
+    ``(epoch, position)``, so ``load_state_dict(state_dict())`` on a fresh sampler with the same data
+    size and seed reproduces every later batch.
+    """
+
+    def __init__(self, prompt_set: Sized, seed: int = 0):
+        self.size = len(prompt_set)
+        if self.size == 0:
+            raise ValueError("PromptSampler: the prompt set is empty; load at least one prompt")
+        self.seed = int(seed)
+        self.epoch = 0
+        self.position = 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        perm = list(range(self.size))
+        random.Random(f"opd-prompt-sampler:{self.seed}:{epoch}").shuffle(perm)
+        return perm
+
+    def next_batch(self, n: int) -> list[int]:
+        """The next ``n`` prompt indices (crossing into the next epoch when this one runs out)."""
+        if n <= 0:
+            raise ValueError(f"next_batch(n={n}): n must be a positive number of prompts")
+        out: list[int] = []
+        while len(out) < n:
+            if self.position >= self.size:
+                self.epoch += 1
+                self.position = 0
+                self._perm = self._permutation(self.epoch)
+            take = min(n - len(out), self.size - self.position)
+            out.extend(self._perm[self.position : self.position + take])
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"PromptSampler.load_state_dict: checkpoint has {key}={state[key]} but this sampler has "
+                    f"{key}={getattr(self, key)}; resume with the same prompt data and data seed"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.size:
+            raise ValueError(
+                f"PromptSampler.load_state_dict: epoch={epoch}, position={position} out of range for "
+                f"{self.size} prompts"
+            )
+        self.epoch, self.position = epoch, position
+        self._perm = self._permutation(epoch)
