@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
+    from opd.diagnose import add_cli_parser as _diagnose_parser
+
+    _diagnose_parser(sub)
     d = sub.add_parser("demo", help="the main job: OPD end to end on CPU-sized models, with a report")
     d.add_argument("--smoke", action="store_true", help="a reduced, fast version (CI)")
     d.add_argument("--out", default=None, help="output directory (default runs/demo-<time>)")
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
             return 0
+        if args.command == "diagnose":
+            from opd.diagnose import run_cli
+
+            return run_cli(args)
         if args.command == "lab":
             return _cmd_lab(args, parser)
         parser.print_help()

@@ -1556,3 +1556,126 @@ def _plots(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
             fig_to_data_uri(fig),
         )
     return out
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+CLI_EPILOG = """\
+Verdicts: go | go-after-remedy (remedy named: off-policy cold start, teacher-aligned template or
+prompts) | no-go (the teacher adds nothing the student can learn). Thresholds: --threshold NAME=VALUE,
+names: {names}.
+
+Examples:
+  opd diagnose --student lab:student --teacher lab:teacher-a-plus --prompts lab:test
+  opd diagnose --student Qwen/Qwen3-1.7B-Base --teacher ./my-teacher --prompts data/math.jsonl \\
+      --num-prompts 32 --rollouts 2 --max-new-tokens 2048 --teacher-dtype bfloat16 --batch-size 8
+"""
+
+# (flag, config field, argparse kwargs); help text is the field's docstring
+_CLI_OPTIONS: list[tuple[str, str, dict]] = [
+    ("--student", "student", dict(required=True)),
+    ("--teacher", "teacher", dict(required=True)),
+    ("--prompts", "prompts", dict(required=True)),
+    ("--out", "out_dir", dict()),
+    ("--num-prompts", "num_prompts", dict(type=int)),
+    ("--rollouts", "rollouts", dict(type=int)),
+    ("--max-new-tokens", "max_new_tokens", dict(type=int)),
+    ("--prefix-fractions", "prefix_fractions", dict(type=float, nargs="*")),
+    ("--top-k", "top_k", dict(type=int)),
+    ("--temperature", "temperature", dict(type=float)),
+    ("--teacher-temperature", "teacher_temperature", dict(type=float)),
+    ("--eval-temperature", "eval_temperature", dict(type=float)),
+    ("--eval-samples", "eval_samples", dict(type=int)),
+    ("--position-bin", "position_bin", dict(type=int)),
+    ("--seed", "seed", dict(type=int)),
+    ("--student-dtype", "student_dtype", dict(choices=["float32", "bfloat16", "float16"])),
+    ("--teacher-dtype", "teacher_dtype", dict(choices=["float32", "bfloat16", "float16"])),
+    ("--trust-remote-code", "trust_remote_code", dict(action="store_const", const=True)),
+    ("--prompt-field", "prompt_field", dict()),
+    ("--answer-field", "answer_field", dict()),
+    ("--prompt-template", "prompt_template", dict()),
+    ("--no-chat-template", "use_chat_template", dict(action="store_const", const=False)),
+    ("--chat-template-kwargs", "chat_template_kwargs", dict(metavar="YAML")),
+    ("--max-prompt-tokens", "max_prompt_tokens", dict(type=int)),
+    ("--batch-size", "batch_size", dict(type=int)),
+    ("--threads", "threads", dict(type=int)),
+    ("--no-progress", "progress", dict(action="store_const", const=False)),
+]
+
+
+def add_cli_parser(subparsers) -> Any:
+    """Add the ``diagnose`` subcommand to ``opd``'s argparse subparsers (flags map onto DiagnoseConfig)."""
+    import argparse
+
+    from opd.config import field_docs
+
+    docs = field_docs(DiagnoseConfig)
+    p = subparsers.add_parser(
+        "diagnose",
+        help="pre-flight go/no-go: will OPD of this student toward this teacher work?",
+        description="Sample student rollouts on a prompt sample, score them with both models and report "
+        "condition (i) (compatible thinking patterns), condition (ii) (new capability) and a verdict, "
+        "with evidence, in OUT/diagnosis.{json,md,html}.",
+        epilog=CLI_EPILOG.format(names=", ".join(f.name for f in dataclasses.fields(DiagnoseThresholds))),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = DiagnoseConfig()
+    for flag, key, kw in _CLI_OPTIONS:
+        default = getattr(defaults, key)
+        shown = "" if kw.get("required") or kw.get("action") else f" (default: {default!r})"
+        p.add_argument(flag, dest=key, default=None, help=docs.get(key, "") + shown, **kw)
+    p.add_argument(
+        "--threshold",
+        dest="thresholds",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a decision threshold (repeatable), e.g. --threshold overlap_ratio_min=0.5",
+    )
+    return p
+
+
+def config_from_args(args) -> DiagnoseConfig:
+    """The DiagnoseConfig of parsed ``opd diagnose`` arguments (unset flags keep the defaults)."""
+    import yaml
+
+    from opd.config import ConfigError
+
+    values = {key: getattr(args, key) for _, key, _ in _CLI_OPTIONS if getattr(args, key, None) is not None}
+    if isinstance(values.get("chat_template_kwargs"), str):
+        loaded = yaml.safe_load(values["chat_template_kwargs"]) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"--chat-template-kwargs {values['chat_template_kwargs']!r}: expected a mapping, "
+                "e.g. '{enable_thinking: false}'"
+            )
+        values["chat_template_kwargs"] = loaded
+    names = {f.name: f.type for f in dataclasses.fields(DiagnoseThresholds)}
+    th = {}
+    for item in args.thresholds or []:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in names:
+            raise ConfigError(
+                f"--threshold {item!r}: expected NAME=VALUE with NAME one of {', '.join(names)}"
+            )
+        try:
+            th[name] = float(raw)
+        except ValueError:
+            raise ConfigError(f"--threshold {item!r}: {raw!r} is not a number") from None
+    if th:
+        values["thresholds"] = DiagnoseThresholds(**th)
+    return DiagnoseConfig(**values)
+
+
+def run_cli(args) -> int:
+    """``opd diagnose``: run, print the verdict and where the reports are; exit code 0 for any verdict."""
+    cfg = config_from_args(args)
+    result = diagnose(cfg)
+    remedy = f" (remedy: {', '.join(result['remedies'])})" if result["remedies"] else ""
+    print(f"opd diagnose: verdict {result['verdict']}{remedy}")
+    for r in result["reasons"]:
+        print(f"  - {r}")
+    out = Path(cfg.out_dir)
+    print(f"reports: {out / 'diagnosis.json'}, {out / 'diagnosis.md'}, {out / 'diagnosis.html'}")
+    return 0
