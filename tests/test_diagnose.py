@@ -1,0 +1,337 @@
+"""opd diagnose: verdict rules on synthetic measurements, AUROC against a brute-force reference, the
+tokenizer / template check, and end-to-end runs on tiny random models (all three report files)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+import shutil
+
+import pytest
+
+from opd.config import ConfigError
+from opd.diagnose import (
+    FLAG_LITTLE_NEW,
+    FLAG_NO_SIGNAL,
+    FLAG_TOKENIZER,
+    FLAG_UNMEASURED,
+    REMEDY_COLD_START,
+    REMEDY_PROMPTS,
+    REMEDY_TEMPLATE,
+    VERDICTS,
+    DiagnoseConfig,
+    DiagnoseThresholds,
+    Evidence,
+    auroc,
+    decide,
+    diagnose,
+    template_check,
+)
+
+# ------------------------------------------------------------------------------------------- AUROC
+
+
+def auroc_brute(scores, labels):
+    """P(s+ > s-) + 0.5 P(s+ = s-) over all positive/negative pairs, straight from the definition."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auroc_matches_brute_force_with_ties(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 40)
+    scores = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(n)]  # many ties
+    labels = [rng.random() < 0.4 for _ in range(n)]
+    labels[0], labels[1] = True, False  # both classes present
+    assert auroc(scores, labels) == pytest.approx(auroc_brute(scores, labels), abs=1e-12)
+
+
+def test_auroc_edge_cases():
+    assert auroc([0.1, 0.2, 0.3], [False, True, True]) == 1.0
+    assert auroc([0.3, 0.2, 0.1], [False, True, True]) == 0.0
+    assert auroc([1.0, 1.0, 1.0, 1.0], [True, False, True, False]) == 0.5
+    assert auroc([0.1, 0.2], [True, True]) is None
+    assert auroc([], []) is None
+    with pytest.raises(ValueError, match="one label per score"):
+        auroc([0.1, 0.2], [True])
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([float("nan"), 0.2], [True, False])
+
+
+# ----------------------------------------------------------------------------------- verdict rules
+
+
+def compatible(**kw) -> Evidence:
+    """A compatible, capable teacher: every check passes."""
+    base = dict(
+        overlap_ratio=0.85,
+        overlap_mass_student=0.98,
+        overlap_mass_teacher=0.97,
+        overlap_adv=-0.02,
+        entropy_gap=0.1,
+        first_token_entropy_student=0.3,
+        first_token_entropy_teacher=0.35,
+        reward_abs_mean=0.2,
+        stop_reward=-0.1,
+        accuracy_student=0.4,
+        accuracy_teacher=0.8,
+        accuracy_gap_se=0.05,
+        continuation_advantage=0.3,
+        continuation_advantage_se=0.05,
+    )
+    base.update(kw)
+    return Evidence(**base)
+
+
+def test_compatible_capable_teacher_is_go():
+    v = decide(compatible())
+    assert v.verdict == "go" and v.remedies == [] and v.flags == []
+    assert all(c.passed is not False for c in v.checks)
+    assert any("Condition (i) holds" in r for r in v.reasons)
+
+
+def test_tokenizer_mismatch_is_no_go():
+    v = decide(Evidence(tokenizer_compatible=False, tokenizer_error="token 'a': student id 1, teacher id 2"))
+    assert v.verdict == "no-go" and FLAG_TOKENIZER in v.flags
+    assert "student id 1" in v.reasons[0]
+
+
+def test_identical_distributions_are_no_go():
+    v = decide(compatible(overlap_ratio=1.0, overlap_adv=0.0, entropy_gap=0.0, reward_abs_mean=0.0))
+    assert v.verdict == "no-go" and v.flags == [FLAG_NO_SIGNAL]
+
+
+def test_no_capability_gap_is_no_go_flagged():
+    v = decide(compatible(accuracy_teacher=0.42, continuation_advantage=0.0))
+    assert v.verdict == "no-go" and FLAG_LITTLE_NEW in v.flags
+    # the same holds when condition (i) also fails: nothing to learn comes first
+    v = decide(compatible(accuracy_teacher=0.4, continuation_advantage=-0.1, overlap_ratio=0.2))
+    assert v.verdict == "no-go" and FLAG_LITTLE_NEW in v.flags
+
+
+def test_score_gap_that_vanishes_on_student_prefixes_is_little_new_capability():
+    """Same-pipeline case (PAPER.md §2): higher score, but indistinguishable from the student's view."""
+    v = decide(compatible(accuracy_teacher=0.6, continuation_advantage=0.01))
+    assert v.verdict == "no-go" and FLAG_LITTLE_NEW in v.flags
+
+
+def test_incompatible_pattern_with_capability_needs_cold_start():
+    for ev in (
+        compatible(overlap_ratio=0.3),
+        compatible(overlap_mass_teacher=0.5),
+        compatible(overlap_adv=-0.5),
+        compatible(entropy_gap=1.5),
+        compatible(overlap_ratio=0.3, continuation_advantage=-0.2),  # teacher lost on the student's prefixes
+    ):
+        v = decide(ev)
+        assert v.verdict == "go-after-remedy", ev
+        assert v.remedies == [REMEDY_COLD_START]
+
+
+def test_teacher_uncertain_on_prompts_needs_teacher_prompts():
+    v = decide(
+        compatible(overlap_ratio=0.3, first_token_entropy_teacher=2.0, first_token_entropy_student=0.3)
+    )
+    assert v.verdict == "go-after-remedy" and v.remedies == [REMEDY_PROMPTS]
+
+
+def test_template_problems_need_teacher_template():
+    v = decide(compatible(template_differs=True))
+    assert v.verdict == "go-after-remedy" and v.remedies == [REMEDY_TEMPLATE]
+    v = decide(compatible(stop_reward=-6.0))
+    assert v.verdict == "go-after-remedy" and v.remedies == [REMEDY_TEMPLATE]
+    v = decide(compatible(template_differs=True, overlap_ratio=0.2))
+    assert v.remedies == [REMEDY_TEMPLATE, REMEDY_COLD_START]
+
+
+def test_without_answers_condition_ii_is_unmeasured():
+    no_answers = dict(accuracy_student=None, accuracy_teacher=None, continuation_advantage=None)
+    v = decide(compatible(**no_answers))
+    assert v.verdict == "go" and FLAG_UNMEASURED in v.flags
+    assert any("unmeasured" in r for r in v.reasons)
+    v = decide(compatible(overlap_ratio=0.2, **no_answers))
+    assert v.verdict == "go-after-remedy" and v.remedies == [REMEDY_COLD_START]
+    assert [c.passed for c in v.checks if c.id == "accuracy_gap"] == [None]
+
+
+def test_thresholds_move_the_verdict():
+    ev = compatible(overlap_ratio=0.55)
+    assert decide(ev).verdict == "go-after-remedy"
+    assert decide(ev, DiagnoseThresholds(overlap_ratio_min=0.5)).verdict == "go"
+
+
+def test_every_check_reports_value_and_threshold():
+    v = decide(compatible())
+    ids = {c.id for c in v.checks}
+    assert {"overlap_ratio", "overlap_mass", "overlap_adv", "entropy_gap", "accuracy_gap"} <= ids
+    assert {"continuation_advantage", "reward_size", "chat_template", "stop_reward", "tokenizer"} <= ids
+    for c in v.checks:
+        assert c.op in (">=", "<=", "==") and c.threshold is not None
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="prefix_fractions"):
+        DiagnoseConfig(prefix_fractions=(0.5, 1.0))
+    with pytest.raises(ConfigError, match="temperature=0"):
+        DiagnoseConfig(temperature=0)
+    with pytest.raises(ConfigError, match="num_prompts"):
+        DiagnoseConfig(num_prompts=0)
+    with pytest.raises(ConfigError, match="overlap_ratio_min"):
+        DiagnoseThresholds(overlap_ratio_min=1.5)
+    with pytest.raises(ConfigError, match="missing required"):
+        DiagnoseConfig().check_runnable()
+    assert DiagnoseConfig(max_new_tokens=100).bin_size == 6
+    assert DiagnoseConfig(position_bin=4).bin_size == 4
+
+
+# ------------------------------------------------------------------------------ template check
+
+
+def test_template_check_shows_the_token_diff():
+    from opd.tiny import build_byte_tokenizer
+
+    student_tok, teacher_tok = build_byte_tokenizer(), build_byte_tokenizer()
+    same = template_check(student_tok, teacher_tok, "What is 2+3?", "5", DiagnoseConfig())
+    assert same["same_render"] and not same["template_differs"] and same["token_diff"] == []
+    assert same["same_tokenization"] and not same["stop_ids_differ"]
+    assert same["student"]["stop_tokens"] == ["<|im_end|>"]
+
+    teacher_tok.chat_template = "<|im_start|>system\nBe brief.<|im_end|>\n" + student_tok.chat_template
+    diff = template_check(student_tok, teacher_tok, "What is 2+3?", "5", DiagnoseConfig())
+    assert diff["template_differs"] and not diff["same_render"]
+    assert diff["token_diff"][0]["op"] == "insert" and diff["token_diff"][0]["student"] == []
+    assert "".join(diff["token_diff"][0]["teacher"]).startswith("<|im_start|>system")
+    # prompts rendered without a chat template: a template difference does not matter
+    raw = template_check(student_tok, teacher_tok, "q", "a", DiagnoseConfig(use_chat_template=False))
+    assert not raw["template_differs"]
+
+
+# -------------------------------------------------------------------------------- end to end
+
+
+def _cfg(student, teacher, prompts, out, **kw):
+    base = dict(
+        student=str(student),
+        teacher=str(teacher),
+        prompts=str(prompts),
+        out_dir=str(out),
+        num_prompts=5,
+        rollouts=2,
+        max_new_tokens=8,
+        prefix_fractions=(0.0, 0.5),
+        progress=False,
+        seed=0,
+    )
+    base.update(kw)
+    return DiagnoseConfig(**base)
+
+
+def _check_outputs(out, result):
+    for name in ("diagnosis.json", "diagnosis.md", "diagnosis.html"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "diagnosis.json").read_text())
+    assert on_disk["verdict"] == result["verdict"] and on_disk["verdict"] in VERDICTS
+    assert isinstance(on_disk["reasons"], list) and on_disk["reasons"]
+    md = (out / "diagnosis.md").read_text()
+    assert f"**Verdict: `{result['verdict']}`**" in md
+    html = (out / "diagnosis.html").read_text()
+    assert result["verdict"] in html
+    assert not re.search(r'(src|href)="(?!data:)', html)
+    return on_disk, md, html
+
+
+def test_tiny_models_end_to_end(tiny_pair, tmp_path):
+    student, teacher, prompts = tiny_pair
+    out = tmp_path / "diag"
+    result = diagnose(_cfg(student, teacher, prompts, out))
+    d, md, html = _check_outputs(out, result)
+    # every measured figure is there
+    for key in (
+        "overlap/ratio",
+        "overlap/mass_student",
+        "overlap/mass_teacher",
+        "overlap/adv",
+        "entropy/gap",
+    ):
+        assert key in d["condition_i"]["metrics"], key
+    prof = d["condition_i"]["profile"]
+    assert prof["bin_size"] == 1 and prof["overlap_ratio"]["start"][:2] == [0, 1]
+    assert d["condition_ii"]["has_answers"] is True
+    acc = d["condition_ii"]["accuracy"]
+    assert 0 <= acc["student"]["accuracy"] <= 1 and 0 <= acc["teacher"]["accuracy"] <= 1
+    cont = d["condition_ii"]["continuation"]
+    assert [c["fraction"] for c in cont["by_fraction"]] == [0.0, 0.5]
+    assert cont["by_fraction"][0]["depth_mean"] == 0
+    assert d["condition_ii"]["reward"]["sampled_token"]["abs_mean"] > 0  # two random models disagree
+    assert len(d["context"]["seq_mean_reward"]) == 10
+    assert d["rollouts"]["num"] == 10
+    g = d["cost"]["generated_tokens"]
+    assert g["student_rollouts"] <= 10 * 8 and g["total"] <= d["cost"]["bound_generated_tokens"]
+    assert d["cost"]["scored_sequences"] == {"student": 10, "teacher": 10}
+    # plots: position profile, reward distribution, accuracy bars
+    assert html.count('src="data:image/png;base64,') == 3
+    assert (
+        "## Condition (i)" in md and "## Condition (ii)" in md and "## Tokenizer, chat template and EOS" in md
+    )
+
+
+def test_teacher_equal_to_student_is_no_go(tiny_pair, tmp_path):
+    """Measured, not read from the names: a copy of the student under another path is still no-go."""
+    student, _, prompts = tiny_pair
+    clone = tmp_path / "teacher-a-plus"
+    shutil.copytree(student, clone)
+    out = tmp_path / "same"
+    result = diagnose(_cfg(student, clone, prompts, out))
+    _check_outputs(out, result)
+    assert result["verdict"] == "no-go"
+    assert FLAG_NO_SIGNAL in result["flags"]
+    m = result["condition_i"]["metrics"]
+    assert m["overlap/ratio"] == pytest.approx(1.0)
+    assert m["overlap/adv"] == pytest.approx(0.0, abs=1e-6)
+    assert m["entropy/gap"] == pytest.approx(0.0, abs=1e-5)
+    assert result["condition_ii"]["accuracy"]["gap"] == 0
+    assert result["condition_ii"]["continuation"]["advantage"] == 0
+
+
+def test_tokenizer_mismatch_gives_no_go_report(tiny_pair, tmp_path):
+    from opd.tiny import build_byte_tokenizer, build_tiny_model
+
+    student, _, prompts = tiny_pair
+    tok = build_byte_tokenizer(extra_tokens=["hello"])  # shifts the special-token ids
+    other = tmp_path / "other"
+    build_tiny_model(tok).save_pretrained(other)
+    tok.save_pretrained(other)
+    out = tmp_path / "mismatch"
+    result = diagnose(_cfg(student, other, prompts, out))
+    _check_outputs(out, result)
+    assert result["verdict"] == "no-go" and FLAG_TOKENIZER in result["flags"]
+    assert "different ids" in result["reasons"][0]
+
+
+def test_cli_runs_diagnose(tiny_pair, tmp_path, capsys):
+    from opd.cli import main
+
+    student, teacher, prompts = tiny_pair
+    out = tmp_path / "cli"
+    # fmt: off
+    rc = main(["diagnose", "--student", str(student), "--teacher", str(teacher), "--prompts", str(prompts),
+               "--out", str(out), "--num-prompts", "3", "--rollouts", "2", "--max-new-tokens", "6",
+               "--prefix-fractions", "0.5", "--top-k", "4", "--no-progress",
+               "--threshold", "overlap_ratio_min=0.05"])
+    # fmt: on
+    assert rc == 0
+    printed = capsys.readouterr().out
+    d = json.loads((out / "diagnosis.json").read_text())
+    assert f"verdict {d['verdict']}" in printed
+    assert d["config"]["top_k"] == 4 and d["config"]["prefix_fractions"] == [0.5]
+    assert d["config"]["thresholds"]["overlap_ratio_min"] == 0.05
+    assert (
+        main(["diagnose", "--student", "x", "--teacher", "y", "--prompts", "z", "--threshold", "nope=1"]) == 2
+    )
