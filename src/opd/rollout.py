@@ -8,11 +8,27 @@ column ``prompt_len`` (left-padded), so ``response_mask_B_T[:, :prompt_len] == 0
 includes the stop token (EOS / end-of-turn) when one was generated; tokens after it are padding with
 attention 0 and response mask 0. ``truncated_B`` is True when no stop token was produced within
 ``max_new_tokens``.
+
+Sampling semantics. A rollout is a sample from the student policy itself: logits / temperature, then
+optionally top-k and top-p (nucleus) filtering, nothing else. Processors a checkpoint's own
+``generation_config`` may carry (repetition penalty, min length, suppressed tokens, ...) are NOT applied,
+because they would make the rollouts off-policy for the objective. ``temperature == 0`` means greedy
+decoding. Ids at or above the tokenizer's vocabulary size (embedding tables padded to a round size) are
+never sampled, matching scoring's ``vocab_limit``.
+
+Positions: with left padding, position ids must be ``cumsum(attention_mask) - 1`` (HF ``generate`` does
+this); a scorer that recomputes log-probs of these rows must use the same positions, otherwise it scores
+a different distribution from the one that was sampled.
+
+Left out on purpose: sampled log-probs (scoring recomputes them in float32 on the same ids, which is what
+the objective needs), beam search, and stop *strings* (stopping is on token ids only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -40,3 +56,268 @@ class RolloutBatch:
             self.prompt_index_B[rows],
             self.truncated_B[rows],
         )
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """What a sampler must provide. HF ``generate`` is the default; vLLM can implement the same."""
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+    ) -> RolloutBatch:
+        """Sample ``n`` responses per prompt; the layout is the module CONTRACT."""
+        ...
+
+    def sync_weights(self, model) -> None:
+        """Make the sampler use ``model``'s current weights (called after every optimizer step)."""
+        ...
+
+
+# End-of-turn markers of common chat templates (ChatML / Qwen / SmolLM, Llama 3, Gemma, Phi-3).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end a response: the tokenizer's EOS, then every end-of-turn marker in its vocab.
+
+    A chat model ends its turn with the template's end-of-turn token, which is not always the EOS
+    (Llama 3: EOS ``<|end_of_text|>``, turn end ``<|eot_id|>``), so both are needed to stop.
+    """
+    vocab = tokenizer.get_vocab()
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab and vocab[token] not in ids:
+            ids.append(int(vocab[token]))
+    if not ids:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no eos_token and none of {END_OF_TURN_TOKENS}: "
+            "responses could never stop. Set tokenizer.eos_token, or pass stop ids explicitly."
+        )
+    return ids
+
+
+def tokenizer_vocab_size(tokenizer) -> int:
+    """Number of token ids the tokenizer can produce (ids ``0 .. size-1``), added tokens included.
+
+    This is the number of logit columns that are meaningful; embedding tables are often padded beyond
+    it (Qwen2.5: 151,665 tokens, 151,936 or 152,064 rows).
+    """
+    vocab = tokenizer.get_vocab()
+    return max(len(tokenizer), max(vocab.values()) + 1 if vocab else 0)
+
+
+class HFGenerateBackend:
+    """Sampling with Hugging Face ``model.generate`` (CPU or one GPU).
+
+    ``stop_token_ids``: generation of a row stops at the first of these ids (see ``stop_token_ids()``).
+    ``batch_size``: at most this many sequences (prompt × sample rows) per ``generate`` call; rows are
+    cut in prompt-major order. ``None``: everything in one call.
+    ``vocab_limit``: never sample ids ``>= vocab_limit``; default: the tokenizer's vocabulary size.
+
+    The backend holds a reference to the live model, so it always samples from the current weights;
+    ``generate`` puts the model in eval mode and restores each submodule's train/eval flag afterwards,
+    and never modifies ``model.generation_config``. Returned tensors are on the CPU.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        stop_token_ids: list[int],
+        batch_size: int | None = None,
+        *,
+        vocab_limit: int | None = None,
+    ):
+        if not stop_token_ids:
+            raise ValueError(
+                "stop_token_ids=[]: pass at least the EOS id, e.g. opd.rollout.stop_token_ids(tok)"
+            )
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected None (one call) or a positive int")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_token_ids = [int(i) for i in stop_token_ids]
+        self.batch_size = batch_size
+        self.vocab_limit = tokenizer_vocab_size(tokenizer) if vocab_limit is None else int(vocab_limit)
+        bad = [i for i in self.stop_token_ids if not 0 <= i < self.vocab_limit]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_limit})")
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
+
+    def sync_weights(self, model) -> None:
+        """HF generate runs on the training model itself; just follow a replaced model object."""
+        self.model = model
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int = 1,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` responses per prompt (module CONTRACT). ``top_k = 0``: no top-k filtering.
+
+        With ``seed`` set, the global torch RNG is forked: the same seed gives the same samples (for the
+        same ``batch_size``), and the caller's RNG state is left untouched.
+        """
+        _check_generate_args(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, self.vocab_limit)
+        greedy = temperature == 0
+        # Greedy decoding gives n identical samples: decode each prompt once, copy it n times.
+        rows = list(prompt_ids) if greedy else [p for p in prompt_ids for _ in range(n)]
+        gen_config = self._generation_config(max_new_tokens, temperature, top_p, top_k)
+        device = next(self.model.parameters()).device
+        step = self.batch_size or len(rows)
+
+        modes = [(m, m.training) for m in self.model.modules()]
+        saved_gen_config = self.model.generation_config
+        fork_devices = []
+        if device.type == "cuda":
+            fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+        try:
+            self.model.eval()
+            # A bare config on the model, so nothing of the checkpoint's generation_config leaks in.
+            self.model.generation_config = type(saved_gen_config)()
+            with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                responses = [
+                    self._generate_rows(rows[i : i + step], gen_config, device)
+                    for i in range(0, len(rows), step)
+                ]
+        finally:
+            self.model.generation_config = saved_gen_config
+            for module, training in modes:
+                module.training = training
+
+        resp_B_R = _cat_right_padded(responses, self.pad_token_id)
+        generated_B = torch.tensor([c.shape[1] for c in responses for _ in range(c.shape[0])])
+        if greedy and n > 1:
+            resp_B_R = resp_B_R.repeat_interleave(n, dim=0)
+            generated_B = generated_B.repeat_interleave(n)
+            rows = [p for p in prompt_ids for _ in range(n)]
+        return _assemble(rows, resp_B_R, generated_B, self.stop_token_ids, self.pad_token_id, n)
+
+    def _generation_config(self, max_new_tokens, temperature, top_p, top_k):
+        from transformers import GenerationConfig
+
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            num_beams=1,
+            num_return_sequences=1,
+            return_dict_in_generate=False,
+        )
+        if temperature == 0:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(
+                do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)
+            )
+        head = self.model.get_output_embeddings()
+        rows = head.weight.shape[0] if head is not None else self.model.config.get_text_config().vocab_size
+        if rows > self.vocab_limit:
+            kwargs.update(suppress_tokens=list(range(self.vocab_limit, rows)))
+        return GenerationConfig(**kwargs)
+
+    def _generate_rows(self, rows: Sequence[list[int]], gen_config, device) -> torch.Tensor:
+        """One ``generate`` call on left-padded rows -> new tokens ``[len(rows), R]`` (R <= max_new)."""
+        width = max(len(r) for r in rows)
+        ids_B_L = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask_B_L = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids_B_L[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask_B_L[b, width - len(r) :] = 1
+        out = self.model.generate(
+            input_ids=ids_B_L.to(device), attention_mask=mask_B_L.to(device), generation_config=gen_config
+        )
+        return out[:, width:].cpu()
+
+
+def _check_generate_args(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, vocab_limit) -> None:
+    if not prompt_ids:
+        raise ValueError("prompt_ids=[]: pass at least one prompt (a list of token ids)")
+    for p, ids in enumerate(prompt_ids):
+        if len(ids) == 0:
+            raise ValueError(f"prompt_ids[{p}] is empty: every prompt needs at least one token")
+        if min(ids) < 0 or max(ids) >= vocab_limit:
+            raise ValueError(
+                f"prompt_ids[{p}] has ids outside [0, {vocab_limit}) (min {min(ids)}, max {max(ids)}): "
+                "tokenize prompts with the student's tokenizer"
+            )
+    if n < 1:
+        raise ValueError(f"n={n}: expected at least 1 sample per prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: expected a positive int")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: expected >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: expected 0 < top_p <= 1 (1 = off)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: expected >= 0 (0 = off)")
+
+
+def _cat_right_padded(chunks: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    width = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+
+
+def _assemble(
+    rows: list[list[int]],
+    resp_B_R: torch.Tensor,
+    generated_B: torch.Tensor,
+    stop_ids: list[int],
+    pad_id: int,
+    n: int,
+) -> RolloutBatch:
+    """Cut each response after its first stop token and lay rows out as in the module CONTRACT.
+
+    ``generated_B``: columns of ``resp_B_R`` that ``generate`` produced for the row (its call's width);
+    a row without a stop token among them ran to ``max_new_tokens`` (generate only ends a call early
+    when every row has stopped), so it is truncated and keeps all of them.
+    """
+    B, R = resp_B_R.shape
+    produced_B_R = torch.arange(R)[None, :] < generated_B[:, None]
+    is_stop_B_R = torch.isin(resp_B_R, torch.tensor(stop_ids, dtype=resp_B_R.dtype)) & produced_B_R
+    has_stop_B = is_stop_B_R.any(-1)
+    first_stop_B = is_stop_B_R.long().argmax(-1)  # argmax returns the first maximal index
+    resp_len_B = torch.where(has_stop_B, first_stop_B + 1, generated_B)
+    R = int(resp_len_B.max())
+    in_resp_B_R = torch.arange(R)[None, :] < resp_len_B[:, None]
+
+    prompt_len = max(len(r) for r in rows)
+    T = prompt_len + R
+    input_ids_B_T = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask_B_T = torch.zeros((B, T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids_B_T[b, prompt_len - len(r) : prompt_len] = torch.tensor(r, dtype=torch.long)
+        attention_mask_B_T[b, prompt_len - len(r) : prompt_len] = 1
+    input_ids_B_T[:, prompt_len:] = torch.where(in_resp_B_R, resp_B_R[:, :R], pad_id)
+    attention_mask_B_T[:, prompt_len:] = in_resp_B_R.long()
+    response_mask_B_T = torch.zeros((B, T), dtype=torch.float32)
+    response_mask_B_T[:, prompt_len:] = in_resp_B_R.float()
+    return RolloutBatch(
+        input_ids_B_T=input_ids_B_T,
+        attention_mask_B_T=attention_mask_B_T,
+        response_mask_B_T=response_mask_B_T,
+        prompt_len=prompt_len,
+        prompt_index_B=torch.arange(B // n).repeat_interleave(n),
+        truncated_B=~has_stop_B,
+    )

@@ -1,0 +1,401 @@
+"""Loading, saving and pairing student / teacher models.
+
+Sources ``load_model`` / ``load_tokenizer`` accept:
+- a local checkpoint directory (``config.json`` + safetensors, tokenizer files);
+- a ``.gguf`` file, or a directory plus ``gguf_file=``: loaded through transformers' GGUF support and
+  dequantised into ordinary dense, trainable parameters (needs the ``gguf`` package);
+- ``lab:<name>``: a model of the lab zoo (``opd.lab.zoo.model_path``);
+- a hub id (``org/name``), only when online; offline (``HF_HUB_OFFLINE=1``) only what is in the local
+  hub cache.
+
+Why compatibility matters. OPD's teacher scores the student's own token ids: the reward at position t
+is ``log q_t(ŷ_t) − log p_t(ŷ_t)`` with the *same* id ``ŷ_t`` in both models. If the two tokenizers map
+a string to different ids, the teacher scores a different token and the objective is silently wrong, so
+``check_compatibility`` refuses such pairs. Embedding tables are often padded past the tokenizer
+(Qwen2.5: 151,665 ids, 151,936 or 152,064 rows); the rows past the tokenizer are never produced by
+it, so logits are restricted to the first ``vocab_limit`` columns in both models. Special-token and chat
+template differences are legal but change what the teacher sees, so they are reported as warnings.
+
+Left out on purpose: LoRA / adapters, multi-device sharding (``device_map``), and quantised training;
+every loaded model is a plain dense ``PreTrainedModel``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opd.rollout import tokenizer_vocab_size
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAB_PREFIX = "lab:"
+
+
+class TokenizerMismatchError(ValueError):
+    """Student and teacher cannot be paired for OPD (different token ids, or a table too small)."""
+
+
+@dataclass
+class CompatReport:
+    """Result of ``check_compatibility``.
+
+    ``vocab_limit``: number of leading logit columns both models share; restrict scoring to them.
+    ``warnings``: legal differences that change what the teacher sees (one sentence each, with the fix).
+    """
+
+    vocab_limit: int
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or the torch dtype itself) -> ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(repr(k) for k in DTYPES)}")
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+    gguf_file: str | None = None,
+):
+    """Load a causal LM (see the module docstring for accepted sources) in ``dtype`` on ``device``.
+
+    GGUF weights are dequantised on load, so the result is trainable and ``save_model`` writes it as
+    safetensors. ``trust_remote_code`` runs the checkpoint's own Python code; leave it off unless you
+    trust the source.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    source, gguf_name, local = _resolve_source(name_or_path, gguf_file, what="model")
+    kwargs: dict = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if gguf_name is not None:
+        kwargs.update(_gguf_kwargs(gguf_name))
+    if not local and _hub_offline():
+        kwargs["local_files_only"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if local:
+            raise
+        raise FileNotFoundError(_not_found_message("model", name_or_path, err)) from err
+    return model.to(device)
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, gguf_file: str | None = None
+):
+    """Load the tokenizer of a checkpoint (same sources as ``load_model``; GGUF reads its metadata)."""
+    from transformers import AutoTokenizer
+
+    source, gguf_name, local = _resolve_source(name_or_path, gguf_file, what="tokenizer")
+    kwargs: dict = dict(trust_remote_code=trust_remote_code)
+    if gguf_name is not None:
+        kwargs["gguf_file"] = gguf_name
+    if not local and _hub_offline():
+        kwargs["local_files_only"] = True
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if local:
+            raise
+        raise FileNotFoundError(_not_found_message("tokenizer", name_or_path, err)) from err
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` (safetensors + config + generation config) and ``tokenizer`` to ``out_dir``.
+
+    A model that transformers still marks as GGUF-quantised (loaded with plain ``from_pretrained(...,
+    gguf_file=...)``) cannot be saved by ``save_pretrained``; it is first copied into a fresh dense model
+    built from its config without ``quantization_config``. Reloading the copy takes well under a
+    second, against 10-40 s for dequantising the GGUF again.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if _is_quantized(model):
+        model = _dense_copy(model)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _gguf_kwargs(gguf_name: str) -> dict:
+    """Ask for dequantised dense weights. transformers >= 5.24 otherwise keeps GGUF blocks packed in
+    ``GgufLinear`` modules whenever the ``kernels`` package is installed, and those are not trainable."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers 5.x always dequantises
+        return {"gguf_file": gguf_name}
+    return {"gguf_file": gguf_name, "quantization_config": GgufConfig(dequantize=True)}
+
+
+def _is_quantized(model) -> bool:
+    return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
+def _dense_copy(model):
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = model.state_dict()
+    dense = type(model)(config).to(dtype=model.dtype)
+    try:
+        dense.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"cannot save {type(model).__name__}: its weights are still packed in quantised blocks ({err}). "
+            "Load it with opd.models.load_model, which dequantises GGUF weights, then save it."
+        ) from err
+    dense.generation_config = copy.deepcopy(model.generation_config)
+    return dense
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _looks_local(name: str) -> bool:
+    """A string that can only mean a filesystem path, never a hub id ``name`` or ``org/name``."""
+    windows_path = os.sep != "/" and os.sep in name
+    drive = len(name) > 1 and name[1] == ":"
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+        or windows_path
+        or drive
+    )
+
+
+def _resolve_source(
+    name_or_path: str | os.PathLike, gguf_file: str | None, *, what: str
+) -> tuple[str, str | None, bool]:
+    """-> (directory or hub id, gguf file name or None, is_local)."""
+    name = os.fspath(name_or_path)
+    if name.startswith(LAB_PREFIX):
+        return _resolve_source(_lab_model_path(name[len(LAB_PREFIX) :]), gguf_file, what=what)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"{what} path {name!r} is a file but not a .gguf file: pass the checkpoint directory "
+                "(config.json + *.safetensors) or a .gguf file"
+            )
+        if gguf_file is not None and gguf_file != path.name:
+            raise ValueError(f"{what} path {name!r} is a .gguf file and gguf_file={gguf_file!r}: pass one")
+        return str(path.parent), path.name, True
+    if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise FileNotFoundError(f"gguf_file={gguf_file!r} not found in {what} directory {name!r}")
+            return str(path), gguf_file, True
+        if not (path / "config.json").is_file() and what == "model":
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; it holds {ggufs}: pass gguf_file=<one of them>" if ggufs else ""
+            raise FileNotFoundError(f"{what} directory {name!r} has no config.json{hint}")
+        return str(path), None, True
+    if _looks_local(name):
+        raise FileNotFoundError(
+            f"{what} path {name!r} not found (resolved to {str(path)!r}). Fix: check the path; a checkpoint "
+            "is a directory with config.json + *.safetensors, or a .gguf file"
+        )
+    return name, gguf_file, False
+
+
+def _not_found_message(what: str, name_or_path, err: Exception) -> str:
+    reason = (
+        "HF_HUB_OFFLINE is set and it is not in the local hub cache"
+        if _hub_offline()
+        else f"downloading it from the hub failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+    )
+    return (
+        f"{what} {str(name_or_path)!r} was not found: it is not a local directory or file, and {reason}. "
+        "Fix: pass the path of a local checkpoint directory (config.json + *.safetensors) or a .gguf file; "
+        "or, for a hub id, go online (unset HF_HUB_OFFLINE) or download it first with "
+        f"`hf download {name_or_path}`."
+    )
+
+
+def _lab_model_path(name: str) -> str:
+    try:
+        from opd.lab.zoo import model_path
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"model 'lab:{name}' needs the lab model zoo (opd.lab.zoo), which could not be imported ({err}). "
+            "Fix: reinstall opd with its lab package, or pass a checkpoint directory instead of 'lab:...'"
+        ) from err
+    return os.fspath(model_path(name))
+
+
+# --------------------------------------------------------------------------------------- compatibility
+
+
+def check_compatibility(
+    student_tokenizer,
+    teacher_tokenizer,
+    student_model=None,
+    teacher_model=None,
+    *,
+    strict: bool = False,
+) -> CompatReport:
+    """Check that the teacher can score the student's token ids; return the shared ``vocab_limit``.
+
+    Errors (``TokenizerMismatchError``): a token with different ids in the two tokenizers, or an id below
+    ``vocab_limit`` that only one of them has; a model whose embedding / output table has fewer rows
+    than its tokenizer has ids. ``vocab_limit`` = the smaller of the two tokenizers' id ranges (extra
+    tokens at the end of one vocabulary are allowed, and warned about).
+    Warnings: different EOS / PAD / BOS ids, different chat templates, different vocabulary sizes.
+    ``strict=True`` turns warnings into errors.
+    """
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    s_size, t_size = tokenizer_vocab_size(student_tokenizer), tokenizer_vocab_size(teacher_tokenizer)
+    vocab_limit = min(s_size, t_size)
+
+    diffs = _vocab_differences(s_vocab, t_vocab, vocab_limit)
+    if diffs:
+        shown = "; ".join(_describe(tok, sid, tid) for tok, sid, tid in diffs[:5])
+        raise TokenizerMismatchError(
+            f"student and teacher tokenizers give {len(diffs)} token(s) different ids, e.g. {shown}. OPD "
+            "has the teacher score the student's token ids, so the ids must mean the same strings. Fix: use a "
+            "teacher from the student's tokenizer family (same vocabulary), or distil off-policy from text the "
+            "teacher generated (SFT), which needs no shared vocabulary."
+        )
+
+    warnings: list[str] = []
+    if s_size != t_size:
+        bigger = "teacher" if t_size > s_size else "student"
+        warnings.append(
+            f"vocabulary sizes differ (student {s_size}, teacher {t_size}): the {bigger}'s extra ids "
+            f">= {vocab_limit} are dropped from its logits (scoring uses vocab_limit={vocab_limit})."
+        )
+    for kind in ("eos", "pad", "bos"):
+        s_id = getattr(student_tokenizer, f"{kind}_token_id")
+        t_id = getattr(teacher_tokenizer, f"{kind}_token_id")
+        if s_id != t_id:
+            s_tok = getattr(student_tokenizer, f"{kind}_token")
+            t_tok = getattr(teacher_tokenizer, f"{kind}_token")
+            warnings.append(
+                f"{kind.upper()} differs: student {s_tok!r} (id {s_id}), teacher {t_tok!r} (id {t_id}). Rollouts "
+                "stop and pad with the student's tokens; check that the teacher's end-of-response token is among "
+                "the stop ids (opd.rollout.stop_token_ids)."
+            )
+    s_tmpl, t_tmpl = student_tokenizer.chat_template, teacher_tokenizer.chat_template
+    if s_tmpl != t_tmpl:
+        state = (
+            "missing in the student" if s_tmpl is None else "missing in the teacher" if t_tmpl is None else ""
+        )
+        warnings.append(
+            f"chat templates differ{' (' + state + ')' if state else ''}: prompts are rendered once and the "
+            "teacher scores them as they are; a prompt format the teacher was not post-trained on lowers "
+            "student/teacher overlap. Fix: render prompts with the teacher's template (PAPER.md §4)."
+        )
+    for role, model, tok_size in (("student", student_model, s_size), ("teacher", teacher_model, t_size)):
+        if model is not None:
+            _check_table(role, model, tok_size)
+    if strict and warnings:
+        raise TokenizerMismatchError("strict compatibility check failed: " + " ".join(warnings))
+    return CompatReport(vocab_limit=vocab_limit, warnings=warnings)
+
+
+def _vocab_differences(
+    s_vocab: dict[str, int], t_vocab: dict[str, int], limit: int
+) -> list[tuple[str, int | None, int | None]]:
+    """(token, student id, teacher id) for every token that has an id below ``limit`` in either
+    tokenizer and not the same id in both; ordered by the smaller id."""
+    diffs = []
+    for tok, sid in s_vocab.items():
+        tid = t_vocab.get(tok)
+        if sid != tid and (sid < limit or (tid is not None and tid < limit)):
+            diffs.append((tok, sid, tid))
+    for tok, tid in t_vocab.items():
+        if tok not in s_vocab and tid < limit:
+            diffs.append((tok, None, tid))
+    return sorted(diffs, key=lambda d: min(i for i in d[1:] if i is not None))
+
+
+def _describe(tok: str, sid: int | None, tid: int | None) -> str:
+    s = f"student id {sid}" if sid is not None else "not in the student"
+    t = f"teacher id {tid}" if tid is not None else "not in the teacher"
+    return f"token {tok!r}: {s}, {t}"
+
+
+def _check_table(role: str, model, tok_size: int) -> None:
+    tables = {"input embedding": model.get_input_embeddings().weight.shape[0]}
+    out = model.get_output_embeddings()
+    if out is not None:
+        tables["output (lm_head)"] = out.weight.shape[0]
+    for name, rows in tables.items():
+        if rows < tok_size:
+            raise TokenizerMismatchError(
+                f"{role} model's {name} table has {rows} rows but its tokenizer has {tok_size} ids: ids "
+                f">= {rows} cannot be scored. Fix: load the tokenizer that belongs to this checkpoint."
+            )
+
+
+# ----------------------------------------------------------------------------------------- layer drop
+
+
+def drop_layers(model, keep: list[int]):
+    """A copy of ``model`` with only the decoder layers ``keep`` (strictly increasing indices).
+
+    The copy shares the tokenizer and every non-layer weight's values (copied, not tied to the
+    original); ``config.num_hidden_layers`` (and ``layer_types`` when present) and each attention
+    module's ``layer_idx`` (its KV-cache slot) are renumbered 0..len(keep)-1. Useful to make a
+    same-tokenizer student from a real checkpoint. Dropped layers are never copied.
+    """
+    parent, attr = _find_layers(model)
+    layers = getattr(parent, attr)
+    n_layers = len(layers)
+    keep = list(keep)
+    if not keep or any(not isinstance(i, int) for i in keep):
+        raise ValueError(f"keep={keep!r}: expected a non-empty list of layer indices")
+    if any(b <= a for a, b in zip(keep, keep[1:])) or keep[0] < 0 or keep[-1] >= n_layers:
+        raise ValueError(f"keep={keep}: expected strictly increasing indices in [0, {n_layers})")
+
+    setattr(parent, attr, torch.nn.ModuleList([layers[i] for i in keep]))
+    try:
+        small = copy.deepcopy(model)
+    finally:
+        setattr(parent, attr, layers)
+
+    small_parent, _ = _find_layers(small, expected=len(keep))
+    for new_idx, layer in enumerate(getattr(small_parent, attr)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    config = small.config
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    return small
+
+
+def _find_layers(model, expected: int | None = None) -> tuple[torch.nn.Module, str]:
+    """(module, attribute) of the decoder-layer ``ModuleList`` (``model.model.layers`` for Llama, Qwen,
+    Mistral, Gemma; otherwise the ModuleList with ``config.num_hidden_layers`` entries)."""
+    n = expected if expected is not None else getattr(model.config, "num_hidden_layers", None)
+    base = getattr(model, "model", None)
+    if isinstance(getattr(base, "layers", None), torch.nn.ModuleList):
+        return base, "layers"
+    for module in model.modules():
+        for attr, child in module.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == n:
+                return module, attr
+    raise ValueError(
+        f"drop_layers: no decoder-layer ModuleList with {n} entries found in {type(model).__name__}; "
+        "only decoder-only models with a list of layers are supported"
+    )
