@@ -73,7 +73,7 @@ class OPDConfig:
     rollout_top_k: int = 0
     """Top-k sampling for rollouts (0 = off). Not to be confused with ``top_k``, the objective's support size."""
     rollout_batch_size: int = 0
-    """Prompts per generate call (0 = all prompts of the step at once)."""
+    """Sequences (prompt x sample rows) per generate call (0 = the whole step at once)."""
 
     # --- objective ---
     top_k: int = 16

@@ -337,14 +337,21 @@ def topk_rewards(
 # --------------------------------------------------------------------------------------------------
 
 
-def _kl_V(loga_B_T_V: torch.Tensor, logb_B_T_V: torch.Tensor) -> torch.Tensor:
+def _kl_V(loga_B_T_V: torch.Tensor, logb_B_T_V: torch.Tensor, detach_log_ratio: bool = False) -> torch.Tensor:
     """``KL(a‖b) = Σ_v a(v)(log a(v) − log b(v))`` over the last axis, with ``0·log 0 = 0``.
 
     The ``where`` sits on the log-difference (not the product) so a token with ``a(v) = 0`` (e.g. a
     −inf padded logit in both models) gives neither a NaN value nor a NaN gradient.
+
+    ``detach_log_ratio`` (used when ``a`` is the student and ``b`` a fixed teacher): the gradient
+    ``Σ ∇a·(log a − log b) + Σ a ∇log a`` has a second term ``∇Σ a = 0``; dropping it (stop-gradient on
+    the log-ratio) keeps the value and the exact gradient but makes the gradient exactly 0, not ~1e-9,
+    when ``a == b`` — which matters because Adam turns rounding noise into full-size steps.
     """
     a_B_T_V = loga_B_T_V.exp()
     diff_B_T_V = torch.where(a_B_T_V > 0, loga_B_T_V - logb_B_T_V, torch.zeros_like(loga_B_T_V))
+    if detach_log_ratio:
+        diff_B_T_V = diff_B_T_V.detach()
     return (a_B_T_V * diff_B_T_V).sum(dim=-1)
 
 
@@ -398,7 +405,7 @@ def full_vocab_divergence(
     logq_B_T_V = F.log_softmax(teacher_logits_B_T_V.detach().float() / temperature, dim=-1)
 
     if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
-        div_B_T = _kl_V(logp_B_T_V, logq_B_T_V)
+        div_B_T = _kl_V(logp_B_T_V, logq_B_T_V, detach_log_ratio=True)
     elif kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
         div_B_T = _kl_V(logq_B_T_V, logp_B_T_V)
     elif kind == "jsd":

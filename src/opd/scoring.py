@@ -269,10 +269,8 @@ def _check_batch(
         assert m.shape == input_ids_B_T.shape, (
             f"{name} has shape {tuple(m.shape)}, input_ids_B_T {tuple(input_ids_B_T.shape)}"
         )
-        if m.is_floating_point() or ((m != 0) & (m != 1)).any():
-            raise ValueError(
-                f"{name}: must be a 0/1 integer or bool tensor, got dtype {m.dtype}. Fix: mask.long()."
-            )
+        if ((m != 0) & (m != 1)).any():
+            raise ValueError(f"{name}: must hold only 0/1 values (bool, integer or float); got other values.")
     if input_ids_B_T.is_floating_point():
         raise ValueError(f"input_ids_B_T: must be integer token ids, got dtype {input_ids_B_T.dtype}.")
     if not (isinstance(chunk_size, int) and chunk_size >= 1):

@@ -436,6 +436,7 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
             break
     bar.close()
     metrics_log.close()
+    loop_time = time.perf_counter() - run_t0
 
     final_dir = out_dir / "final"
     _save_final(student, tokenizer, final_dir)
@@ -444,6 +445,7 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
         "final_model": str(final_dir),
         "steps_done": history[-1]["step"] if history else start_step,
         "skipped_steps": skipped_total,
+        "loop_time_s": loop_time,
         "wall_time_s": time.perf_counter() - run_t0,
         "stopped_by_alert": stopped_by_alert,
         "last": history[-1] if history else {},
@@ -503,6 +505,7 @@ def opd_step(
         advantages_B_T_S=scored.get("advantages") if cfg.objective == "topk" else None,
         adv_student_logp_B_T_S=scored.get("adv_student_logp"),
         adv_teacher_logp_B_T_S=scored.get("adv_teacher_logp"),
+        adv_mask_B_T_S=scored.get("valid"),
         position_chunk=cfg.metrics_position_chunk,
     )
     n_tokens = int(mask.sum())

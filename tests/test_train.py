@@ -1,0 +1,191 @@
+"""End-to-end OPD on tiny random models: learning happens, identical models learn nothing, resume is exact."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opd.config import OPDConfig
+from opd.methods import opd as opd_method
+from opd.objectives import SUPPORTS, WEIGHTINGS
+from opd.tracking import read_metrics
+
+REQUIRED = [
+    "step",
+    "loss/pg",
+    "reward/mean",
+    "kl/sampled",
+    "grad_norm",
+    "lr",
+    "response/length_mean",
+    "response/truncated_frac",
+    "overlap/ratio",
+    "time/rollout",
+    "time/score_student",
+    "time/score_teacher",
+    "time/update",
+    "throughput/tokens_per_s",
+    "skipped_steps",
+]
+
+
+def make_cfg(tiny_pair, tmp_path, **kw):
+    student, teacher, prompts = tiny_pair
+    base = dict(
+        student=str(student),
+        teacher=str(teacher),
+        prompts=str(prompts),
+        output_dir=str(tmp_path / "run"),
+        steps=2,
+        prompts_per_step=2,
+        rollouts_per_prompt=2,
+        max_new_tokens=6,
+        micro_batch_size=3,
+        lr=1e-3,
+        weight_decay=0.0,
+        progress=False,
+        seed=0,
+        alerts=False,
+    )
+    base.update(kw)
+    return OPDConfig(**base)
+
+
+def weights(path):
+    m = AutoModelForCausalLM.from_pretrained(path)
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def changed(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_k=0),
+        dict(top_k=0, estimator="k3"),
+        dict(top_k=-1),
+        dict(top_k=4, renormalize=True),
+        dict(top_k=4, ppo_epochs=2, loss_aggregation="seq-mean-token-sum"),
+        dict(top_k=4, lr_schedule="cosine", warmup_steps=1, loss_aggregation="seq-mean-token-mean"),
+    ]
+    + [dict(top_k=4, support=s, weighting=w) for s in SUPPORTS for w in WEIGHTINGS],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_every_objective_learns(tiny_pair, tmp_path, kw):
+    cfg = make_cfg(tiny_pair, tmp_path, **kw)
+    summary = opd_method.train(cfg)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in REQUIRED:
+            assert key in r, key
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, r[key])
+        assert r["kl/sampled"] > 0  # random different models disagree
+        assert 0 <= r["overlap/ratio"] <= 1
+    assert changed(weights(tiny_pair[0]), weights(summary["final_model"]))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_done"] == 2
+
+
+@pytest.mark.parametrize("top_k", [0, 4, -1])
+def test_identical_models_learn_nothing(tiny_pair, tmp_path, top_k):
+    student = tiny_pair[0]
+    cfg = make_cfg(tiny_pair, tmp_path, teacher=str(student), top_k=top_k)
+    summary = opd_method.train(cfg)
+    for r in read_metrics(tmp_path / "run" / "metrics.jsonl"):
+        assert r["reward/mean"] == 0 and r["loss/pg"] == 0 and r["kl/sampled"] == 0
+        assert r["overlap/ratio"] == 1
+    assert not changed(weights(student), weights(summary["final_model"]))
+
+
+def test_resume_equals_uninterrupted_run(tiny_pair, tmp_path, monkeypatch):
+    ref = opd_method.train(make_cfg(tiny_pair, tmp_path / "a", steps=6, save_every=2))
+
+    # run b: killed during step 5 (after the step-4 checkpoint) ...
+    real_step = opd_method.opd_step
+
+    def dying_step(*args, **kw):
+        if args[-1] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(opd_method, "opd_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        opd_method.train(make_cfg(tiny_pair, tmp_path / "b", steps=6, save_every=2))
+    monkeypatch.undo()
+    # ... and resumed
+    res = opd_method.train(make_cfg(tiny_pair, tmp_path / "b", steps=6, save_every=2, resume=True))
+    wa, wb = weights(ref["final_model"]), weights(res["final_model"])
+    assert not changed(wa, wb)
+    rows = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_after_kill_while_writing_checkpoint(tiny_pair, tmp_path, monkeypatch):
+    ref = opd_method.train(make_cfg(tiny_pair, tmp_path / "a", steps=5, save_every=2))
+
+    import opd.checkpoint as ck
+
+    real_save = ck.torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, path, *a, **k):
+        if "step-000004" in str(path):
+            raise KeyboardInterrupt("killed mid-checkpoint")
+        calls["n"] += 1
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        opd_method.train(make_cfg(tiny_pair, tmp_path / "b", steps=5, save_every=2))
+    monkeypatch.undo()
+    assert ck.latest_checkpoint(tmp_path / "b" / "run").name == "step-000002"
+    res = opd_method.train(make_cfg(tiny_pair, tmp_path / "b", steps=5, save_every=2, resume=True))
+    assert not changed(weights(ref["final_model"]), weights(res["final_model"]))
+
+
+def test_incompatible_teacher_fails_before_training(tiny_pair, tmp_path):
+    from opd.models import TokenizerMismatchError
+    from opd.tiny import build_byte_tokenizer, build_tiny_model
+
+    tok = build_byte_tokenizer(extra_tokens=["hello"])  # shifts the special-token ids
+    other = tmp_path / "other"
+    build_tiny_model(tok).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(TokenizerMismatchError):
+        opd_method.train(make_cfg(tiny_pair, tmp_path, teacher=str(other)))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_nonfinite_grad_norm_skips_the_step(tiny_pair, tmp_path, monkeypatch):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: real_clip(*a, **k) * float("nan"))
+    summary = opd_method.train(make_cfg(tiny_pair, tmp_path))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["skipped_steps"] == 2
+    assert not changed(weights(tiny_pair[0]), weights(summary["final_model"]))
+
+
+@pytest.mark.smoke
+def test_cli_train_two_steps(tiny_pair, tmp_path):
+    student, teacher, prompts = tiny_pair
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"student: {student}\nteacher: {teacher}\nprompts: {prompts}\nsteps: 2\n"
+        f"prompts_per_step: 2\nrollouts_per_prompt: 2\nmax_new_tokens: 6\nlr: 1.0e-3\n"
+    )
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "train", str(cfg), f"output_dir={out}", "top_k=0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_metrics(out / "metrics.jsonl")) == 2
+    AutoModelForCausalLM.from_pretrained(out / "final")
