@@ -117,3 +117,43 @@ def test_teacher_answers_and_student_samples(smollm2):
     ends = sampled.input_ids_B_T[torch.arange(6), sampled.prompt_len + sampled.response_lengths_B - 1]
     for row in range(6):
         assert bool(sampled.truncated_B[row]) or int(ends[row]) in stops
+
+
+def test_two_opd_steps_on_the_real_pair(smollm2, smollm2_dir, tmp_path):
+    """The whole OPD path (loading, compatibility, real chat template and EOS, rollout, scoring, update,
+    final save) on the real model: teacher = SmolLM2-135M-Instruct, student = its 12-layer copy."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from opd.config import OPDConfig
+    from opd.methods.opd import train
+    from opd.tracking import read_metrics
+
+    _, student, tokenizer = smollm2
+    student_dir = save_model(student, tokenizer, tmp_path / "student")
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["What is 2 + 3?", "Name a primary colour.", "What is the capital of Italy?", "Spell cat."]
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    cfg = OPDConfig(
+        student=str(student_dir),
+        teacher=str(smollm2_dir),
+        prompts=str(prompts),
+        output_dir=str(tmp_path / "run"),
+        steps=2,
+        prompts_per_step=2,
+        rollouts_per_prompt=2,
+        max_new_tokens=24,
+        micro_batch_size=4,
+        student_dtype=DTYPE,
+        teacher_dtype=DTYPE,
+        lr=1e-5,
+        progress=False,
+    )
+    summary = train(cfg)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["kl/sampled"] > 0 and 0 < r["overlap/ratio"] < 1 for r in rows)
+    before = load_model(student_dir, dtype=DTYPE).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(summary["final_model"]).state_dict()
+    assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before)
