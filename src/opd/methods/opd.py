@@ -356,6 +356,7 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
             chat_template_kwargs=cfg.chat_template_kwargs,
             max_prompt_tokens=cfg.max_prompt_tokens,
             limit=cfg.eval_limit or None,
+            seed=cfg.seed if cfg.eval_limit else None,  # a random (not the first) subset when limited
         )
     sampler = PromptSampler(prompts, seed=cfg.seed)
     backend = HFGenerateBackend(
@@ -391,6 +392,8 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     metrics_log.truncate_after(start_step)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
+    if eval_set is not None and start_step == 0:  # the starting point of the accuracy curve
+        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
     history: list[dict[str, Any]] = []
     run_t0 = time.perf_counter()
     stopped_by_alert = None
