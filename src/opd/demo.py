@@ -307,8 +307,17 @@ CURVES = [
 def write_demo_report(
     out_dir: Path, summary: dict[str, Any], metrics: dict[str, list[dict[str, Any]]]
 ) -> None:
-    from opd.report import Section, fig_to_data_uri, html_figure, html_list, html_paragraph, html_table
-    from opd.report import new_figure, write_html_report, write_text_atomic
+    from opd.report import (
+        Section,
+        fig_to_data_uri,
+        html_figure,
+        html_list,
+        html_paragraph,
+        html_table,
+        new_figure,
+        write_html_report,
+        write_text_atomic,
+    )
 
     figs = {}
     for key, title, fname in CURVES:
