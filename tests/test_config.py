@@ -98,3 +98,20 @@ def test_help_lists_every_key(capsys):
 def test_cli_reports_config_errors(capsys):
     assert main(["train", "support=bogus"]) == 2
     assert "support='bogus'" in capsys.readouterr().err
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        cfg = load_config(OPDConfig, path)
+        cfg.check_runnable()
+
+
+def test_alert_thresholds_reach_the_monitor():
+    from opd.alerts import AlertConfig
+
+    cfg = load_config(OPDConfig, None, ["alert_thresholds={window: 7, grad_norm_spike_factor: null}"])
+    ac = AlertConfig(**cfg.alert_thresholds)
+    assert ac.window == 7 and ac.grad_norm_spike_factor is None

@@ -144,6 +144,8 @@ class OPDConfig:
     """Check the failure-signature alerts (see docs/metrics.md)."""
     stop_on_alert: bool = False
     """Stop the run when an alert fires."""
+    alert_thresholds: dict = field(default_factory=dict)
+    """Overrides of the alert thresholds (opd.alerts.AlertConfig fields), e.g. {window: 20, truncated_frac_max: 0.3}."""
     progress: bool = True
     """Show a progress bar."""
     threads: int = 0
@@ -323,7 +325,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             out[key] = raw
         # keep strings like "lab:student" or paths as given
-        if isinstance(out[key], (dict, list)) and key not in ("chat_template_kwargs", "adam_betas"):
+        if isinstance(out[key], (dict, list)) and key not in (
+            "chat_template_kwargs",
+            "adam_betas",
+            "alert_thresholds",
+        ):
             out[key] = raw
     return out
 

@@ -374,7 +374,7 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     if cfg.alerts:
         from opd.alerts import AlertConfig, AlertMonitor
 
-        monitor = AlertMonitor(AlertConfig(stop_on_alert=cfg.stop_on_alert))
+        monitor = AlertMonitor(AlertConfig(**{**cfg.alert_thresholds, "stop_on_alert": cfg.stop_on_alert}))
 
     start_step, skipped_total = 0, 0
     if cfg.resume:
