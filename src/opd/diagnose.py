@@ -1100,30 +1100,37 @@ def _continuations(
             depth = int(round(f * len(content)))
             ex = examples[b // R]
             items.append((f, ex.input_ids + content[:depth], ex.answer, depth))
-    answers = [a for _, _, a, _ in items for _ in range(n)]
-    per_item: dict[str, list[float]] = {}
-    tokens = {}
+    # Both models get the budget the original rollout had: the continuation may add at most
+    # max_new_tokens - depth tokens (one generate call per fraction, cut per item afterwards).
+    per_item: dict[str, list[float]] = {"student": [0.0] * len(items), "teacher": [0.0] * len(items)}
+    tokens = {"student": 0, "teacher": 0}
     for who, model, stops in (("student", student, s_stop), ("teacher", teacher, t_stop)):
-        responses, _, generated = _generate(
-            model,
-            tok,
-            stops,
-            [ids for _, ids, _, _ in items],
-            cfg,
-            n=n,
-            temperature=cfg.eval_temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed + 2,
-            vocab_limit=vocab_limit,
-            desc=f"continue {who}",
-        )
-        full = []
-        for i, r in enumerate(responses):
-            _, ids, _, depth = items[i // n]
-            full.append(ids[len(ids) - depth :] + r if depth else r)
-        correct = _grade_rows(tok, full, answers)
-        per_item[who] = [sum(bool(c) for c in correct[i * n : (i + 1) * n]) / n for i in range(len(items))]
-        tokens[who] = generated
+        for f in cfg.prefix_fractions:
+            idx = [i for i, it in enumerate(items) if it[0] == f]
+            budget = max(1, cfg.max_new_tokens - min(items[i][3] for i in idx))
+            responses, _, generated = _generate(
+                model,
+                tok,
+                stops,
+                [items[i][1] for i in idx],
+                cfg,
+                n=n,
+                temperature=cfg.eval_temperature,
+                max_new_tokens=budget,
+                seed=cfg.seed + 2,
+                vocab_limit=vocab_limit,
+                desc=f"continue {who} @{f:g}",
+            )
+            tokens[who] += generated
+            full, answers = [], []
+            for j, r in enumerate(responses):
+                _, ids, answer, depth = items[idx[j // n]]
+                r = r[: max(1, cfg.max_new_tokens - depth)]
+                full.append((ids[len(ids) - depth :] if depth else []) + r)
+                answers.append(answer)
+            correct = _grade_rows(tok, full, answers)
+            for j, i in enumerate(idx):
+                per_item[who][i] = sum(bool(c) for c in correct[j * n : (j + 1) * n]) / n
     all_diffs = []
     for f in cfg.prefix_fractions:
         idx = [i for i, it in enumerate(items) if it[0] == f]
