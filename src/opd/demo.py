@@ -252,9 +252,19 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
-def results_table(summary: dict[str, Any]) -> str:
-    from opd.report import markdown_table
+RESULT_HEADERS = [
+    "model",
+    "params",
+    "accuracy (before → after)",
+    "gap recovered",
+    "training time",
+    "tokens/s",
+    "pre-flight verdict",
+]
 
+
+def results_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The main table: the zoo, then one line per distilled student."""
     zoo = summary["zoo"]
     rows = [
         [
@@ -281,18 +291,25 @@ def results_table(summary: dict[str, Any]) -> str:
                 r["verdict"] or "—",
             ]
         )
-    return markdown_table(
-        rows,
-        [
-            "model",
-            "params",
-            "accuracy (before → after)",
-            "gap recovered",
-            "training time",
-            "tokens/s",
-            "pre-flight verdict",
-        ],
-    )
+    return rows
+
+
+def difficulty_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Accuracy per difficulty for the zoo and every distilled student."""
+    zoo = summary["zoo"]
+    diffs = list(zoo["student"]["by_difficulty"])
+    rows = [
+        [name, *(_fmt(zoo[name]["by_difficulty"].get(d)) for d in diffs)] for name in ("student", *TEACHERS)
+    ]
+    for r in summary["results"]:
+        rows.append([f"student ← {r['teacher']}", *(_fmt(r["after_by_difficulty"].get(d)) for d in diffs)])
+    return ["model", *diffs], rows
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    from opd.report import markdown_table
+
+    return markdown_table(results_rows(summary), RESULT_HEADERS)
 
 
 CURVES = [
@@ -331,60 +348,59 @@ def write_demo_report(
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
         fig.savefig(out_dir / f"{fname}.png", dpi=110)
         figs[fname] = (fig_to_data_uri(fig), title)
 
-    table_md = results_table(summary)
+    from opd.report import markdown_table
+
+    diff_headers, diff_rows = difficulty_rows(summary)
+    roles = [f"{t}: {TEACHER_ROLES[t]}" for t in TEACHERS]
+    verdicts = [
+        f"{t}: {v.get('verdict')} — " + "; ".join(v.get("reasons", [])[:3])
+        for t, v in summary["verdicts"].items()
+    ]
+    intro = (
+        f"Seed {summary['seed']}, {summary['settings']['steps']} OPD steps per teacher (student top-K, "
+        f"K = {summary['settings']['top_k']}, student_p weights), total wall time "
+        f"{summary['wall_time_s'] / 60:.1f} min."
+    )
+    note = "Gap recovered = (after − before) / (teacher − before) on the lab test set, greedy decoding."
     md = [
         "# opd demo report",
         "",
-        f"Seed {summary['seed']}, {summary['settings']['steps']} OPD steps per teacher, "
-        f"total wall time {summary['wall_time_s'] / 60:.1f} min.",
+        intro,
         "",
-        table_md,
+        *[f"- {r}" for r in roles],
         "",
-        "Gap recovered = (after − before) / (teacher − before), on the lab test set (greedy).",
+        markdown_table(results_rows(summary), RESULT_HEADERS),
         "",
-        "## Pre-flight verdicts",
+        note,
         "",
+        "## Accuracy by difficulty",
+        "",
+        markdown_table(diff_rows, diff_headers),
+        "",
+        "## Pre-flight verdicts (opd diagnose, before training)",
+        "",
+        *[f"- {v}" for v in verdicts],
+        "",
+        "## Curves",
+        "",
+        *[f"![{title}]({fname}.png)" for fname, (_, title) in figs.items()],
     ]
-    for t, v in summary["verdicts"].items():
-        md.append(f"- **{t}**: `{v.get('verdict')}` — " + "; ".join(v.get("reasons", [])[:3]))
-    md += ["", "## Curves", ""] + [f"![{title}]({fname}.png)" for fname, (_, title) in figs.items()]
     write_text_atomic(out_dir / "report.md", "\n".join(md) + "\n")
-
-    header = [
-        "model",
-        "params",
-        "accuracy (before → after)",
-        "gap recovered",
-        "training time",
-        "tokens/s",
-        "pre-flight verdict",
-    ]
-    body_rows = [line.strip("|").split("|") for line in table_md.splitlines()[2:]]
     sections = [
         Section(
             "Results",
             [
-                html_table([[c.strip() for c in r] for r in body_rows], header),
-                html_paragraph(
-                    "Gap recovered = (after − before) / (teacher − before), lab test set, greedy decoding."
-                ),
+                html_paragraph(intro),
+                html_list(roles),
+                html_table(results_rows(summary), RESULT_HEADERS),
+                html_paragraph(note),
             ],
         ),
-        Section(
-            "Pre-flight verdicts",
-            [
-                html_list(
-                    [
-                        f"{t}: {v.get('verdict')} — " + "; ".join(v.get("reasons", [])[:3])
-                        for t, v in summary["verdicts"].items()
-                    ]
-                )
-            ],
-        ),
+        Section("Accuracy by difficulty", [html_table(diff_rows, diff_headers)]),
+        Section("Pre-flight verdicts (opd diagnose, before training)", [html_list(verdicts)]),
         Section("Curves", [html_figure(uri, title) for uri, title in figs.values()]),
     ]
     write_html_report(out_dir / "report.html", "opd demo report", sections)
