@@ -106,7 +106,7 @@ FLAG_UNMEASURED = "capability-unmeasured"
 class DiagnoseThresholds:
     """Decision thresholds of :func:`decide` (how they were chosen: docs/diagnose.md)."""
 
-    overlap_ratio_min: float = 0.6
+    overlap_ratio_min: float = 0.5
     """Condition (i): initial top-k overlap ratio E|I_t|/k (Eq. 6) must be at least this."""
     overlap_mass_min: float = 0.9
     """Condition (i): the smaller of the student and teacher probability mass on I_t must be at least this."""
@@ -1534,7 +1534,8 @@ def _plots(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
             [acc["student"]["accuracy"], acc["teacher"]["accuracy"]],
             color=["#4c72b0", "#dd8452"],
         )
-        ax1.set_ylim(0, 1)
+        ax1.bar_label(ax1.containers[0], fmt="%.2f")
+        ax1.set_ylim(0, 1.08)
         ax1.set_title("accuracy on the prompts")
         bf = cont.get("by_fraction") or []
         if bf:
@@ -1554,7 +1555,9 @@ def _plots(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
                 color="#dd8452",
             )
             ax2.set_xticks(xs, [f"{c['fraction']:.2f}\n({c['depth_mean']:.0f} tok)" for c in bf])
-            ax2.set_ylim(0, 1)
+            for c in ax2.containers:
+                ax2.bar_label(c, fmt="%.2f", fontsize=7)
+            ax2.set_ylim(0, 1.08)
             ax2.set_xlabel("prefix: fraction of the student's rollout")
             ax2.legend(fontsize=8)
         ax2.set_title("completing the student's own prefixes")
