@@ -167,6 +167,16 @@ def test_thresholds_move_the_verdict():
     assert decide(ev, DiagnoseThresholds(overlap_ratio_min=0.4)).verdict == "go"
 
 
+def test_gaps_within_sampling_noise_do_not_count():
+    noisy = compatible(accuracy_teacher=0.48, accuracy_gap_se=0.1, continuation_advantage=0.08)
+    noisy.continuation_advantage_se = 0.1
+    v = decide(noisy)
+    assert v.verdict == "no-go" and FLAG_LITTLE_NEW in v.flags
+    acc = next(c for c in v.checks if c.id == "accuracy_gap")
+    assert acc.threshold == pytest.approx(0.1) and acc.passed is False  # max(0.05, 1 x s.e.)
+    assert decide(noisy, DiagnoseThresholds(significance_z=0.0)).verdict == "go"
+
+
 def test_every_check_reports_value_and_threshold():
     v = decide(compatible())
     ids = {c.id for c in v.checks}

@@ -120,6 +120,9 @@ class DiagnoseThresholds:
     """Condition (ii): teacher minus student accuracy on the prompts that counts as a capability gap."""
     continuation_advantage_min: float = 0.05
     """Condition (ii): teacher minus student accuracy when completing the student's own prefixes that counts."""
+    significance_z: float = 1.0
+    """Condition (ii): a gap must also exceed this many standard errors (the effective threshold is
+    max(minimum, z * s.e.)), so sampling noise on a small prompt sample does not count as capability."""
     stop_reward_min: float = -2.0
     """Template check: mean reward log q - log p at the student's stop token must be at least this (nats)."""
     first_token_entropy_excess: float = 0.5
@@ -455,16 +458,16 @@ def decide(ev: Evidence, th: DiagnoseThresholds | None = None) -> Verdict:
         ">=",
         th.reward_abs_min,
     )
-    c_acc = add(
-        "accuracy_gap", "ii", "teacher - student accuracy", ev.accuracy_gap, ">=", th.accuracy_gap_min
-    )
+    acc_thr = max(th.accuracy_gap_min, th.significance_z * (ev.accuracy_gap_se or 0.0))
+    c_acc = add("accuracy_gap", "ii", "teacher - student accuracy", ev.accuracy_gap, ">=", acc_thr)
+    cont_thr = max(th.continuation_advantage_min, th.significance_z * (ev.continuation_advantage_se or 0.0))
     c_cont = add(
         "continuation_advantage",
         "ii",
         "teacher - student accuracy completing the student's prefixes",
         ev.continuation_advantage,
         ">=",
-        th.continuation_advantage_min,
+        cont_thr,
     )
 
     reasons: list[str] = []
@@ -477,9 +480,9 @@ def decide(ev: Evidence, th: DiagnoseThresholds | None = None) -> Verdict:
     )
     cap_text = (
         f"accuracy gap {_fmt(ev.accuracy_gap)} ± {_fmt(ev.accuracy_gap_se, 2)} (teacher "
-        f"{_fmt(ev.accuracy_teacher)} vs student {_fmt(ev.accuracy_student)}; min {th.accuracy_gap_min}), "
+        f"{_fmt(ev.accuracy_teacher)} vs student {_fmt(ev.accuracy_student)}; min {_fmt(acc_thr, 2)}), "
         f"continuation advantage {_fmt(ev.continuation_advantage)} ± {_fmt(ev.continuation_advantage_se, 2)} "
-        f"(min {th.continuation_advantage_min})"
+        f"(min {_fmt(cont_thr, 2)})"
     )
 
     if c_signal is False:
