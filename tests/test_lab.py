@@ -168,11 +168,17 @@ def test_zoo_models_load_and_answer():
 def test_zoo_models_load_through_opd_models():
     models = pytest.importorskip("opd.models")
     _zoo_or_skip()
+    from opd.lab import zoo
+
     tok = models.load_tokenizer("lab:student")
     student = models.load_model("lab:student")
-    teacher = models.load_model("lab:teacher-a-plus")
     assert tok.eos_token == "<|im_end|>"
-    assert student.get_input_embeddings().weight.shape == teacher.get_input_embeddings().weight.shape
+    for name in zoo.MODEL_NAMES:
+        teacher = models.load_model(f"lab:{name}")
+        report = models.check_compatibility(
+            tok, models.load_tokenizer(f"lab:{name}"), student, teacher, strict=True
+        )
+        assert report.vocab_limit == len(tok)
 
 
 TINY = ModelSpec("tiny", "a", 0.5, hidden_size=32, num_layers=2, intermediate_size=64, steps=4)

@@ -43,7 +43,7 @@ class ModelSpec:
     arch: str = "qwen2"
     init_std: float = 0.08  # larger than HF's 0.02: tiny models then leave the initial plateau fast
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 3e-3
     warmup: float = 0.05  # fraction of steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

@@ -1,21 +1,30 @@
 """The lab's model zoo: tiny Qwen2 models trained from scratch on the lab world, shipped in the package.
 
-=================  ======================================  ============================================
-name               trained on                              role in the study (PAPER.md §2)
-=================  ======================================  ============================================
-student            pattern A, easy only, small             the student
-teacher-a-plus     pattern A, easy + hard, larger          compatible pattern + new capability
-teacher-b-plus     pattern B, easy + hard, larger          incompatible pattern, about equal score
-teacher-a-same     pattern A, easy only, larger            same pipeline: higher score, nothing new
-student-plus       the student, further trained on A,      the "after RL" checkpoint for reverse
-                   easy + hard                             distillation toward ``student``
-=================  ======================================  ============================================
+Every model is trained on worked solutions (:mod:`opd.lab.train`); "easy"/"hard" and the patterns A/B
+are defined in :mod:`opd.lab.world`. The student's pipeline has two stages: ``student-base`` learns
+easy problems only, then a brief exposure (80 small steps on half easy, half hard problems) gives
+``student``, which solves few hard problems but puts some probability on the right digits of hard
+steps. That shared support is what OPD needs (PAPER.md §3): ``student-base`` is confidently wrong on
+hard steps and OPD barely moves it.
+
+================  ===========================================  ==========================================
+name              how it is made                               role in the study (PAPER.md §2)
+================  ===========================================  ==========================================
+student           small; A; ``student-base`` + brief exposure  the student
+teacher-a-plus    ``teacher-a-same`` trained on easy + hard, A  compatible pattern, new capability
+teacher-b-plus    larger; B; easy + hard from scratch          incompatible pattern, about equal score
+teacher-a-same    larger; A; the student's pipeline            same pipeline: higher score
+student-plus      ``student`` trained on easy + hard, A        the "after RL" student (reverse
+                                                               distillation toward ``student``)
+student-base      small; A; easy only                          a student with no support on hard steps
+teacher-a-base    larger; A; easy only                         a teacher that knows nothing new
+================  ===========================================  ==========================================
 
 Each model directory holds ``config.json``, ``model.safetensors``, ``generation_config.json`` and the
 shared tokenizer (byte-level ``Qwen2Tokenizer``, ChatML chat template, EOS ``<|im_end|>``), so it loads
 with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` like any checkpoint. ``build_info.json``
 next to them records every spec, parameter count, accuracy (greedy and sampled at temperature 1, per
-difficulty and number of steps), weight hash and the build time.
+difficulty and number of steps), the solution pattern the model writes, weight hashes and build times.
 
 ``opd lab build`` (:func:`build`) retrains the zoo: models train in parallel worker processes, one
 thread each, so the weights do not depend on the number of cores; the same seed gives bit-identical
@@ -39,51 +48,21 @@ ZOO_ENV = "OPD_LAB_ZOO"
 
 _STUDENT = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256)
 _TEACHER = dict(hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)
-STUDENT_HARD_FRACTION = 0.04
-"""Share of hard problems in the student's data: enough that the student puts some probability on the
-right digits of hard steps (OPD can only move mass the student already gives, PAPER.md §3), too little
-to solve them. With 0 the student is confidently wrong on hard steps and OPD barely moves it."""
+# the brief exposure that turns a *-base model into the student / teacher-a-same (constant small lr)
+_EXPOSURE = dict(hard_fraction=0.5, steps=80, lr=3e-4, warmup=0.0, min_lr_ratio=1.0)
 
 SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
+        ModelSpec("student-base", "a", 0.0, **_STUDENT, steps=1000, seed_offset=1, notes="easy only"),
         ModelSpec(
             "student",
             "a",
-            STUDENT_HARD_FRACTION,
+            **_EXPOSURE,
             **_STUDENT,
-            steps=1000,
-            seed_offset=1,
-            notes="small; pattern A, the student's data (easy, 4% hard)",
-        ),
-        ModelSpec(
-            "teacher-a-same",
-            "a",
-            STUDENT_HARD_FRACTION,
-            **_TEACHER,
-            steps=1000,
+            init_from="student-base",
             seed_offset=2,
-            notes="larger; pattern A, exactly the student's data mix: same pipeline",
-        ),
-        ModelSpec(
-            "teacher-a-plus",
-            "a",
-            0.5,
-            **_TEACHER,
-            steps=800,
-            lr=1e-3,
-            init_from="teacher-a-same",
-            seed_offset=3,
-            notes="teacher-a-same trained further on easy + hard, pattern A: compatible, new capability",
-        ),
-        ModelSpec(
-            "teacher-b-plus",
-            "b",
-            0.5,
-            **_TEACHER,
-            steps=2000,
-            seed_offset=4,
-            notes="larger; pattern B, easy + hard from scratch: incompatible pattern, same score",
+            notes="student-base + brief exposure to hard problems",
         ),
         ModelSpec(
             "student-plus",
@@ -91,10 +70,43 @@ SPECS: dict[str, ModelSpec] = {
             0.5,
             **_STUDENT,
             steps=500,
+            batch_size=32,
             lr=1e-3,
             init_from="student",
+            seed_offset=3,
+            notes="student trained further on easy + hard: the 'after RL' student",
+        ),
+        ModelSpec("teacher-a-base", "a", 0.0, **_TEACHER, steps=1000, seed_offset=4, notes="easy only"),
+        ModelSpec(
+            "teacher-a-same",
+            "a",
+            **_EXPOSURE,
+            **_TEACHER,
+            init_from="teacher-a-base",
             seed_offset=5,
-            notes="the student trained further on easy + hard: the 'after RL' checkpoint",
+            notes="teacher-a-base + the student's brief exposure: the student's pipeline, larger",
+        ),
+        ModelSpec(
+            "teacher-a-plus",
+            "a",
+            0.5,
+            **_TEACHER,
+            steps=800,
+            batch_size=32,
+            lr=1e-3,
+            init_from="teacher-a-same",
+            seed_offset=6,
+            notes="teacher-a-same trained further on easy + hard: compatible, new capability",
+        ),
+        ModelSpec(
+            "teacher-b-plus",
+            "b",
+            0.5,
+            **_TEACHER,
+            steps=1500,
+            batch_size=32,
+            seed_offset=7,
+            notes="pattern B, easy + hard from scratch: incompatible pattern, same score",
         ),
     )
 }
@@ -168,9 +180,21 @@ def _job(name: str, spec: ModelSpec, out_dir: str, seed: int, evaluate: bool, qu
             r = evaluate_model(model, tok, rows, temperature=temp, seed=seed, return_responses=True)
             usage = [world.detect_pattern(x) for x in r.pop("responses")]
             r.pop("correct")
-            r["pattern_usage"] = {p: round(usage.count(p) / len(usage), 4) for p in (*world.PATTERNS, None)}
+            r["pattern_usage"] = {
+                str(p or "other"): round(usage.count(p) / len(usage), 4) for p in (*world.PATTERNS, None)
+            }
             info[label] = r
     return info
+
+
+def _cost(spec: ModelSpec) -> float:
+    return spec.steps * spec.batch_size * spec.hidden_size**2
+
+
+def _chain_cost(name: str, specs: dict[str, ModelSpec], names: list[str]) -> float:
+    """Cost of ``name`` plus its most expensive chain of models that continue it."""
+    children = [n for n in names if specs[n].init_from == name]
+    return _cost(specs[name]) + max((_chain_cost(c, specs, names) for c in children), default=0.0)
 
 
 def build(
@@ -217,15 +241,16 @@ def build(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(specs[n].steps for n in names), desc="opd lab build", unit="step")
+        bar = tqdm(
+            total=sum(specs[n].steps for n in names), desc="opd lab build", unit="step", smoothing=0.05
+        )
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pending = sorted(names, key=lambda n: -specs[n].steps * specs[n].hidden_size ** 2)
+        pending = list(names)
         running: dict = {}
         while pending or running:
-            for n in list(pending):
-                dep = specs[n].init_from
-                if dep in names and dep not in results:
-                    continue  # wait for the model it continues
+            ready = [n for n in pending if specs[n].init_from not in names or specs[n].init_from in results]
+            # longest chain of dependent work first, so the last model finishes as early as possible
+            for n in sorted(ready, key=lambda n: -_chain_cost(n, specs, names))[: workers - len(running)]:
                 pending.remove(n)
                 running[pool.submit(_job, n, specs[n], str(out), seed, evaluate, queue)] = n
             done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
