@@ -1,7 +1,7 @@
 """The lab: a model organism of on-policy distillation that trains and runs on a laptop CPU.
 
 * :mod:`opd.lab.world` — running-total problems with two solution styles (thinking patterns ``a``,
-  ``b``) and a difficulty axis (``easy``: operands 1-5, ``hard``: also 6-9);
+  ``b``) and a difficulty axis (``easy``: operands 1-5; ``hard``: 1-9, at least one of 6-9);
 * :func:`prompt_rows` — fixed prompt sets with answers (``lab:train``, ``lab:test``, ...);
 * :mod:`opd.lab.zoo` — tiny Qwen2 models trained on those solutions (``lab:student``,
   ``lab:teacher-a-plus``, ...), shipped inside the package and rebuilt by ``opd lab build``;
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opd.lab import world
+from opd.lab import world, zoo
 from opd.lab.evaluate import evaluate_model, generate_responses
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "prompt_rows",
     "resolve_model",
     "world",
+    "zoo",
 ]
 
 SPLIT_SEED = 0  # the prompt sets are fixed: they do not depend on the zoo's build seed

@@ -49,7 +49,7 @@ class ModelSpec:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.01
     init_from: str | None = None  # another spec's name: continue training from its weights
-    seed_offset: int = 0  # added to the build seed, so models differ in init and data order
+    seed_offset: int = 0  # combined with the build seed (seed * 1000 + offset): own init and data order
     notes: str = ""  # one line on the model's role, copied into build_info.json
 
 

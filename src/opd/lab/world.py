@@ -26,9 +26,9 @@ per line, but in different token sequences that differ from the first response t
 Difficulty is the size of the operands: ``easy`` problems only add or subtract 1-5, ``hard`` problems
 use 1-9 with at least one operation of 6-9. Both have 2-4 steps, so prompts and responses have the same
 shape and length; a hard solution applies the same procedure (add a digit to a two-digit number, with a
-carry) to operands a model trained on easy problems never saw as operations. Such a model generalises a
-little, and a teacher trained on hard problems can correct it token by token on the student's own,
-well-formed solutions.
+carry) to operands a model trained on easy problems never saw as operations. A teacher trained on hard
+problems can correct such a model token by token on its own, well-formed solutions (where the model
+puts at least a little probability on the right digits: see :mod:`opd.lab.zoo`).
 
 Splits are fixed by a hash of the problem text, independent of seeds and sizes: a problem is in
 ``test`` iff the first byte of its SHA-256 is below ``TEST_FRACTION * 256``. Train streams skip test
