@@ -222,5 +222,7 @@ def test_full_student_rebuild_matches_shipped_weights(tmp_path):
 
     _zoo_or_skip()
     shipped = zoo.build_info()
-    info = zoo.build(tmp_path, seed=shipped["seed"], only=["student"], progress=False, evaluate=False)
-    assert info["models"]["student"]["sha256"] == shipped["models"]["student"]["sha256"]
+    names = ["student-base", "student"]  # the student continues student-base
+    info = zoo.build(tmp_path, seed=shipped["seed"], only=names, progress=False, evaluate=False)
+    for name in names:
+        assert info["models"][name]["sha256"] == shipped["models"][name]["sha256"], name
