@@ -110,7 +110,16 @@ SPECS: dict[str, ModelSpec] = {
         ),
     )
 }
-MODEL_NAMES: tuple[str, ...] = tuple(SPECS)
+MODEL_NAMES: tuple[str, ...] = (
+    "student",
+    "teacher-a-plus",
+    "teacher-b-plus",
+    "teacher-a-same",
+    "student-plus",
+    "student-base",
+    "teacher-a-base",
+)
+assert set(MODEL_NAMES) == set(SPECS)
 
 
 def zoo_dir() -> Path:
