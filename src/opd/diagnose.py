@@ -106,7 +106,7 @@ FLAG_UNMEASURED = "capability-unmeasured"
 class DiagnoseThresholds:
     """Decision thresholds of :func:`decide` (how they were chosen: docs/diagnose.md)."""
 
-    overlap_ratio_min: float = 0.5
+    overlap_ratio_min: float = 0.4
     """Condition (i): initial top-k overlap ratio E|I_t|/k (Eq. 6) must be at least this."""
     overlap_mass_min: float = 0.9
     """Condition (i): the smaller of the student and teacher probability mass on I_t must be at least this."""
