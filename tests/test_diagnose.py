@@ -257,6 +257,31 @@ def _check_outputs(out, result):
     return on_disk, md, html
 
 
+def test_rollouts_in_several_calls_keep_the_batch_layout(tiny_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.diagnose import _rollouts
+    from opd.rollout import stop_token_ids
+
+    student, _, _ = tiny_pair
+    tok = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    prompts = [tok.encode(t) for t in ("a", "a longer prompt", "mid size")]
+    cfg = DiagnoseConfig(rollouts=2, batch_size=2, max_new_tokens=5, seed=3)  # one prompt per call
+    b = _rollouts(model, tok, stop_token_ids(tok), prompts, cfg, len(tok))
+    P = b.prompt_len
+    assert max(len(p) for p in prompts) == P and b.input_ids_B_T.shape[0] == 6
+    assert b.prompt_index_B.tolist() == [0, 0, 1, 1, 2, 2]
+    assert not b.response_mask_B_T[:, :P].any()
+    for row in range(6):
+        p = prompts[int(b.prompt_index_B[row])]
+        assert b.input_ids_B_T[row, P - len(p) : P].tolist() == p  # prompts end at prompt_len
+        att = b.attention_mask_B_T[row]
+        assert att[: P - len(p)].sum() == 0 and att[P - len(p) : P].all()
+        n = int(b.response_mask_B_T[row].sum())
+        assert 1 <= n <= 5 and att[P : P + n].all() and att[P + n :].sum() == 0
+
+
 def test_tiny_models_end_to_end(tiny_pair, tmp_path):
     student, teacher, prompts = tiny_pair
     out = tmp_path / "diag"

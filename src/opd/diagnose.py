@@ -685,6 +685,47 @@ def _generate(
     return responses, truncated, generated
 
 
+def _rollouts(student, tok, stop_ids, prompt_ids, cfg: DiagnoseConfig, vocab_limit: int):
+    """``cfg.rollouts`` student samples per prompt as one RolloutBatch (rows prompt-major), generated in
+    calls of about ``batch_size`` rows (a progress bar per call) and merged into the common layout."""
+    from opd.rollout import HFGenerateBackend, RolloutBatch
+
+    backend = HFGenerateBackend(student, tok, stop_ids, batch_size=cfg.batch_size, vocab_limit=vocab_limit)
+    per_call = max(1, cfg.batch_size // cfg.rollouts)
+    parts = []
+    with _progress(cfg, len(prompt_ids) * cfg.rollouts, "rollouts") as bar:
+        for lo in range(0, len(prompt_ids), per_call):
+            b = backend.generate(
+                prompt_ids[lo : lo + per_call],
+                n=cfg.rollouts,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=1.0,
+                top_k=0,
+                seed=cfg.seed + lo,
+            )
+            parts.append((lo, b))
+            bar.update(b.input_ids_B_T.shape[0])
+    # merge: left-pad every part to the longest prompt, right-pad to the longest response
+    P = max(b.prompt_len for _, b in parts)
+    R = max(b.input_ids_B_T.shape[1] - b.prompt_len for _, b in parts)
+    pad = backend.pad_token_id
+    ids, att, resp = [], [], []
+    for _, b in parts:
+        left, right = P - b.prompt_len, R - (b.input_ids_B_T.shape[1] - b.prompt_len)
+        ids.append(torch.nn.functional.pad(b.input_ids_B_T, (left, right), value=pad))
+        att.append(torch.nn.functional.pad(b.attention_mask_B_T, (left, right), value=0))
+        resp.append(torch.nn.functional.pad(b.response_mask_B_T, (left, right), value=0.0))
+    return RolloutBatch(
+        input_ids_B_T=torch.cat(ids),
+        attention_mask_B_T=torch.cat(att),
+        response_mask_B_T=torch.cat(resp),
+        prompt_len=P,
+        prompt_index_B=torch.cat([b.prompt_index_B + lo for lo, b in parts]),
+        truncated_B=torch.cat([b.truncated_B for _, b in parts]),
+    )
+
+
 def _grade_rows(tokenizer, responses: list[list[int]], answers: list[str | None]) -> list[bool | None]:
     from opd.grading import grade
 
@@ -841,20 +882,7 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     t0 = lap("load", t0)
 
     # -- student rollouts (what OPD step 0 samples)
-    from opd.rollout import HFGenerateBackend
-
-    backend = HFGenerateBackend(student, tok, s_stop, batch_size=cfg.batch_size, vocab_limit=vocab_limit)
-    with _progress(cfg, 1, "rollouts", unit="batch") as bar:
-        batch = backend.generate(
-            [e.input_ids for e in examples],
-            n=R,
-            max_new_tokens=M,
-            temperature=cfg.temperature,
-            top_p=1.0,
-            top_k=0,
-            seed=cfg.seed,
-        )
-        bar.update(1)
+    batch = _rollouts(student, tok, s_stop, [e.input_ids for e in examples], cfg, vocab_limit)
     mask_B_T = batch.response_mask_B_T > 0
     resp_ids = [batch.input_ids_B_T[b][mask_B_T[b]].tolist() for b in range(batch.input_ids_B_T.shape[0])]
     rollout_correct = _grade_rows(tok, resp_ids, [examples[int(p)].answer for p in batch.prompt_index_B])
