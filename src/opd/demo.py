@@ -34,14 +34,14 @@ TEACHER_ROLES = {
 class DemoSettings:
     """The demo's knobs; identical for every teacher."""
 
-    steps: int = 60
+    steps: int = 150
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64  # lab responses are at most 53 tokens
     lr: float = 3e-4
     top_k: int = 16
     micro_batch_size: int = 64
-    eval_every: int = 10
+    eval_every: int = 25
     eval_limit: int = 100  # test prompts evaluated during training (a fixed random subset)
     test_limit: int = 0  # test prompts for before/after accuracy (0 = the whole lab test set)
     diagnose_prompts: int = 32
