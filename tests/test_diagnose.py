@@ -10,6 +10,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from opd.config import ConfigError
 from opd.diagnose import (
@@ -285,8 +286,11 @@ def test_rollouts_in_several_calls_keep_the_batch_layout(tiny_pair):
 def test_tiny_models_end_to_end(tiny_pair, tmp_path):
     student, teacher, prompts = tiny_pair
     out = tmp_path / "diag"
+    threads = torch.get_num_threads()
     result = diagnose(_cfg(student, teacher, prompts, out))
+    assert torch.get_num_threads() == threads  # restored
     d, md, html = _check_outputs(out, result)
+    assert d["cost"]["threads"] == 1  # tiny models run single-threaded by default
     # every measured figure is there
     for key in (
         "overlap/ratio",

@@ -210,7 +210,8 @@ class DiagnoseConfig:
     score_chunk_size: int = 256
     """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
     threads: int = 0
-    """torch CPU threads (0 = torch default)."""
+    """torch CPU threads; 0 = auto: 1 when both models have under 10M parameters (tiny models gain nothing
+    from intra-op threads and slow down several-fold on a shared CPU), else the torch default. Restored after."""
     progress: bool = True
     """Show progress bars."""
     thresholds: DiagnoseThresholds = field(default_factory=DiagnoseThresholds)
@@ -824,15 +825,24 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     ``checks``, the measured figures (``tokenizer``, ``rollouts``, ``condition_i``, ``condition_ii``,
     ``context``), ``cost`` and ``config``.
     """
+    config.check_runnable()
+    threads = torch.get_num_threads()
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+TINY_MODEL_PARAMS = 10_000_000
+"""Below this many parameters (both models), ``threads = 0`` runs torch with one CPU thread."""
+
+
+def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
     from opd.config import to_dict
     from opd.data import load_prompts
     from opd.models import TokenizerMismatchError, check_compatibility, load_model, load_tokenizer
     from opd.rollout import stop_token_ids
 
-    cfg = config
-    cfg.check_runnable()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     out_dir = Path(cfg.out_dir)
@@ -849,6 +859,11 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
     student.eval()
     teacher.eval()
+    n_params = max(sum(p.numel() for p in m.parameters()) for m in (student, teacher))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif n_params < TINY_MODEL_PARAMS and next(student.parameters()).device.type == "cpu":
+        torch.set_num_threads(1)
     t0 = lap("load", t0)
 
     result: dict[str, Any] = {"config": to_dict(cfg) | {"thresholds": dataclasses.asdict(cfg.thresholds)}}
@@ -1202,7 +1217,12 @@ def _finish(
         "prompts": cfg.prompts,
     }
     result = _jsonable(
-        head | result | {"evidence": dataclasses.asdict(ev), "cost": cost | {"seconds": seconds}}
+        head
+        | result
+        | {
+            "evidence": dataclasses.asdict(ev),
+            "cost": cost | {"seconds": seconds, "threads": torch.get_num_threads()},
+        }
     )
     from opd.report import write_text_atomic
 
