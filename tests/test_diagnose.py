@@ -198,8 +198,8 @@ def test_config_errors_name_the_fix():
         DiagnoseThresholds(overlap_ratio_min=1.5)
     with pytest.raises(ConfigError, match="missing required"):
         DiagnoseConfig().check_runnable()
-    assert DiagnoseConfig(max_new_tokens=100).bin_size == 6
-    assert DiagnoseConfig(position_bin=4).bin_size == 4
+    assert DiagnoseConfig(max_new_tokens=100).bin_size(35) == 3
+    assert DiagnoseConfig(position_bin=4).bin_size(35) == 4
 
 
 # ------------------------------------------------------------------------------ template check

@@ -198,7 +198,7 @@ class DiagnoseConfig:
     eval_samples: int = 1
     """Samples per prompt (and per prefix) when eval_temperature > 0 (avg@n); ignored when greedy."""
     position_bin: int = 0
-    """Response positions per bin of the position profiles; 0 = max_new_tokens // 16 (at least 1)."""
+    """Response positions per bin of the position profiles; 0 = the longest rollout // 16, rounded up."""
 
     # --- run ---
     out_dir: str = "runs/diagnose"
@@ -262,10 +262,9 @@ class DiagnoseConfig:
                 "--teacher lab:teacher-a-plus --prompts lab:test"
             )
 
-    @property
-    def bin_size(self) -> int:
-        """Positions per profile bin (``position_bin``, or max_new_tokens // 16)."""
-        return self.position_bin or max(1, self.max_new_tokens // 16)
+    def bin_size(self, longest_response: int) -> int:
+        """Positions per profile bin: ``position_bin``, or the longest rollout / 16 (at least 1)."""
+        return self.position_bin or max(1, math.ceil(longest_response / 16))
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -1012,7 +1011,7 @@ def _condition_i(s_out, t_out, batch, mask_B_T, stop_ids, cfg: DiagnoseConfig, e
     )
     mt = mechanism_tensors(*args)
     mech = mechanism_metrics(*args, position_chunk=None)
-    pos, bin_size = mt.position_B_T, cfg.bin_size
+    pos, bin_size = mt.position_B_T, cfg.bin_size(int(mask_B_T.sum(-1).max()))
 
     r_B_T = torch.where(mask_B_T, t_out.token_logp_B_T - s_out.token_logp_B_T, 0.0)
     w_B_T_K = torch.softmax(s_out.topk_logp_B_T_K, dim=-1)
