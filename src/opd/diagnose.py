@@ -63,6 +63,7 @@ import difflib
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1237,10 +1238,12 @@ def _finish(
 
 
 def _check_rows(result) -> list[list]:
+    from opd.report import format_cell
+
     rows = []
     for c in result["checks"]:
         status = "—" if c["passed"] is None else ("pass" if c["passed"] else "FAIL")
-        thr = "" if c["threshold"] is None else f"{c['op']} {c['threshold']}"
+        thr = "" if c["threshold"] is None else f"{c['op']} {format_cell(c['threshold'], 3)}"
         rows.append([c["condition"], c["description"], c["value"], thr, status])
     return rows
 
@@ -1269,9 +1272,13 @@ def _report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
                 + [f"warning: {w}" for w in tk.get("compat_warnings", [])],
             )
         )
+        same = tk.get("same_render") and tk["student"].get("rendered")
         for who in ("student", "teacher"):
+            if same and who == "teacher":
+                continue
             if tk[who].get("rendered"):
-                blocks += [("p", f"Rendered by the {who}'s chat template:"), ("pre", tk[who]["rendered"])]
+                label = "both chat templates (identical)" if same else f"the {who}'s chat template"
+                blocks += [("p", f"The test conversation rendered by {label}:"), ("pre", tk[who]["rendered"])]
             elif tk[who].get("error"):
                 blocks.append(("p", f"The {who}'s chat template failed: {tk[who]['error']}"))
         if tk.get("token_diff"):
@@ -1464,7 +1471,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 lines += ["```", b[1], "```", ""]
             elif b[0] == "table":
                 lines += [markdown_table(b[1], b[2])]
-    return "\n".join(lines).rstrip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
 
 
 def write_html(path: str | Path, result: dict[str, Any]) -> Path:
