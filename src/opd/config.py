@@ -290,6 +290,8 @@ def _coerce_value(tp: Any, value: Any, key: str) -> Any:
         if origin is tuple:
             if isinstance(value, str):
                 value = yaml.safe_load(value)
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+                return tuple(_coerce_value(args[0], v, key) for v in value)
             return tuple(_coerce_value(a, v, key) for a, v in zip(args, value, strict=True))
         if tp is dict or origin is dict:
             if isinstance(value, str):

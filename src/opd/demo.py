@@ -46,7 +46,7 @@ class DemoSettings:
     test_limit: int = 0  # test prompts for before/after accuracy (0 = the whole lab test set)
     diagnose_prompts: int = 32
     diagnose_rollouts: int = 2
-    threads: int = 0
+    threads: int = 1  # tiny models run fastest on one thread (and do not fight over a shared CPU)
 
 
 FULL = DemoSettings()
