@@ -328,26 +328,10 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     teacher.requires_grad_(False)
     student.eval()
 
-    prompts = load_prompts(
-        cfg.prompts,
-        tokenizer,
-        prompt_field=cfg.prompt_field,
-        answer_field=cfg.answer_field,
-        prompt_template=cfg.prompt_template,
-        use_chat_template=cfg.use_chat_template,
-        chat_template_kwargs=cfg.chat_template_kwargs,
-        max_prompt_tokens=cfg.max_prompt_tokens,
-    )
-    if prompts.dropped_overlong:
-        log.warning(
-            "dropped %d prompt(s) longer than max_prompt_tokens=%d",
-            prompts.dropped_overlong,
-            cfg.max_prompt_tokens,
-        )
-    eval_set = None
-    if cfg.eval_every:
-        eval_set = load_prompts(
-            cfg.eval_prompts,
+    def prompt_set(source: str, **kw):
+        # data.load_prompts logs how many overlong prompts it dropped
+        return load_prompts(
+            source,
             tokenizer,
             prompt_field=cfg.prompt_field,
             answer_field=cfg.answer_field,
@@ -355,12 +339,22 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
             use_chat_template=cfg.use_chat_template,
             chat_template_kwargs=cfg.chat_template_kwargs,
             max_prompt_tokens=cfg.max_prompt_tokens,
-            limit=cfg.eval_limit or None,
-            seed=cfg.seed if cfg.eval_limit else None,  # a random (not the first) subset when limited
+            **kw,
+        )
+
+    prompts = prompt_set(cfg.prompts)
+    eval_set = None
+    if cfg.eval_every:  # a random (not the first) subset when limited
+        eval_set = prompt_set(
+            cfg.eval_prompts, limit=cfg.eval_limit or None, seed=cfg.seed if cfg.eval_limit else None
         )
     sampler = PromptSampler(prompts, seed=cfg.seed)
     backend = HFGenerateBackend(
-        student, tokenizer, stop_token_ids(tokenizer), batch_size=cfg.rollout_batch_size or None
+        student,
+        tokenizer,
+        stop_token_ids(tokenizer),
+        batch_size=cfg.rollout_batch_size or None,
+        vocab_limit=compat.vocab_limit,
     )
 
     params = [p for p in student.parameters() if p.requires_grad]
