@@ -118,7 +118,7 @@ def test_no_capability_gap_is_no_go_flagged():
 
 
 def test_score_gap_that_vanishes_on_student_prefixes_is_little_new_capability():
-    """Same-pipeline case (PAPER.md §2): higher score, but indistinguishable from the student's view."""
+    """Same-pipeline case (docs/paper.md §2): higher score, but indistinguishable from the student's view."""
     v = decide(compatible(accuracy_teacher=0.6, continuation_advantage=0.01))
     assert v.verdict == "no-go" and FLAG_LITTLE_NEW in v.flags
 

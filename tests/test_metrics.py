@@ -1,4 +1,4 @@
-"""Mechanism metrics against brute-force references written from PAPER.md §3 (loops over V = 9, k = 3)."""
+"""Mechanism metrics against brute-force references written from docs/paper.md §3 (loops over V = 9, k = 3)."""
 
 from __future__ import annotations
 

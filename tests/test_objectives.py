@@ -1,5 +1,5 @@
 """Tests of opd.objectives: each function against a brute-force reference written from its definition
-in probability space (Python loops over a tiny vocabulary), plus properties, PAPER.md §1 identities
+in probability space (Python loops over a tiny vocabulary), plus properties, docs/paper.md §1 identities
 and pinned numbers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Failure-signature alerts over the metric history of a run (PAPER.md §3 and §5).
+"""Failure-signature alerts over the metric history of a run (docs/paper.md §3 and §5).
 
 OPD can fail silently: a stronger teacher can teach nothing, and the failure is visible early at the
 token level. ``AlertMonitor`` watches the per-step metric dicts (the lines of metrics.jsonl) and fires
@@ -102,7 +102,7 @@ class AlertConfig:
 
     truncated_frac_max: float | None = 0.2
     """Fire when the recent mean of ``response/truncated_frac`` (rollouts that hit the length cap)
-    exceeds this: their ends get no stop signal and PAPER.md §5 shows long responses collapse
+    exceeds this: their ends get no stop signal and docs/paper.md §5 shows long responses collapse
     from the end."""
 
     smooth: int = 5
@@ -245,7 +245,7 @@ class AlertMonitor:
                 "overlap_not_rising",
                 f"{OVERLAP} rose by {rise:+.4f} over steps {first}-{first + c.window} (least-squares fit; "
                 f"{points[0][1]:.3f} -> {points[-1][1]:.3f}, mean {mean:.3f}) < overlap_min_rise = "
-                f"{c.overlap_min_rise}: the flat-overlap failure signature (PAPER.md §3). Check the pair "
+                f"{c.overlap_min_rise}: the flat-overlap failure signature (docs/paper.md §3). Check the pair "
                 "with `opd diagnose`; consider an off-policy cold start or the teacher's prompt template.",
             )
 
@@ -265,7 +265,7 @@ class AlertMonitor:
                 "overlap_mass_falling",
                 f"{MASS} fell by {drop:.4f} over steps {points[0][0]}-{step} (least-squares fit; "
                 f"{points[0][1]:.3f} -> {value:.3f}) > mass_max_drop = {c.mass_max_drop}: the shared top-k "
-                "set is losing the teacher's probability mass (successful runs hold 0.97-0.99, PAPER.md §3).",
+                "set is losing the teacher's probability mass (successful runs hold 0.97-0.99, docs/paper.md §3).",
             )
 
     def _spikes(self, step: int, values: dict[str, float | None]) -> Iterator[tuple[str, str]]:
@@ -308,14 +308,14 @@ class AlertMonitor:
             yield (
                 "length_collapse",
                 f"{LENGTH}: mean of the last {len(recent)} steps {recent_mean:.1f} < early mean {early_mean:.1f} "
-                f"/ length_collapse_factor = {c.length_collapse_factor} (PAPER.md §5: too little signal "
+                f"/ length_collapse_factor = {c.length_collapse_factor} (docs/paper.md §5: too little signal "
                 "in short responses).",
             )
         if c.length_explode_factor is not None and recent_mean > early_mean * c.length_explode_factor:
             yield (
                 "length_explode",
                 f"{LENGTH}: mean of the last {len(recent)} steps {recent_mean:.1f} > early mean {early_mean:.1f} "
-                f"x length_explode_factor = {c.length_explode_factor} (PAPER.md §5: long responses collapse "
+                f"x length_explode_factor = {c.length_explode_factor} (docs/paper.md §5: long responses collapse "
                 "late, from the end backwards).",
             )
 
@@ -333,7 +333,7 @@ class AlertMonitor:
             yield (
                 "truncation_high",
                 f"{TRUNCATED}: mean of the last {len(recent)} steps {mean:.3f} > truncated_frac_max = "
-                f"{c.truncated_frac_max}; raise the response length cap or shorten the task (PAPER.md §5).",
+                f"{c.truncated_frac_max}; raise the response length cap or shorten the task (docs/paper.md §5).",
             )
 
     # -- history -------------------------------------------------------------------------------------

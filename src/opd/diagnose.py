@@ -1,7 +1,7 @@
 """Pre-flight diagnosis: will on-policy distillation of this student toward this teacher work?
 
 ``diagnose(DiagnoseConfig(student=..., teacher=..., prompts=...))`` (CLI: ``opd diagnose``) measures, on
-a small prompt sample and before any training, the two conditions under which OPD works (PAPER.md §2)
+a small prompt sample and before any training, the two conditions under which OPD works (docs/paper.md §2)
 and the token-level signature that predicts success (§3), and returns a verdict with its evidence:
 
 1. **Tokenizer / chat template / EOS.** ``opd.models.check_compatibility`` (a different vocabulary is
@@ -17,7 +17,7 @@ and the token-level signature that predicts success (§3), and returns a verdict
    compatible) and the per-state entropy gap ``E|H(q_t) − H(p_t)|``, overall and by response position.
 4. **Condition (ii), new capability** (needs answers in the prompt data): greedy accuracy of both
    models on the prompts (``eval_temperature = 0``: deterministic, one decode per prompt; a sampled
-   avg@``eval_samples`` otherwise), and the **teacher continuation advantage** (PAPER.md §5): the first
+   avg@``eval_samples`` otherwise), and the **teacher continuation advantage** (docs/paper.md §5): the first
    rollout of each prompt is cut after a fraction f of its response tokens (``prefix_fractions``); the
    teacher and the student each complete the same prefix (same decoding as the accuracy check), and the
    advantage is ``acc(teacher completions) − acc(student completions)``. It asks whether the teacher can
@@ -26,7 +26,7 @@ and the token-level signature that predicts success (§3), and returns a verdict
    of the top-K reward ``Σ_{v∈TopK(p_t)} p̄_t(v)(log q_t(v) − log p_t(v))`` (student support,
    ``student_p`` weights: what ``top_k=16`` optimises).
 5. **Context:** the AUROC of the sequence-mean reward against the correctness of the student's
-   rollouts (PAPER.md §5 finds ≈ 0.73–0.75 for working and failing teachers alike, so it is reported,
+   rollouts (docs/paper.md §5 finds ≈ 0.73–0.75 for working and failing teachers alike, so it is reported,
    never used for the verdict).
 
 Verdict (:func:`decide`, a pure function of the measured :class:`Evidence` and the
@@ -36,13 +36,13 @@ Verdict (:func:`decide`, a pure function of the measured :class:`Evidence` and t
   the student's on its own rollouts); or, with answers, the teacher adds nothing the student can learn:
   neither an accuracy gap nor a continuation advantage, or an accuracy gap that vanishes from the
   student's own prefixes although the two models agree token by token (condition (i) holds) — the
-  same-pipeline case of PAPER.md §2, flagged ``little-new-capability``;
+  same-pipeline case of docs/paper.md §2, flagged ``little-new-capability``;
 - ``go-after-remedy`` — the teacher has something to teach but condition (i) or the template check
   fails; the remedy is named: ``teacher-aligned template`` (chat templates render differently, or the
   teacher rejects the student's stop token), ``teacher-aligned prompts`` (the teacher is less certain
   than the student already at the first response token, i.e. the prompts are off its distribution),
   otherwise ``off-policy cold start`` (the teacher is confident but disagrees: a different thinking
-  pattern; SFT on teacher responses first, PAPER.md §4);
+  pattern; SFT on teacher responses first, docs/paper.md §4);
 - ``go`` — everything else (without answers condition (ii) is unmeasured, and the reasons say so).
 
 Outputs in ``out_dir``: ``diagnosis.json`` (top-level ``verdict``, ``reasons``, ``remedies``,
@@ -969,7 +969,9 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
         ctx["auroc_sampled_token"] = auroc(rewards["seq_sampled"], labels)
         ctx["auroc_topk"] = auroc(rewards["seq_topk"], labels)
         ctx["num_correct"], ctx["num_wrong"] = sum(labels), len(labels) - sum(labels)
-        ctx["note"] = "PAPER.md §5: about 0.73-0.75 for working and failing teachers alike; context only."
+        ctx["note"] = (
+            "docs/paper.md §5: about 0.73-0.75 for working and failing teachers alike; context only."
+        )
     ctx["seq_mean_reward"] = rewards["seq_sampled"]
     ctx["rollout_correct"] = rollout_correct
     result["context"] = ctx
@@ -1125,7 +1127,7 @@ def _accuracy(student, teacher, tok, teacher_tok, s_stop, t_stop, examples, cfg,
 def _continuations(
     student, teacher, tok, teacher_tok, s_stop, t_stop, examples, batch, resp_ids, cfg, vocab_limit, ev
 ):
-    """Teacher continuation advantage (PAPER.md §5) on the first rollout of every prompt with an answer."""
+    """Teacher continuation advantage (docs/paper.md §5) on the first rollout of every prompt with an answer."""
     R = cfg.rollouts
     n = _eval_n(cfg)
     rows = [p * R for p, e in enumerate(examples) if e.answer is not None]

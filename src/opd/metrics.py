@@ -1,4 +1,4 @@
-"""Token-level mechanism metrics of on-policy distillation (PAPER.md §3), from scoring outputs.
+"""Token-level mechanism metrics of on-policy distillation (docs/paper.md §3), from scoring outputs.
 
 Pure tensor functions: no models, no gradients, no global state. The inputs are what student and
 teacher scoring return for the student's own rollouts (see ``opd.scoring``), all aligned per position
@@ -27,7 +27,7 @@ Rules for empty sets (never NaN):
 - ``|I_t| = 0``: the two overlap advantages are undefined at t; such positions are EXCLUDED from the
   mean of ``overlap/adv`` and ``overlap/adv_verl`` (their per-position tensors hold 0 there and
   ``adv_valid_B_T`` is False). They still count in ``overlap/ratio`` (as 0) and in the masses (as 0),
-  so a run that loses its overlap shows it in those metrics, which PAPER.md §3 says to read together.
+  so a run that loses its overlap shows it in those metrics, which docs/paper.md §3 says to read together.
 
 Response position of a token: ``t − t_first(b)``, the offset from the first response token of its row
 (for a contiguous response, the index of the token within the response). Per-chunk metrics group
@@ -295,7 +295,7 @@ def mechanism_metrics(
     adv_mask_B_T_S: torch.Tensor | None = None,
     position_chunk: int | None = 256,
 ) -> dict[str, float]:
-    """The mechanism metrics of PAPER.md §3 for one batch, as ``{stable name: float}``.
+    """The mechanism metrics of docs/paper.md §3 for one batch, as ``{stable name: float}``.
 
     Names (token means over response positions; formulas in the module docstring and docs/metrics.md):
     ``overlap/ratio``, ``overlap/adv`` and ``overlap/adv_verl`` (over positions with ``|I_t| > 0``),

@@ -301,7 +301,7 @@ def check_compatibility(
         warnings.append(
             f"chat templates differ{' (' + state + ')' if state else ''}: prompts are rendered once and the "
             "teacher scores them as they are; a prompt format the teacher was not post-trained on lowers "
-            "student/teacher overlap. Fix: render prompts with the teacher's template (PAPER.md §4)."
+            "student/teacher overlap. Fix: render prompts with the teacher's template (docs/paper.md §4)."
         )
     for role, model, tok_size in (("student", student_model, s_size), ("teacher", teacher_model, t_size)):
         if model is not None:

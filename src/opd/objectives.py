@@ -1,6 +1,6 @@
 """On-policy distillation objectives as pure tensor functions (no models, no I/O).
 
-Notation (PAPER.md §1): at every student-visited prefix the student gives ``p_t(v)`` and the teacher
+Notation (docs/paper.md §1): at every student-visited prefix the student gives ``p_t(v)`` and the teacher
 ``q_t(v)`` over the shared vocabulary. OPD minimises ``Σ_t KL(p_t ‖ q_t)`` on the student's own samples,
 through one of three granularities:
 

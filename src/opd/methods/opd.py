@@ -4,7 +4,7 @@ Each step:
   1. sample ``prompts_per_step`` prompts x ``rollouts_per_prompt`` student responses (rollout backend);
   2. score the responses with the student (its top-K, entropy, sampled-token log-probs; no grad) and the
      teacher (log-probs at the student's top-K ids, its own top-K, entropy; no grad);
-  3. build per-token rewards (PAPER.md §1): sampled-token ``log q - log p``; top-K
+  3. build per-token rewards (docs/paper.md §1): sampled-token ``log q - log p``; top-K
      ``w(v) (log q(v) - log p(v))`` on a support; or the exact full-vocabulary reverse KL;
   4. update the student with the policy-gradient loss (rewards used as advantages; no baseline, no
      discount, no KL-to-reference), micro-batches with gradient accumulation, ``ppo_epochs`` passes;
@@ -12,7 +12,7 @@ Each step:
 
 What this file deliberately leaves out: value functions and baselines (the study uses none), reference-
 model KL penalties, multi-turn rollouts, sequence packing, and distributed setup (the same code runs
-under ``accelerate launch`` via :mod:`opd.device` helpers later). Full-vocabulary mode differentiates
+under ``accelerate launch`` via a later accelerate integration). Full-vocabulary mode differentiates
 the exact KL per micro-batch instead of using a policy gradient; it re-runs the teacher on each
 micro-batch so no B x T x V tensor is ever kept.
 """

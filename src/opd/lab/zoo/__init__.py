@@ -4,11 +4,11 @@ Every model is trained on worked solutions (:mod:`opd.lab.train`); "easy"/"hard"
 are defined in :mod:`opd.lab.world`. The student's pipeline has two stages: ``student-base`` learns
 easy problems only, then a brief exposure (80 small steps on half easy, half hard problems) gives
 ``student``, which solves few hard problems but puts some probability on the right digits of hard
-steps. That shared support is what OPD needs (PAPER.md §3): ``student-base`` is confidently wrong on
+steps. That shared support is what OPD needs (docs/paper.md §3): ``student-base`` is confidently wrong on
 hard steps and OPD barely moves it.
 
 ================  ===========================================  ==========================================
-name              how it is made                               role in the study (PAPER.md §2)
+name              how it is made                               role in the study (docs/paper.md §2)
 ================  ===========================================  ==========================================
 student           small; A; ``student-base`` + brief exposure  the student
 teacher-a-plus    ``teacher-a-same`` trained on easy + hard, A  compatible pattern, new capability
