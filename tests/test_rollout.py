@@ -11,15 +11,6 @@ from opd.tiny import IM_END, PAD, build_byte_tokenizer, build_tiny_model
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared, busy CPU they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return build_byte_tokenizer()

@@ -16,6 +16,7 @@ is a reduced version for CI that exercises every step in a fraction of that.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -115,7 +116,7 @@ def run_demo(
     out_dir = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    log = _Printer()
+    log = functools.partial(print, flush=True)
 
     tok = load_tokenizer("lab:student")
     rows = prompt_rows("test")
@@ -236,11 +237,6 @@ def _read(path: Path) -> list[dict[str, Any]]:
     from opd.tracking import read_metrics
 
     return read_metrics(path)
-
-
-class _Printer:
-    def __call__(self, msg: str) -> None:
-        print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------- report
