@@ -7,12 +7,21 @@ numpy and torch generator states) and ``state.json`` (step, data position, anyth
 needs). A checkpoint is written into ``.tmp-step-000010-<pid>/`` and renamed into place only when
 complete (``os.replace`` of a directory is atomic on POSIX), so a crash while writing leaves at most a
 stray temporary directory, which is ignored and cleaned up on the next save.
+
+The ``COMPLETE`` marker lists every file of the checkpoint with its size. :func:`verify_checkpoint`
+checks the marker, the sizes, the safetensors headers and the JSON files without loading tensors;
+:func:`load_newest_checkpoint` skips a newest checkpoint that fails the check (or fails to load), says
+so, and restores the newest one that works. Pickled files (``optimizer.pt``, ``scheduler.pt``) are read
+with torch's safe loader only; a file that needs more than plain tensors and numbers is refused with
+:class:`UnsafeFileError`, never loaded some other way.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -21,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger("opd")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
@@ -100,7 +111,8 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "rng.json").write_text(json.dumps(rng_state()))
     (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=1))
-    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"files": sizes}, indent=1) + "\n")
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
@@ -136,12 +148,134 @@ def load_checkpoint(
             f"checkpoint {path} does not match the model: missing={missing} unexpected={unexpected}"
         )
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
     if restore_rng:
         set_rng_state(json.loads((path / "rng.json").read_text()))
     return json.loads((path / "state.json").read_text())
+
+
+class UnsafeFileError(ValueError):
+    """A pickle file asks to build objects other than tensors and numbers; it was not loaded."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, truncated or unreadable; the message says what and the fix."""
+
+
+def unsafe_pickle_error(path: str | Path, err: BaseException) -> UnsafeFileError:
+    """The one-line error for a pickle that torch's safe loader (``weights_only=True``) refused.
+
+    Keeps torch's reason (e.g. ``unsupported GLOBAL posix.system``) and drops its advice to retry with
+    the protection off: a file opd or transformers wrote never needs that, so such a file was replaced
+    or came from elsewhere.
+    """
+    skip = ("weights only load failed", "re-running", "please file an issue", "check the documentation")
+    reason = " ".join(
+        line.strip()
+        for line in str(err).splitlines()
+        if line.strip() and not any(line.strip().lower().startswith(s) for s in skip)
+    )
+    reason = reason.replace("weights_only", "safe loading")[:200] or type(err).__name__
+    return UnsafeFileError(
+        f"refused to load {str(path)!r} as unsafe: it is a pickle that would create objects other than "
+        f"tensors and numbers ({reason}), so loading it could run arbitrary code; files written by opd "
+        "or transformers never need that. Delete it or restore it from a copy you trust"
+    )
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``; an unsafe pickle raises :class:`UnsafeFileError`."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise unsafe_pickle_error(path, err) from None
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when ``path`` looks complete and readable, else the reason it is not (one phrase).
+
+    Checks the ``COMPLETE`` marker, the file sizes it lists (older checkpoints have a bare marker),
+    that ``model/`` holds at least one safetensors file whose header parses and covers the file, and
+    that ``state.json`` and ``rng.json`` parse. Tensors are not loaded.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER} marker (written last, so the save did not finish)"
+    try:
+        listed = json.loads(marker.read_text()).get("files", {})
+    except (ValueError, AttributeError):
+        listed = {}  # a bare "ok" marker of an older checkpoint
+    for rel, size in listed.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} is {f.stat().st_size} bytes, {size} were written (truncated or modified)"
+    shards = sorted((path / "model").glob("*.safetensors"))
+    if not shards:
+        return "model/ holds no .safetensors file"
+    for f in shards:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{f.relative_to(path)} is unreadable ({str(err).splitlines()[0]})"
+    for name in ("state.json", "rng.json"):
+        try:
+            json.loads((path / name).read_text())
+        except (OSError, ValueError) as err:
+            return f"{name} is unreadable ({type(err).__name__})"
+    return None
+
+
+def load_newest_checkpoint(
+    output_dir: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> tuple[Path, dict[str, Any]] | None:
+    """Restore the newest checkpoint under ``output_dir`` that verifies and loads; None when there is none.
+
+    A newer checkpoint that fails is skipped with a warning naming it and why (each load replaces the
+    model, optimizer, scheduler and RNG state entirely, so a half-finished failed load leaves nothing
+    behind). :class:`CheckpointError` when checkpoints exist but none is usable; an unsafe pickle
+    raises :class:`UnsafeFileError` at once rather than falling back past a tampered file.
+    """
+    root = checkpoint_root(output_dir)
+    candidates = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and d.is_dir():
+                candidates.append((int(m.group(1)), d))
+    problems = []
+    for _, path in sorted(candidates, reverse=True):
+        why = verify_checkpoint(path)
+        if why is None:
+            try:
+                return path, load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+            except UnsafeFileError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any failure to load means: try the previous one
+                why = f"loading failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        problems.append(f"{path.name}: {why}")
+        log.warning("checkpoint %s is unusable (%s): falling back to the previous one", path, why)
+    if problems:
+        raise CheckpointError(
+            f"no usable checkpoint in {str(root)!r} ({'; '.join(problems)}): restore one, or start over "
+            "with overwrite=true"
+        )
+    return None
 
 
 def _is_tied(model: torch.nn.Module, key: str) -> bool:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from opd.config import ConfigError, OPDConfig, help_text, load_config
+from opd.rundir import RunInterrupted
 
 TRAIN_EPILOG = """\
 Configuration keys (set in CONFIG.yaml or as key=value overrides, which win):
@@ -41,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error instead of one line (or set OPD_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
     from opd.diagnose import add_cli_parser as _diagnose_parser
@@ -92,11 +99,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     except ConfigError as e:
+        if _debug(args):
+            raise
         print(f"opd: config error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
+        if _debug(args):
+            raise
         print(f"opd: error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(f"opd: {e.message()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one outside a training loop
+        if _debug(args):
+            raise
+        what = f" ({e.args[0]})" if e.args else ""
+        print(f"opd: aborted{what}; a resumable run keeps its newest periodic checkpoint", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permission denied, ... on a file opd reads or writes
+        if _debug(args):
+            raise
+        print(f"opd: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _debug(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("OPD_DEBUG", "") not in ("", "0")
 
 
 def _cmd_train(args) -> int:

@@ -129,7 +129,9 @@ class OPDConfig:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in output_dir."""
+    """Continue from the newest complete checkpoint in output_dir (settings that define the run must match)."""
+    overwrite: bool = False
+    """Replace the run already in output_dir (its metrics, checkpoints, final model); off: a non-empty output_dir is refused."""
     eval_every: int = 0
     """Evaluate accuracy on ``eval_prompts`` every N steps (0 = off)."""
     eval_prompts: str = ""
@@ -208,6 +210,8 @@ class OPDConfig:
             errs.append("keep_checkpoints must be >= 1 when save_every > 0")
         if self.eval_every and not self.eval_prompts:
             errs.append("eval_every > 0 needs eval_prompts (a prompt source with answers)")
+        if self.resume and self.overwrite:
+            errs.append("resume=true and overwrite=true: choose one (continue the run, or replace it)")
         if self.warmup_steps > self.steps:
             errs.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: lower warmup_steps")
         if errs:

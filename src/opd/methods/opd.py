@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from opd import objectives as obj
-from opd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import OPDConfig, to_dict
 from opd.tracking import MetricsLogger, progress
 
@@ -304,16 +304,32 @@ def _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit, score_full_lo
 
 
 def train(cfg: OPDConfig) -> dict[str, Any]:
-    """Run OPD as configured. Returns the run summary (also written to ``output_dir/summary.json``)."""
+    """Run OPD as configured. Returns the run summary (also written to ``output_dir/summary.json``).
+
+    The run directory is checked and locked first (:mod:`opd.rundir`: one run per directory, a
+    non-empty one only with ``resume``/``overwrite``, never an input's directory). SIGINT/SIGTERM during
+    training stop at the next step boundary: a checkpoint and ``summary.json`` (``interrupted``) are
+    written and :class:`opd.rundir.RunInterrupted` is raised; ``resume=true`` continues exactly.
+    """
+    from opd.rundir import StopSignals, locked_run_dir, prepare_train_dir
+
+    cfg.check_runnable()
+    models = {"student": cfg.student, "teacher": cfg.teacher}
+    data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}
+    with locked_run_dir(cfg.output_dir, models=models, data=data) as run, StopSignals() as stop:
+        prepare_train_dir(run, to_dict(cfg), to_dict(OPDConfig()), resume=cfg.resume, overwrite=cfg.overwrite)
+        return _train(cfg, stop)
+
+
+def _train(cfg: OPDConfig, stop) -> dict[str, Any]:
     from opd.data import PromptSampler, load_prompts
     from opd.models import check_compatibility, load_model, load_tokenizer
     from opd.rollout import HFGenerateBackend, stop_token_ids
+    from opd.rundir import RunInterrupted
 
-    cfg.check_runnable()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
     # -- models and tokenizers; compatibility first, so a mismatch fails before any work
@@ -372,11 +388,11 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
 
     start_step, skipped_total = 0, 0
     if cfg.resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
+        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
+        if found is None:
             log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
         else:
-            state = load_checkpoint(ckpt, model=student, optimizer=optimizer, scheduler=scheduler)
+            ckpt, state = found
             start_step = state["step"]
             skipped_total = state.get("skipped_steps", 0)
             sampler.load_state_dict(state["sampler"])
@@ -392,6 +408,25 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     run_t0 = time.perf_counter()
     stopped_by_alert = None
     bar = progress(total=cfg.steps, initial=start_step, desc="opd", enabled=cfg.progress, unit="step")
+    interrupted = None
+    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(
+            out_dir,
+            step,
+            model=student,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            keep=cfg.keep_checkpoints,
+            state={
+                "sampler": sampler.state_dict(),
+                "skipped_steps": skipped_total,
+                "alerts": monitor.state_dict() if monitor is not None else None,
+            },
+        )
+
     for step in range(start_step + 1, cfg.steps + 1):
         row = opd_step(
             student, teacher, backend, prompts, sampler, optimizer, scheduler, cfg, compat.vocab_limit, step
@@ -412,21 +447,15 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
             ovl=f"{row.get('overlap/ratio', float('nan')):.3f}",
         )
         bar.update(1)
+        saved = None
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(
-                out_dir,
-                step,
-                model=student,
-                tokenizer=tokenizer,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                keep=cfg.keep_checkpoints,
-                state={
-                    "sampler": sampler.state_dict(),
-                    "skipped_steps": skipped_total,
-                    "alerts": monitor.state_dict() if monitor is not None else None,
-                },
+            saved = checkpoint(step)
+        if stop.requested and step < cfg.steps:
+            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
+            bar.write(
+                f"[opd] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
             )
+            break
         if monitor is not None and monitor.should_stop:
             stopped_by_alert = step
             bar.write(f"[opd] stop_on_alert: stopping after step {step}")
@@ -434,6 +463,20 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     bar.close()
     metrics_log.close()
     loop_time = time.perf_counter() - run_t0
+    if interrupted is not None:
+        summary = {
+            "output_dir": str(out_dir),
+            "final_model": None,
+            "steps_done": step,
+            "skipped_steps": skipped_total,
+            "loop_time_s": loop_time,
+            "interrupted": interrupted["signal"],
+            "checkpoint": interrupted["checkpoint"],
+            "resume": "rerun with resume=true and the same output_dir to continue",
+            "last": history[-1] if history else {},
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        raise RunInterrupted(interrupted["signal"], summary)
 
     final_dir = out_dir / "final"
     _save_final(student, tokenizer, final_dir)
