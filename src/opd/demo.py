@@ -97,7 +97,29 @@ def run_demo(
     progress: bool = True,
     settings: DemoSettings | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the summary (also written to ``<out>/summary.json``)."""
+    """Run the demo; returns the summary (also written to ``<out>/summary.json``).
+
+    ``out`` must be a new or empty directory (it is locked for the demo's duration)."""
+    from opd.rundir import RunDirError, locked_run_dir
+
+    out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    with locked_run_dir(out, key="--out") as run:
+        if run.entries():
+            raise RunDirError(
+                f"--out {out!r} is not empty: choose a new directory for the demo, or delete it"
+            )
+        return _run_demo(smoke=smoke, out=out, seed=seed, steps=steps, progress=progress, settings=settings)
+
+
+def _run_demo(
+    *,
+    smoke: bool,
+    out: str,
+    seed: int,
+    steps: int | None,
+    progress: bool,
+    settings: DemoSettings | None,
+) -> dict[str, Any]:
     import torch
 
     from opd.config import OPDConfig

@@ -825,10 +825,14 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     ``checks``, the measured figures (``tokenizer``, ``rollouts``, ``condition_i``, ``condition_ii``,
     ``context``), ``cost`` and ``config``.
     """
+    from opd.rundir import locked_run_dir
+
     config.check_runnable()
     threads = torch.get_num_threads()
     try:
-        return _run(config)
+        models = {"student": config.student, "teacher": config.teacher}
+        with locked_run_dir(config.out_dir, models=models, data={"prompts": config.prompts}, key="out_dir"):
+            return _run(config)
     finally:
         torch.set_num_threads(threads)
 

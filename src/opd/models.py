@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def load_model(
         kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as err:  # a .bin that torch's safe loader refused
+        from opd.checkpoint import unsafe_pickle_error
+
+        bins = sorted(p.name for p in Path(source).glob("*.bin")) if local else []
+        raise unsafe_pickle_error(Path(source) / bins[0] if len(bins) == 1 else source, err) from None
     except OSError as err:
         if local:
             raise

@@ -173,8 +173,8 @@ class RunLock:
                 os.close(fd)
                 who = f" ({_describe(holder)})" if holder else ""
                 raise RunDirError(
-                    f"{str(self.directory)!r} is in use by another opd run{who}: wait for it to finish, "
-                    "or choose another output directory"
+                    f"output directory {str(self.directory)!r} is in use by another opd run{who}: wait for "
+                    "it to finish, or choose another output directory"
                 ) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -207,7 +207,7 @@ class RunLock:
         """A lock file with content that nobody holds: a run that died without releasing it."""
         if previous.get("host") != socket.gethostname():
             raise RunDirError(
-                f"{str(self.directory)!r} has a lock left by an opd run on another host "
+                f"output directory {str(self.directory)!r} has a lock left by an opd run on another host "
                 f"({_describe(previous)}) that cannot be checked from here: if that run is no longer "
                 f"running, delete {str(self.path)!r} and retry"
             )
