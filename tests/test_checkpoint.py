@@ -68,3 +68,44 @@ def test_crash_mid_write_leaves_previous_checkpoint_usable(tmp_path, parts, monk
     save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched)
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
     assert json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())["step"] == 2
+
+
+def test_verify_names_what_is_wrong(tmp_path, parts):
+    from opd.checkpoint import verify_checkpoint
+
+    tok, model, opt, sched = parts
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched)
+    assert verify_checkpoint(path) is None
+    (path / "state.json").write_text('{"step": 1')  # a changed file fails the size check
+    assert "state.json is" in verify_checkpoint(path)
+
+    path = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched)
+    (path / "COMPLETE").write_text("ok\n")  # an older checkpoint's bare marker: no sizes to compare
+    st = path / "model" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-10])
+    assert verify_checkpoint(path).startswith("model/model.safetensors is unreadable")
+    (path / "COMPLETE").unlink()
+    assert "no COMPLETE marker" in verify_checkpoint(path)
+
+
+def test_load_newest_falls_back_then_fails_clearly(tmp_path, parts, caplog):
+    from opd.checkpoint import CheckpointError, load_newest_checkpoint
+
+    tok, model, opt, sched = parts
+    assert load_newest_checkpoint(tmp_path, model=model) is None  # nothing saved yet
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched, keep=3)
+    bad = tmp_path / "checkpoints" / "step-000002" / "scheduler.pt"
+    bad.write_bytes(bad.read_bytes()[:5])
+    model2 = build_tiny_model(build_byte_tokenizer(), seed=5)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    with caplog.at_level("WARNING", logger="opd"):
+        path, state = load_newest_checkpoint(tmp_path, model=model2, optimizer=opt2)
+    assert path.name == "step-000001" and state["step"] == 1
+    assert "step-000002 is unusable (scheduler.pt is 5 bytes" in caplog.text
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+
+    (tmp_path / "checkpoints" / "step-000001" / "rng.json").write_text("")
+    with pytest.raises(CheckpointError, match="no usable checkpoint .*step-000002: .*step-000001: "):
+        load_newest_checkpoint(tmp_path, model=model2)

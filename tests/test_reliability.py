@@ -150,6 +150,7 @@ def test_signal_stops_at_step_boundary_with_checkpoint_and_resume_is_exact(tmp_p
 
 
 def test_stop_signals_in_process():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop:
         with pytest.raises(RunInterrupted, match="before training started"):  # not armed: abort at once
             os.kill(os.getpid(), signal.SIGTERM)
@@ -161,7 +162,7 @@ def test_stop_signals_in_process():
         with pytest.raises(KeyboardInterrupt, match="second SIGINT"):  # a second one aborts at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored
 
 
 def test_lock_is_exclusive_released_and_stale_locks_are_handled(tmp_path, caplog):
@@ -250,6 +251,14 @@ def test_output_dir_that_is_an_input_empty_or_a_file_is_refused(tmp_path, capsys
         assert code == 2 and expect in one_line(err), (kw, err)
     assert sorted(p.name for p in student.iterdir()) == files  # nothing written into the model
     assert sorted(p.name for p in prompts.parent.iterdir()) == ["p.jsonl"]
+    # opd diagnose applies the same rules to --out
+    code, err = run_cli(
+        ["diagnose", "--student", str(student), "--teacher", "lab:teacher-a-plus", "--prompts", "lab:train"]
+        + ["--out", str(student)],
+        capsys,
+    )
+    assert code == 2 and "out_dir=" in one_line(err) and "is the student model" in err
+    assert sorted(p.name for p in student.iterdir()) == files
     # lab models resolve to their directories too
     with pytest.raises(RunDirError, match="contains the teacher model"):
         check_output_dir(_lab_dir("teacher-a-plus").parent, models={"teacher": "lab:teacher-a-plus"})
