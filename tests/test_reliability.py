@@ -7,6 +7,7 @@ to a running ``opd train``); the rest in-process through ``train()`` or ``opd.cl
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -67,6 +68,7 @@ def same_weights(a, b) -> bool:
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()  # drop what earlier calls printed
     code = cli.main(argv)
     return code, capsys.readouterr().err.strip()
 
@@ -82,7 +84,8 @@ class EvilPickle:
 
 
 def one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("opd:")]
+    """The one message line of a failed command (progress bars may share stderr)."""
+    lines = [ln for ln in err.splitlines() if re.search(r"opd: (error|config error|interrupted|aborted)", ln)]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -210,8 +213,11 @@ def test_finished_run_is_not_overwritten_and_resume_refuses_a_different_teacher(
     opd_method.train(cfg(out, steps=3, save_every=2, resume=True, progress=True))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
-    # overwrite=true replaces opd's files only
+    # overwrite=true replaces opd's files only, and only once the new run has loaded
     (out / "notes.txt").write_text("mine")
+    code, err = run_cli(["train", *overrides(out, overwrite="true", teacher=str(tmp_path / "nope"))], capsys)
+    assert code == 2 and "not found" in one_line(err)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3] and (out / "final").is_dir()
     opd_method.train(cfg(out, steps=1, overwrite=True))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
     assert not (out / "checkpoints").exists() and (out / "notes.txt").read_text() == "mine"

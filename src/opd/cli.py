@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one outside a training loop
         if _debug(args):
             raise
-        what = f" ({e.args[0]})" if e.args else ""
-        print(f"opd: aborted{what}; a resumable run keeps its newest periodic checkpoint", file=sys.stderr)
+        what = f" ({e.args[0]})" if e.args else " (KeyboardInterrupt)"
+        print(f"opd: aborted{what}", file=sys.stderr)
         return 130
     except OSError as e:  # disk full, permission denied, ... on a file opd reads or writes
         if _debug(args):

@@ -13,7 +13,8 @@ Guarantees (docs/reliability.md lists them with the faults they cover):
   the run reads (writing ``config.json`` into the student's directory breaks the student).
 - **A finished run is never overwritten by accident.** :func:`prepare_train_dir` refuses a non-empty
   directory unless ``resume=true`` (and then the saved config must agree on everything that defines
-  the run, see :data:`RESUME_MAY_CHANGE`) or ``overwrite=true`` (which removes only opd's own run files).
+  the run, see :data:`RESUME_MAY_CHANGE`) or ``overwrite=true`` (which removes only opd's own run files,
+  and only once the new run has loaded its models and data).
 - **A run that failed before writing anything leaves nothing behind**: :func:`locked_run_dir` removes
   the directories it created, and a fresh training run that failed before its first step removes the
   ``config.json`` (and step-0 metrics) it wrote.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -33,6 +33,11 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX (Windows)
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("opd")
 
@@ -164,6 +169,9 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        if fcntl is None:  # pragma: no cover - not POSIX
+            log.warning("%s: not locked (run-directory locking needs POSIX fcntl)", self.directory)
+            return
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -255,11 +263,32 @@ class RunDir:
         self.created = created
         self.lock = lock
         self.fresh = False
-        """True when the run started from an empty directory (set by :func:`prepare_train_dir`)."""
+        """True when every run file in the directory was written by this run (an empty directory at
+        the start, or one cleared by ``overwrite``); set by :func:`prepare_train_dir`."""
+        self.previous_run: list[str] = []
+        """Run files of an earlier run that ``overwrite=true`` replaces (see :meth:`clear_previous_run`)."""
 
     def entries(self) -> list[str]:
         """Names in the directory other than the lock file."""
         return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_NAME)
+
+    def clear_previous_run(self) -> None:
+        """Remove the earlier run that ``overwrite=true`` replaces. Called once models and data have
+        loaded, so a run that cannot start leaves the earlier one intact."""
+        for name in self.previous_run:
+            p = self.path / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+        if self.previous_run:
+            log.warning(
+                "overwrite=true: removed the previous run's %s from %s",
+                ", ".join(self.previous_run),
+                self.path,
+            )
+            self.previous_run = []
+            self.fresh = True
 
 
 @contextlib.contextmanager
@@ -365,19 +394,8 @@ def prepare_train_dir(
         run.fresh = True
         return
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-    if overwrite:
-        removed = []
-        for p in sorted(run.path.iterdir()):
-            if p.name in RUN_FILES or p.name.startswith(".tmp-final-"):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-                removed.append(p.name)
-        log.warning(
-            "overwrite=true: removed the previous run's %s from %s", ", ".join(removed) or "nothing", run.path
-        )
-        run.fresh = not run.entries()
+    if overwrite:  # removed by run.clear_previous_run(), once the new run is ready to write
+        run.previous_run = [n for n in entries if n in RUN_FILES or n.startswith(".tmp-final-")]
         return
     if not resume:
         raise RunDirError(

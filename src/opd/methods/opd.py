@@ -318,10 +318,10 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}
     with locked_run_dir(cfg.output_dir, models=models, data=data) as run, StopSignals() as stop:
         prepare_train_dir(run, to_dict(cfg), to_dict(OPDConfig()), resume=cfg.resume, overwrite=cfg.overwrite)
-        return _train(cfg, stop)
+        return _train(cfg, run, stop)
 
 
-def _train(cfg: OPDConfig, stop) -> dict[str, Any]:
+def _train(cfg: OPDConfig, run, stop) -> dict[str, Any]:
     from opd.data import PromptSampler, load_prompts
     from opd.models import check_compatibility, load_model, load_tokenizer
     from opd.rollout import HFGenerateBackend, stop_token_ids
@@ -399,6 +399,7 @@ def _train(cfg: OPDConfig, stop) -> dict[str, Any]:
             if monitor is not None and "alerts" in state:
                 monitor.load_state_dict(state["alerts"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
+    run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
     metrics_log.truncate_after(start_step)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
