@@ -332,7 +332,7 @@ def _make_dirs(out: Path) -> list[Path]:
         p = p.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise RunDirError(f"cannot create {str(out)!r}: a parent of it is a file, not a directory") from None
     except PermissionError as e:
         raise RunDirError(f"cannot create {str(out)!r}: {e.strerror}; choose a writable directory") from None
