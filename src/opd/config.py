@@ -302,9 +302,7 @@ def load_yaml_text(text: str, where: str, example: str = "") -> Any:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(
-            f"{where}: invalid YAML{at}: {problem}; fix the syntax there{example}"
-        ) from None
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}; fix the syntax there{example}") from None
 
 
 def _field_type(cls: type, name: str) -> Any:
