@@ -44,10 +44,11 @@ Verdict (:func:`decide`, a pure function of the measured :class:`Evidence` and t
   otherwise ``off-policy cold start`` (the teacher is confident but disagrees: a different thinking
   pattern; SFT on teacher responses first, docs/paper.md §4);
 - ``go`` — everything else (without answers condition (ii) is unmeasured, and the reasons say so);
-- ``inconclusive`` — the capability no-go above, measured on truncated evidence: more than
+- ``inconclusive`` — a no-go other than the tokenizer one, measured on truncated evidence: more than
   ``truncated_frac_max`` of the rollouts or accuracy responses hit ``max_new_tokens``, so answers were
-  cut off before grading; remedy ``larger max_new_tokens``. Every other verdict on truncated evidence
-  carries the ``truncated-evidence`` flag and a reason saying so.
+  cut off before grading and the reward seen only on the first tokens; remedy ``larger
+  max_new_tokens``. Every other verdict on truncated evidence carries the ``truncated-evidence`` flag
+  and a reason saying so.
 
 Outputs in ``out_dir``: ``diagnosis.json`` (top-level ``verdict``, ``reasons``, ``remedies``,
 ``flags``, ``checks`` and every measured figure), ``diagnosis.md`` and a self-contained
@@ -138,7 +139,7 @@ class DiagnoseThresholds:
     truncated_frac_max: float = 0.5
     """Evidence check: above this fraction of responses cut at max_new_tokens (student rollouts, or either
     model's accuracy responses) the evidence is truncated: answers are cut off before they can be graded,
-    so a no-go for lack of capability becomes ``inconclusive`` (remedy: a larger max_new_tokens)."""
+    so a no-go (except a tokenizer mismatch) becomes ``inconclusive`` (remedy: a larger max_new_tokens)."""
 
     def __post_init__(self) -> None:
         bad = []
@@ -401,8 +402,11 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def decide(ev: Evidence, th: DiagnoseThresholds | None = None) -> Verdict:
     """The verdict from the measurements alone (rules: module docstring; thresholds: ``th``), then the
-    truncation rule: when most responses hit max_new_tokens the evidence is truncated, a no-go for lack
-    of capability becomes ``inconclusive`` and every verdict says so and recommends a larger cap."""
+    truncation rule: when most responses hit max_new_tokens the evidence is truncated, a no-go (other
+    than a tokenizer mismatch, which lengths cannot change) becomes ``inconclusive``, and every verdict
+    says so and recommends a larger cap. Truncated evidence misleads both ways: cut-off answers grade as
+    wrong for both models, and the first few tokens (often boilerplate both models agree on) can show
+    a near-zero reward for a teacher that differs later."""
     th = th or DiagnoseThresholds()
     v = _decide_untruncated(ev, th)
     if not ev.tokenizer_compatible:
@@ -431,12 +435,13 @@ def decide(ev: Evidence, th: DiagnoseThresholds | None = None) -> Verdict:
         parts.append(f"up to {ev.eval_truncated_frac:.0%} of the accuracy-check responses")
     note = (
         f"The evidence is truncated: {' and '.join(parts)} hit {cap} before finishing (max "
-        f"{th.truncated_frac_max:.0%}), so answers are cut off before they can be graded and accuracy, "
-        f"continuation advantage and stop-token figures understate both models. Rerun with a larger "
+        f"{th.truncated_frac_max:.0%}): answers are cut off before they can be graded and the reward is "
+        "seen only on the first tokens, so these figures can understate both models and the teacher's "
+        "difference. Rerun with a larger "
         f"max_new_tokens (e.g. {4 * ev.max_new_tokens if ev.max_new_tokens else 'several times the current one'})."
     )
     v.flags.append(FLAG_TRUNCATED)
-    if v.verdict == "no-go" and FLAG_LITTLE_NEW in v.flags:
+    if v.verdict == "no-go":
         return Verdict(
             "inconclusive",
             [note, "Without truncation this would read: " + " ".join(v.reasons)],

@@ -141,7 +141,7 @@ def check_finite_weights(model, what: str) -> None:
             )
             bad.append(f"{pname} ({n_bad} value(s) in {rows} row(s))")
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteModelError(
             f"{what} has non-finite (NaN/inf) weights in {len(bad)} tensor(s): {shown}; every score it gives "
             "would be NaN. Fix: use an intact checkpoint (re-download or re-export it)."
