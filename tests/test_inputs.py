@@ -264,6 +264,22 @@ def test_nan_weights_are_refused_naming_the_model(tmp_path, capsys, role, where)
     assert str(bad) in err
 
 
+def test_weight_check_finds_infinities_and_ignores_finite_overflowing_sums():
+    from opd.models import check_finite_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    check_finite_weights(model, "ok")
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # finite, but its float32 sum overflows: exact check says fine
+    check_finite_weights(model, "big")
+    with torch.no_grad():
+        model[1].weight[0, 1], model[1].weight[1, 2] = float("inf"), -float("inf")  # sum is NaN
+    with pytest.raises(
+        NonFiniteModelError, match=r"^m has .* in 1 tensor\(s\): 1\.weight \(2 value\(s\) in 2 row"
+    ):
+        check_finite_weights(model, "m")
+
+
 def untied_tiny_model(tok, seed: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
