@@ -356,15 +356,22 @@ def test_auto_map_without_trust_remote_code_is_warned_and_not_saved(tmp_path, ca
     config = json.loads((model_dir / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
     (model_dir / "config.json").write_text(json.dumps(config))
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tok_config))
     with caplog.at_level(logging.WARNING, logger="opd.models"):
         summary = opd_method.train(train_cfg(tmp_path, student=str(model_dir)))
     msgs = [r.getMessage() for r in caplog.records if "auto_map" in r.getMessage()]
-    assert len(msgs) == 1
-    assert "modeling_custom.CustomForCausalLM" in msgs[0] and "NOT used" in msgs[0]
-    assert "Qwen2ForCausalLM" in msgs[0] and "trust_remote_code" in msgs[0]
-    final_config = json.loads((Path(summary["final_model"]) / "config.json").read_text())
-    assert "auto_map" not in final_config
-    assert load_model(summary["final_model"]).config.model_type == "qwen2"  # loads without the code
+    assert len(msgs) == 2
+    model_msg = next(m for m in msgs if m.startswith("model"))
+    assert "modeling_custom.CustomForCausalLM" in model_msg and "NOT used" in model_msg
+    assert "Qwen2ForCausalLM" in model_msg and "trust_remote_code" in model_msg
+    tok_msg = next(m for m in msgs if m.startswith("tokenizer"))
+    assert "tokenization_custom.CustomTokenizer" in tok_msg and "Qwen2Tokenizer" in tok_msg
+    final = Path(summary["final_model"])
+    assert "auto_map" not in json.loads((final / "config.json").read_text())
+    assert "auto_map" not in json.loads((final / "tokenizer_config.json").read_text())
+    assert load_model(final).config.model_type == "qwen2"  # loads without the code
 
 
 def test_same_student_and_teacher_is_warned(tmp_path, caplog):

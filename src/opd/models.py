@@ -250,11 +250,23 @@ def load_tokenizer(
     if not local and _hub_offline():
         kwargs["local_files_only"] = True
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as err:
         if local:
             raise
         raise FileNotFoundError(_not_found_message("tokenizer", name_or_path, err)) from err
+    auto_map = getattr(tokenizer, "init_kwargs", {}).get("auto_map")
+    if auto_map and not trust_remote_code:  # see _drop_unused_auto_map
+        log.warning(
+            "tokenizer %r: its tokenizer_config.json names custom code (auto_map: %s) that was NOT used: "
+            "trust_remote_code is off, so it was loaded as the built-in %s. auto_map is left out of the "
+            "tokenizer files this run saves.",
+            os.fspath(name_or_path),
+            auto_map,
+            type(tokenizer).__name__,
+        )
+        del tokenizer.init_kwargs["auto_map"]
+    return tokenizer
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
