@@ -477,3 +477,20 @@ def test_max_new_tokens_filling_the_context_is_a_one_line_error(tmp_path, capsys
     argv = ["train", f"student={LAB_STUDENT}", f"teacher={LAB_TEACHER}", "prompts=lab:train"]
     err = one_line_cli_error(argv + [f"output_dir={tmp_path / 'cli'}", "max_new_tokens=300"], capsys)
     assert "max_new_tokens=300" in err and "256" in err
+
+
+def test_diagnose_applies_the_same_prompt_cap_and_yaml_errors(tmp_path, capsys):
+    from opd.diagnose import DiagnoseConfig, diagnose
+
+    cfg = DiagnoseConfig(
+        student=LAB_STUDENT,
+        teacher=LAB_TEACHER,
+        prompts="lab:test",
+        out_dir=str(tmp_path / "d"),
+        progress=False,
+    )  # the default max_new_tokens=256 fills the lab models' 256 positions
+    with pytest.raises(ValueError, match=r"max_new_tokens=256 leaves no room .* context is 256 positions"):
+        diagnose(cfg)
+    argv = ["diagnose", "--student", LAB_STUDENT, "--teacher", LAB_TEACHER, "--prompts", "lab:test"]
+    err = one_line_cli_error(argv + ["--chat-template-kwargs", "{enable_thinking: false"], capsys)
+    assert "--chat-template-kwargs: invalid YAML at line 1" in err
