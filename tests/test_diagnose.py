@@ -17,8 +17,10 @@ from opd.diagnose import (
     FLAG_LITTLE_NEW,
     FLAG_NO_SIGNAL,
     FLAG_TOKENIZER,
+    FLAG_TRUNCATED,
     FLAG_UNMEASURED,
     REMEDY_COLD_START,
+    REMEDY_LONGER,
     REMEDY_PROMPTS,
     REMEDY_TEMPLATE,
     VERDICTS,
@@ -187,6 +189,41 @@ def test_every_check_reports_value_and_threshold():
         assert c.op in (">=", "<=", "==") and c.threshold is not None
 
 
+def test_truncated_evidence_turns_a_no_go_into_inconclusive():
+    """Cut-off answers cannot be graded: 'the teacher adds nothing' is then not established."""
+    trunc = dict(truncated_frac=0.9, eval_truncated_frac=0.95, max_new_tokens=8)
+    assert decide(compatible(accuracy_teacher=0.42, continuation_advantage=0.0)).verdict == "no-go"
+    v = decide(compatible(accuracy_teacher=0.42, continuation_advantage=0.0, **trunc))
+    assert v.verdict == "inconclusive" and v.remedies == [REMEDY_LONGER]
+    assert FLAG_TRUNCATED in v.flags and FLAG_LITTLE_NEW in v.flags
+    assert (
+        "90% of the student's rollouts and up to 95% of the accuracy-check responses hit max_new_tokens=8"
+        in (v.reasons[0])
+    )
+    assert "Rerun with a larger max_new_tokens (e.g. 32)" in v.reasons[0]
+    assert "Without truncation this would read: The teacher adds nothing" in v.reasons[1]
+    check = next(c for c in v.checks if c.id == "truncation")
+    assert (check.value, check.op, check.threshold, check.passed) == (0.95, "<=", 0.5, False)
+    # other verdicts keep their outcome and say the evidence is truncated
+    v = decide(compatible(**trunc))
+    assert v.verdict == "go" and FLAG_TRUNCATED in v.flags and "evidence is truncated" in v.reasons[-1]
+    v = decide(compatible(overlap_ratio=0.3, **trunc))
+    assert v.verdict == "go-after-remedy" and v.remedies == [REMEDY_COLD_START, REMEDY_LONGER]
+    # the reward seen on the first few tokens only (often boilerplate both models agree on) is no proof
+    v = decide(compatible(reward_abs_mean=0.001, **trunc))
+    assert v.verdict == "inconclusive" and FLAG_NO_SIGNAL in v.flags and FLAG_TRUNCATED in v.flags
+    # a tokenizer mismatch does not depend on lengths: it stays no-go
+    v = decide(Evidence(tokenizer_compatible=False, **trunc))
+    assert v.verdict == "no-go" and FLAG_TRUNCATED not in v.flags
+    # at or under the threshold nothing changes; the threshold is configurable
+    v = decide(compatible(accuracy_teacher=0.42, continuation_advantage=0.0, truncated_frac=0.5))
+    assert v.verdict == "no-go" and FLAG_TRUNCATED not in v.flags
+    th = DiagnoseThresholds(truncated_frac_max=0.96)
+    assert (
+        decide(compatible(accuracy_teacher=0.42, continuation_advantage=0.0, **trunc), th).verdict == "no-go"
+    )
+
+
 def test_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="prefix_fractions"):
         DiagnoseConfig(prefix_fractions=(0.5, 1.0))
@@ -322,12 +359,15 @@ def test_tiny_models_end_to_end(tiny_pair, tmp_path):
 
 
 def test_teacher_equal_to_student_is_no_go(tiny_pair, tmp_path):
-    """Measured, not read from the names: a copy of the student under another path is still no-go."""
+    """Measured, not read from the names: a copy of the student under another path is still no-go.
+    Random tiny models never stop, so every rollout is truncated; the truncation rule (which would make
+    the verdict inconclusive) is switched off to look at the measured evidence alone."""
     student, _, prompts = tiny_pair
     clone = tmp_path / "teacher-a-plus"
     shutil.copytree(student, clone)
     out = tmp_path / "same"
-    result = diagnose(_cfg(student, clone, prompts, out))
+    th = DiagnoseThresholds(truncated_frac_max=1.0)
+    result = diagnose(_cfg(student, clone, prompts, out, thresholds=th))
     _check_outputs(out, result)
     assert result["verdict"] == "no-go"
     assert FLAG_NO_SIGNAL in result["flags"]
@@ -337,6 +377,33 @@ def test_teacher_equal_to_student_is_no_go(tiny_pair, tmp_path):
     assert m["entropy/gap"] == pytest.approx(0.0, abs=1e-5)
     assert result["condition_ii"]["accuracy"]["gap"] == 0
     assert result["condition_ii"]["continuation"]["advantage"] == 0
+
+
+def test_mostly_truncated_lab_rollouts_give_an_inconclusive_verdict(tmp_path):
+    """Lab models with max_new_tokens=3: no answer fits (both accuracies read 0) and the reward is seen on
+    3 tokens only (it reads ~0 there): the verdict must not be a firm no-go but say the evidence is
+    truncated and ask for a larger max_new_tokens."""
+    out = tmp_path / "short"
+    cfg = _cfg("lab:student", "lab:teacher-a-plus", "lab:test", out, max_new_tokens=3, num_prompts=6)
+    result = diagnose(cfg)
+    _check_outputs(out, result)
+    assert result["rollouts"]["truncated_frac"] > 0.5
+    assert result["evidence"]["truncated_frac"] == result["rollouts"]["truncated_frac"]
+    assert result["verdict"] == "inconclusive" and result["remedies"] == [REMEDY_LONGER]
+    assert FLAG_TRUNCATED in result["flags"]
+    assert "max_new_tokens=3" in result["reasons"][0] and "larger max_new_tokens" in result["reasons"][0]
+    # with room to answer, the same pair is judged on its evidence (the lab's working teacher: go)
+    full = diagnose(
+        _cfg(
+            "lab:student",
+            "lab:teacher-a-plus",
+            "lab:test",
+            tmp_path / "full",
+            max_new_tokens=64,
+            num_prompts=6,
+        )
+    )
+    assert full["rollouts"]["truncated_frac"] <= 0.5 and FLAG_TRUNCATED not in full["flags"]
 
 
 def test_tokenizer_mismatch_gives_no_go_report(tiny_pair, tmp_path):

@@ -17,7 +17,7 @@ Configuration keys (set in CONFIG.yaml or as key=value overrides, which win):
 
 Examples:
   opd train configs/lab.yaml steps=50
-  opd train student=lab:student teacher=lab:teacher-a-plus prompts=lab:train output_dir=runs/x
+  opd train student=lab:student teacher=lab:teacher-a-plus prompts=lab:train max_new_tokens=96 output_dir=runs/x
 """
 
 

@@ -19,6 +19,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from opd.objectives import AGGREGATIONS, SUPPORTS, WEIGHTINGS
+from opd.textfiles import read_utf8
 
 
 class ConfigError(ValueError):
@@ -198,8 +199,17 @@ class OPDConfig:
         ):
             if getattr(self, key) < 0:
                 errs.append(f"{key}={getattr(self, key)}: must be >= 0")
-        if self.temperature < 0 or self.teacher_temperature <= 0:
-            errs.append("temperature must be >= 0 and teacher_temperature > 0")
+        if self.temperature <= 0:
+            errs.append(
+                f"temperature={self.temperature}: OPD trains on sampled rollouts (greedy decoding gives "
+                "rollouts_per_prompt identical copies); use temperature=1.0 (the study's value). "
+                "eval_temperature=0 stays allowed for greedy evaluation"
+            )
+        if self.teacher_temperature <= 0:
+            errs.append(f"teacher_temperature={self.teacher_temperature}: must be > 0; use 1.0")
+        if self.eval_temperature < 0:
+            errs.append(f"eval_temperature={self.eval_temperature}: must be >= 0 (0 = greedy)")
+        errs.extend(_alert_threshold_errors(self))
         if not 0 < self.top_p <= 1:
             errs.append(f"top_p={self.top_p}: must be in (0, 1]")
         if self.lr <= 0:
@@ -253,6 +263,52 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _alert_threshold_errors(cfg: OPDConfig) -> list[str]:
+    """Validate ``cfg.alert_thresholds`` against ``opd.alerts.AlertConfig`` (keys with a did-you-mean
+    hint, types, ranges) and store the type-coerced values; return the problems found."""
+    import difflib
+
+    from opd.alerts import AlertConfig
+
+    hints = get_type_hints(AlertConfig)
+    names = [f.name for f in fields(AlertConfig) if f.name != "stop_on_alert"]
+    errs: list[str] = []
+    coerced: dict[str, Any] = {}
+    for key, value in cfg.alert_thresholds.items():
+        if key == "stop_on_alert":
+            errs.append("alert_thresholds.stop_on_alert: set the top-level key stop_on_alert=true instead")
+        elif key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            errs.append(
+                f"alert_thresholds: unknown key {key!r}; {hint}known keys: {', '.join(names)} (docs/metrics.md)"
+            )
+        else:
+            try:
+                coerced[key] = _coerce_value(hints[key], value, f"alert_thresholds.{key}")
+            except ConfigError as e:
+                errs.append(str(e))
+    if errs:
+        return errs
+    try:
+        AlertConfig(**coerced)
+    except ValueError as e:
+        return [f"alert_thresholds: {e}"]
+    cfg.alert_thresholds = coerced
+    return []
+
+
+def load_yaml_text(text: str, where: str, example: str = "") -> Any:
+    """``yaml.safe_load(text)``; a syntax error becomes a ConfigError naming ``where`` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}; fix the syntax there{example}") from None
+
+
 def _field_type(cls: type, name: str) -> Any:
     return get_type_hints(cls)[name]
 
@@ -293,16 +349,18 @@ def _coerce_value(tp: Any, value: Any, key: str) -> Any:
             return str(value)
         if origin is tuple:
             if isinstance(value, str):
-                value = yaml.safe_load(value)
+                value = load_yaml_text(value, key, f", e.g. {key}=[0.9, 0.999]")
             if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
                 return tuple(_coerce_value(args[0], v, key) for v in value)
             return tuple(_coerce_value(a, v, key) for a, v in zip(args, value, strict=True))
         if tp is dict or origin is dict:
             if isinstance(value, str):
-                value = yaml.safe_load(value) or {}
+                value = load_yaml_text(value, key, f", e.g. {key}={{name: 1, other: 2}}") or {}
             if not isinstance(value, dict):
                 raise ValueError
             return value
+    except ConfigError:
+        raise
     except (ValueError, TypeError):
         raise ConfigError(
             f"{key}={value!r}: expected a value of type {getattr(tp, '__name__', tp)}"
@@ -364,7 +422,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = load_yaml_text(read_utf8(p), f"config file {str(p)!r}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r}: expected a mapping of key: value at the top level")
         values.update(loaded)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import io
 import json
 import logging
 import random
@@ -51,6 +52,8 @@ from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from opd.textfiles import read_utf8
 
 __all__ = [
     "PromptExample",
@@ -132,8 +135,7 @@ def read_rows(source: str | Path) -> list[dict]:
 
             rows = pq.read_table(path).to_pylist()
         elif suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                rows = [dict(r) for r in csv.DictReader(f)]
+            rows = [dict(r) for r in csv.DictReader(io.StringIO(read_utf8(path), newline=""))]
         else:
             raise ValueError(
                 f"prompt source {name!r}: unsupported file type {suffix!r}; expected one of "
@@ -194,26 +196,24 @@ def _read_hf_dir(path: Path) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}: line {lineno} is not valid JSON ({e.msg}): {_short(line)}; "
-                    "each line of a .jsonl file must be one JSON object"
-                ) from e
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: line {lineno} is not valid JSON ({e.msg}): {_short(line)}; "
+                "each line of a .jsonl file must be one JSON object"
+            ) from e
     return rows
 
 
 def _read_json(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); expected a list of objects") from e
+    try:
+        data = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected a list of objects") from e
     if not isinstance(data, list):
         raise ValueError(
             f"{path}: top-level JSON value is a {type(data).__name__}, expected a list of objects "
@@ -299,6 +299,7 @@ def load_prompts(
     max_prompt_tokens: int | None = 1024,
     limit: int | None = None,
     seed: int | None = None,
+    max_prompt_tokens_why: str | None = None,
 ) -> PromptSet:
     """Load, template, render and tokenise the prompts of ``source`` (see the module docstring).
 
@@ -316,6 +317,8 @@ def load_prompts(
         max_prompt_tokens: prompts with more tokens are dropped and counted; None keeps all.
         limit: stop after this many kept prompts.
         seed: shuffle the rows with this seed before applying ``limit``.
+        max_prompt_tokens_why: where ``max_prompt_tokens`` came from when the caller lowered it (e.g.
+            to fit the model's context), quoted in the drop log and the no-prompts-left error.
     """
     name = str(source)
     if limit is not None and limit <= 0:
@@ -337,6 +340,8 @@ def load_prompts(
             f"chat_template_kwargs={chat_template_kwargs} given but use_chat_template=False; drop one of them"
         )
     tmpl_kwargs = dict(chat_template_kwargs or {})
+    if tmpl_kwargs:
+        warn_unread_template_kwargs(tokenizer, tmpl_kwargs)
 
     rows = read_rows(source)
     if not rows:
@@ -395,18 +400,80 @@ def load_prompts(
         if limit is not None and len(examples) >= limit:
             break
 
+    why = f" ({max_prompt_tokens_why})" if max_prompt_tokens_why else ""
     if dropped:
         log.warning(
-            "%s: dropped %d prompt(s) longer than max_prompt_tokens=%d", name, dropped, max_prompt_tokens
+            "%s: dropped %d prompt(s) longer than max_prompt_tokens=%d%s; %d kept",
+            name,
+            dropped,
+            max_prompt_tokens,
+            why,
+            len(examples),
         )
     if not examples:
+        fix = (
+            "lower max_new_tokens or use models with a longer context"
+            if max_prompt_tokens_why
+            else "raise max_prompt_tokens"
+        )
         raise ValueError(
             f"{name}: no prompts left: all {dropped} visited prompt(s) are longer than "
-            f"max_prompt_tokens={max_prompt_tokens}; raise max_prompt_tokens"
+            f"max_prompt_tokens={max_prompt_tokens}{why}; {fix}"
         )
     return PromptSet(
         examples=examples, source=name, dropped_overlong=dropped, prompt_field=p_field, answer_field=a_field
     )
+
+
+# Variables ``apply_chat_template`` fills itself (plus the tokenizer's special tokens): not user kwargs.
+_TEMPLATE_BUILTINS = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "raise_exception"}
+    | {"strftime_now", "bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token"}
+    | {"mask_token", "additional_special_tokens"}
+)
+
+
+def template_variables(chat_template: str | dict | None) -> set[str] | None:
+    """Names a jinja chat template reads from its context (jinja2 ``meta.find_undeclared_variables``),
+    over every named template when ``chat_template`` is a dict; None when it cannot be parsed."""
+    import jinja2
+    from jinja2 import meta
+    from jinja2.ext import loopcontrols
+
+    if not chat_template:
+        return None
+    sources = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
+    env = jinja2.Environment(extensions=[loopcontrols])
+    names: set[str] = set()
+    try:
+        for src in sources:
+            names |= meta.find_undeclared_variables(env.parse(src))
+    except jinja2.TemplateSyntaxError:
+        return None
+    return names - set(env.globals)
+
+
+def warn_unread_template_kwargs(tokenizer, chat_template_kwargs: dict) -> list[str]:
+    """Warn (once per call) about ``chat_template_kwargs`` keys the tokenizer's chat template never reads,
+    e.g. the typo ``enable_thinkin``: such a key is silently ignored. Returns the unread keys."""
+    names = template_variables(getattr(tokenizer, "chat_template", None))
+    if names is None:
+        return []
+    unread = [k for k in chat_template_kwargs if k not in names]
+    if unread:
+        import difflib
+
+        readable = sorted(names - _TEMPLATE_BUILTINS)
+        close = {k: difflib.get_close_matches(str(k), readable, n=1) for k in unread}
+        hints = "; ".join(f"did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)
+        log.warning(
+            "chat_template_kwargs key(s) %s are never read by the chat template, so they change nothing; "
+            "the template reads %s%s",
+            ", ".join(repr(k) for k in unread),
+            ", ".join(repr(n) for n in readable) if readable else "no extra keys",
+            f" ({hints})" if hints else "",
+        )
+    return unread
 
 
 def _prompt_of(

@@ -43,7 +43,12 @@ Verdict (:func:`decide`, a pure function of the measured :class:`Evidence` and t
   than the student already at the first response token, i.e. the prompts are off its distribution),
   otherwise ``off-policy cold start`` (the teacher is confident but disagrees: a different thinking
   pattern; SFT on teacher responses first, docs/paper.md §4);
-- ``go`` — everything else (without answers condition (ii) is unmeasured, and the reasons say so).
+- ``go`` — everything else (without answers condition (ii) is unmeasured, and the reasons say so);
+- ``inconclusive`` — a no-go other than the tokenizer one, measured on truncated evidence: more than
+  ``truncated_frac_max`` of the rollouts or accuracy responses hit ``max_new_tokens``, so answers were
+  cut off before grading and the reward seen only on the first tokens; remedy ``larger
+  max_new_tokens``. Every other verdict on truncated evidence carries the ``truncated-evidence`` flag
+  and a reason saying so.
 
 Outputs in ``out_dir``: ``diagnosis.json`` (top-level ``verdict``, ``reasons``, ``remedies``,
 ``flags``, ``checks`` and every measured figure), ``diagnosis.md`` and a self-contained
@@ -88,8 +93,9 @@ __all__ = [
     "diagnose",
 ]
 
-VERDICTS = ("go", "go-after-remedy", "no-go")
+VERDICTS = ("go", "go-after-remedy", "no-go", "inconclusive")
 REMEDY_COLD_START = "off-policy cold start"
+REMEDY_LONGER = "larger max_new_tokens"
 REMEDY_TEMPLATE = "teacher-aligned template"
 REMEDY_PROMPTS = "teacher-aligned prompts"
 FLAG_NO_SIGNAL = "no-signal"
@@ -98,6 +104,7 @@ FLAG_INCOMPATIBLE_PATTERN = "incompatible-pattern"
 FLAG_TEMPLATE = "template-mismatch"
 FLAG_TOKENIZER = "tokenizer-mismatch"
 FLAG_UNMEASURED = "capability-unmeasured"
+FLAG_TRUNCATED = "truncated-evidence"
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -129,6 +136,10 @@ class DiagnoseThresholds:
     first_token_entropy_excess: float = 0.5
     """Remedy choice: teacher entropy minus student entropy at the first response token (nats) above which
     the prompts are judged off the teacher's distribution (remedy: teacher-aligned prompts)."""
+    truncated_frac_max: float = 0.5
+    """Evidence check: above this fraction of responses cut at max_new_tokens (student rollouts, or either
+    model's accuracy responses) the evidence is truncated: answers are cut off before they can be graded,
+    so a no-go (except a tokenizer mismatch) becomes ``inconclusive`` (remedy: a larger max_new_tokens)."""
 
     def __post_init__(self) -> None:
         bad = []
@@ -338,6 +349,12 @@ class Evidence:
     accuracy_gap_se: float | None = None
     continuation_advantage: float | None = None
     continuation_advantage_se: float | None = None
+    truncated_frac: float | None = None
+    """Fraction of the student's rollouts that hit max_new_tokens."""
+    eval_truncated_frac: float | None = None
+    """Largest fraction (student or teacher) of the accuracy-check responses that hit max_new_tokens."""
+    max_new_tokens: int | None = None
+    """The response length cap the evidence was measured with (quoted in the truncation reason)."""
 
     @property
     def accuracy_gap(self) -> float | None:
@@ -384,8 +401,62 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def decide(ev: Evidence, th: DiagnoseThresholds | None = None) -> Verdict:
-    """The verdict from the measurements alone (rules: module docstring; thresholds: ``th``)."""
+    """The verdict from the measurements alone (rules: module docstring; thresholds: ``th``), then the
+    truncation rule: when most responses hit max_new_tokens the evidence is truncated, a no-go (other
+    than a tokenizer mismatch, which lengths cannot change) becomes ``inconclusive``, and every verdict
+    says so and recommends a larger cap. Truncated evidence misleads both ways: cut-off answers grade as
+    wrong for both models, and the first few tokens (often boilerplate both models agree on) can show
+    a near-zero reward for a teacher that differs later."""
     th = th or DiagnoseThresholds()
+    v = _decide_untruncated(ev, th)
+    if not ev.tokenizer_compatible:
+        return v
+    fracs = [f for f in (ev.truncated_frac, ev.eval_truncated_frac) if f is not None]
+    worst = max(fracs) if fracs else None
+    passed = _cmp(worst, "<=", th.truncated_frac_max)
+    v.checks.append(
+        Check(
+            "truncation",
+            "evidence",
+            "largest fraction of responses cut at max_new_tokens (rollouts, accuracy check)",
+            worst,
+            "<=",
+            th.truncated_frac_max,
+            passed,
+        )
+    )
+    if passed is not False:
+        return v
+    cap = f"max_new_tokens={ev.max_new_tokens}" if ev.max_new_tokens else "max_new_tokens"
+    parts = []
+    if ev.truncated_frac is not None:
+        parts.append(f"{ev.truncated_frac:.0%} of the student's rollouts")
+    if ev.eval_truncated_frac is not None:
+        parts.append(f"up to {ev.eval_truncated_frac:.0%} of the accuracy-check responses")
+    note = (
+        f"The evidence is truncated: {' and '.join(parts)} hit {cap} before finishing (max "
+        f"{th.truncated_frac_max:.0%}): answers are cut off before they can be graded and the reward is "
+        "seen only on the first tokens, so these figures can understate both models and the teacher's "
+        "difference. Rerun with a larger "
+        f"max_new_tokens (e.g. {4 * ev.max_new_tokens if ev.max_new_tokens else 'several times the current one'})."
+    )
+    v.flags.append(FLAG_TRUNCATED)
+    if v.verdict == "no-go":
+        return Verdict(
+            "inconclusive",
+            [note, "Without truncation this would read: " + " ".join(v.reasons)],
+            [REMEDY_LONGER],
+            v.flags,
+            v.checks,
+        )
+    v.reasons.append(note)
+    if v.verdict == "go-after-remedy":
+        v.remedies.append(REMEDY_LONGER)
+    return v
+
+
+def _decide_untruncated(ev: Evidence, th: DiagnoseThresholds) -> Verdict:
+    """The verdict rules of the module docstring, ignoring truncation."""
     checks: list[Check] = []
 
     def add(cid, cond, desc, value, op, threshold) -> bool | None:
@@ -844,7 +915,13 @@ TINY_MODEL_PARAMS = 10_000_000
 def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
     from opd.config import to_dict
     from opd.data import load_prompts
-    from opd.models import TokenizerMismatchError, check_compatibility, load_model, load_tokenizer
+    from opd.models import (
+        TokenizerMismatchError,
+        check_compatibility,
+        load_model,
+        load_tokenizer,
+        prompt_token_cap,
+    )
     from opd.rollout import stop_token_ids
 
     t_start = time.perf_counter()
@@ -881,6 +958,7 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
         result["tokenizer"] = {"compatible": False, "error": str(e)}
         return _finish(result, ev, cfg, seconds, t_start, out_dir, cost={})
     vocab_limit = compat.vocab_limit
+    max_prompt_tokens, cap_why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, teacher)
 
     prompts = load_prompts(
         cfg.prompts,
@@ -890,9 +968,10 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
         prompt_template=cfg.prompt_template,
         use_chat_template=cfg.use_chat_template,
         chat_template_kwargs=cfg.chat_template_kwargs,
-        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_prompt_tokens=max_prompt_tokens,
         limit=cfg.num_prompts,
         seed=cfg.seed,
+        max_prompt_tokens_why=cap_why,
     )
     examples = prompts.examples
     N, R, M = len(examples), cfg.rollouts, cfg.max_new_tokens
@@ -932,6 +1011,7 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
         else _mean([c for c in rollout_correct if c is not None]),
     }
     result["condition_i"] = cond_i
+    ev.truncated_frac, ev.max_new_tokens = result["rollouts"]["truncated_frac"], cfg.max_new_tokens
 
     # -- condition (ii): accuracy and teacher continuation advantage
     cond_ii: dict[str, Any] = {"has_answers": has_answers, "reward": rewards["stats"]}
@@ -1124,6 +1204,7 @@ def _accuracy(student, teacher, tok, teacher_tok, s_stop, t_stop, examples, cfg,
     gap, se = _mean_se(diffs)
     res["gap"], res["gap_se"] = gap, se
     ev.accuracy_student, ev.accuracy_teacher = res["student"]["accuracy"], res["teacher"]["accuracy"]
+    ev.eval_truncated_frac = max(res[who]["truncated_frac"] or 0.0 for who in ("student", "teacher"))
     ev.accuracy_gap_se = se
     return res, tokens["student"], tokens["teacher"]
 
@@ -1493,7 +1574,7 @@ def write_html(path: str | Path, result: dict[str, Any]) -> Path:
     )
 
     plots = _plots(result)
-    cls = {"go": "good", "go-after-remedy": "warn", "no-go": "bad"}[result["verdict"]]
+    cls = {"go": "good", "go-after-remedy": "warn", "no-go": "bad", "inconclusive": "warn"}[result["verdict"]]
     remedy, items = _header_lines(result)
     intro = [f'<p><span class="badge {cls}">{result["verdict"]}</span> {html_paragraph(remedy)[3:-4]}</p>']
     intro.append(html_list(items))
@@ -1635,7 +1716,8 @@ def _plots(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 CLI_EPILOG = """\
 Verdicts: go | go-after-remedy (remedy named: off-policy cold start, teacher-aligned template or
-prompts) | no-go (the teacher adds nothing the student can learn). Thresholds: --threshold NAME=VALUE,
+prompts) | no-go (the teacher adds nothing the student can learn) | inconclusive (most responses hit
+max_new_tokens: rerun with a larger one). Thresholds: --threshold NAME=VALUE,
 names: {names}.
 
 Examples:
@@ -1710,13 +1792,11 @@ def add_cli_parser(subparsers) -> Any:
 
 def config_from_args(args) -> DiagnoseConfig:
     """The DiagnoseConfig of parsed ``opd diagnose`` arguments (unset flags keep the defaults)."""
-    import yaml
-
-    from opd.config import ConfigError
+    from opd.config import ConfigError, load_yaml_text
 
     values = {key: getattr(args, key) for _, key, _ in _CLI_OPTIONS if getattr(args, key, None) is not None}
     if isinstance(values.get("chat_template_kwargs"), str):
-        loaded = yaml.safe_load(values["chat_template_kwargs"]) or {}
+        loaded = load_yaml_text(values["chat_template_kwargs"], "--chat-template-kwargs") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"--chat-template-kwargs {values['chat_template_kwargs']!r}: expected a mapping, "

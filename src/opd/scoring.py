@@ -217,6 +217,14 @@ def check_head_path(model: torch.nn.Module) -> int:
     finally:
         for m, training in modes:
             m.training = training
+    if not bool(torch.isfinite(theirs_T_V).all()):
+        from opd.models import NonFiniteModelError
+
+        raise NonFiniteModelError(
+            f"model ({type(model).__name__}): its own forward returns non-finite (NaN/inf) logits on a 4-token "
+            "probe, so every log-prob would be NaN. Fix: check its weights (opd.models.check_finite_weights) "
+            "and dtype (float16 overflows easily; use float32 or bfloat16)."
+        )
     native_width = int(theirs_T_V.shape[-1])
     width = min(native_width, ours_T_V.shape[-1])
     theirs_T_V, ours_T_V = theirs_T_V[:, :width], ours_T_V[:, :width].to(theirs_T_V.device)

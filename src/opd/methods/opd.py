@@ -88,6 +88,7 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
     objective: ``old_logp`` and ``advantages`` ((B,T) sampled-token, (B,T,S) top-K) plus
     ``support_ids``/``valid`` for top-K. Done in micro-batches to bound memory.
     """
+    from opd.models import check_finite_logp
     from opd.scoring import ScoreOutput, score
 
     mask = batch.response_mask_B_T.float()
@@ -133,6 +134,8 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
     t_out = ScoreOutput(
         **{k: _cat([getattr(p, k) for p in parts_t]) for k in ScoreOutput.__dataclass_fields__}
     )
+    check_finite_logp("student", cfg.student, s_out.token_logp_B_T, mask)  # before any update uses them
+    check_finite_logp("teacher", cfg.teacher, t_out.token_logp_B_T, mask)
     out: dict[str, Any] = {"mask": mask, "student": s_out, "teacher": t_out}
 
     if cfg.objective == "sampled":
@@ -323,7 +326,13 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
 
 def _train(cfg: OPDConfig, run, stop) -> dict[str, Any]:
     from opd.data import PromptSampler, load_prompts
-    from opd.models import check_compatibility, load_model, load_tokenizer
+    from opd.models import (
+        check_compatibility,
+        load_model,
+        load_tokenizer,
+        prompt_token_cap,
+        same_model_warning,
+    )
     from opd.rollout import HFGenerateBackend, stop_token_ids
     from opd.rundir import RunInterrupted
 
@@ -338,8 +347,15 @@ def _train(cfg: OPDConfig, run, stop) -> dict[str, Any]:
     student = load_model(cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code)
     teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
     compat = check_compatibility(tokenizer, teacher_tokenizer, student, teacher)
-    for w in compat.warnings:
-        log.warning(w)
+    for w in compat.warnings + [same_model_warning(cfg.student, cfg.teacher, student, teacher)]:
+        if w:
+            log.warning(w)
+    for note in compat.notes:
+        log.info(note)
+    # prompt + response must fit both models' context (positions past it are silently extrapolated)
+    max_prompt_tokens, cap_why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, teacher)
+    if cap_why:
+        log.info("max_prompt_tokens=%d (%s)", max_prompt_tokens, cap_why)
     teacher.eval()
     teacher.requires_grad_(False)
     student.eval()
@@ -354,7 +370,8 @@ def _train(cfg: OPDConfig, run, stop) -> dict[str, Any]:
             prompt_template=cfg.prompt_template,
             use_chat_template=cfg.use_chat_template,
             chat_template_kwargs=cfg.chat_template_kwargs,
-            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            max_prompt_tokens_why=cap_why,
             **kw,
         )
 
