@@ -8,6 +8,7 @@ import json
 import random
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from opd.diagnose import (
     decide,
     diagnose,
     template_check,
+    token_rewards,
 )
 
 # ------------------------------------------------------------------------------------------- AUROC
@@ -235,6 +237,11 @@ def test_config_errors_name_the_fix():
         DiagnoseThresholds(overlap_ratio_min=1.5)
     with pytest.raises(ConfigError, match="missing required"):
         DiagnoseConfig().check_runnable()
+    with pytest.raises(ConfigError, match=r"thresholds.significance_z='high': expected a number"):
+        DiagnoseConfig(thresholds={"significance_z": "high"})
+    assert DiagnoseConfig(thresholds="{truncated_frac_max: 1}").thresholds.truncated_frac_max == 1.0
+    assert DiagnoseConfig(prefix_fractions=0.5).prefix_fractions == (0.5,)
+    assert DiagnoseConfig(prefix_fractions="[]").prefix_fractions == ()
     assert DiagnoseConfig(max_new_tokens=100).bin_size(35) == 3
     assert DiagnoseConfig(position_bin=4).bin_size(35) == 4
 
@@ -269,9 +276,9 @@ def _cfg(student, teacher, prompts, out, **kw):
         student=str(student),
         teacher=str(teacher),
         prompts=str(prompts),
-        out_dir=str(out),
+        output_dir=str(out),
         num_prompts=5,
-        rollouts=2,
+        rollouts_per_prompt=2,
         max_new_tokens=8,
         prefix_fractions=(0.0, 0.5),
         progress=False,
@@ -295,29 +302,41 @@ def _check_outputs(out, result):
     return on_disk, md, html
 
 
-def test_rollouts_in_several_calls_keep_the_batch_layout(tiny_pair):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k):
+    """diagnose's per-token reward on a rollout batch equals the training loop's ``token_reward`` for the
+    same settings (sampled-token for top_k=0, student-support top-K with student_p weights for K > 0),
+    although the two score in different micro-batch sizes."""
+    from opd.config import OPDConfig
+    from opd.diagnose.measure import sample_rollouts, score_rollouts
+    from opd.methods.opd import score_batch
+    from opd.models import load_model, load_tokenizer
 
-    from opd.diagnose import _rollouts
-    from opd.rollout import stop_token_ids
+    student_dir, teacher_dir, _ = tiny_pair
+    tok = load_tokenizer(str(student_dir))
+    student, teacher = load_model(str(student_dir)), load_model(str(teacher_dir))
+    prompts = [tok.encode(t) for t in ("What is 2 + 3?", "a", "a longer prompt here")]
+    dcfg = DiagnoseConfig(
+        rollouts_per_prompt=2, max_new_tokens=7, metrics_top_k=4, teacher_temperature=0.8, batch_size=4
+    )
+    batch = sample_rollouts(student, tok, prompts, replace(dcfg, progress=False), len(tok))
+    assert batch.input_ids_B_T.shape[0] == 6 and batch.response_mask_B_T.sum() > 6
+    s_out, t_out = score_rollouts(student, teacher, batch, replace(dcfg, progress=False), len(tok))
+    sampled_B_T, topk_B_T = token_rewards(s_out, t_out, batch.response_mask_B_T > 0)
 
-    student, _, _ = tiny_pair
-    tok = AutoTokenizer.from_pretrained(student)
-    model = AutoModelForCausalLM.from_pretrained(student)
-    prompts = [tok.encode(t) for t in ("a", "a longer prompt", "mid size")]
-    cfg = DiagnoseConfig(rollouts=2, batch_size=2, max_new_tokens=5, seed=3)  # one prompt per call
-    b = _rollouts(model, tok, stop_token_ids(tok), prompts, cfg, len(tok))
-    P = b.prompt_len
-    assert max(len(p) for p in prompts) == P and b.input_ids_B_T.shape[0] == 6
-    assert b.prompt_index_B.tolist() == [0, 0, 1, 1, 2, 2]
-    assert not b.response_mask_B_T[:, :P].any()
-    for row in range(6):
-        p = prompts[int(b.prompt_index_B[row])]
-        assert b.input_ids_B_T[row, P - len(p) : P].tolist() == p  # prompts end at prompt_len
-        att = b.attention_mask_B_T[row]
-        assert att[: P - len(p)].sum() == 0 and att[P - len(p) : P].all()
-        n = int(b.response_mask_B_T[row].sum())
-        assert 1 <= n <= 5 and att[P : P + n].all() and att[P + n :].sum() == 0
+    ocfg = OPDConfig(
+        student=str(student_dir),
+        teacher=str(teacher_dir),
+        top_k=top_k,
+        metrics_top_k=4,
+        teacher_temperature=dcfg.teacher_temperature,
+        temperature=dcfg.temperature,
+        micro_batch_size=5,
+    )
+    loop = score_batch(student, teacher, batch, ocfg, len(tok))["token_reward"]
+    ours = topk_B_T if top_k else sampled_B_T
+    assert bool((ours != 0).any())
+    torch.testing.assert_close(ours, loop, rtol=0, atol=1e-6)
 
 
 def test_tiny_models_end_to_end(tiny_pair, tmp_path):
@@ -422,25 +441,31 @@ def test_tokenizer_mismatch_gives_no_go_report(tiny_pair, tmp_path):
 
 
 def test_cli_runs_diagnose(tiny_pair, tmp_path, capsys):
+    """``opd diagnose`` takes opd train's style: an optional YAML file, then key=value overrides."""
     from opd.cli import main
 
     student, teacher, prompts = tiny_pair
     out = tmp_path / "cli"
+    yaml_file = tmp_path / "diag.yaml"
+    yaml_file.write_text(f"student: {student}\nteacher: {teacher}\nnum_prompts: 5\nmax_new_tokens: 6\n")
     # fmt: off
-    rc = main(["diagnose", "--student", str(student), "--teacher", str(teacher), "--prompts", str(prompts),
-               "--out", str(out), "--num-prompts", "3", "--rollouts", "2", "--max-new-tokens", "6",
-               "--prefix-fractions", "0.5", "--top-k", "4", "--no-progress",
-               "--threshold", "overlap_ratio_min=0.05"])
+    rc = main(["diagnose", str(yaml_file), f"prompts={prompts}", f"output_dir={out}", "num_prompts=3",
+               "rollouts_per_prompt=2", "prefix_fractions=[0.5]", "metrics_top_k=4", "progress=false",
+               "thresholds={overlap_ratio_min: 0.05}"])
     # fmt: on
     assert rc == 0
     printed = capsys.readouterr().out
     d = json.loads((out / "diagnosis.json").read_text())
-    assert f"verdict {d['verdict']}" in printed
-    assert d["config"]["top_k"] == 4 and d["config"]["prefix_fractions"] == [0.5]
+    assert f"verdict {d['verdict']}" in printed and str(out / "diagnosis.html") in printed
+    assert d["config"]["metrics_top_k"] == 4 and d["config"]["prefix_fractions"] == [0.5]
+    assert d["config"]["num_prompts"] == 3 and d["config"]["max_new_tokens"] == 6  # override wins over YAML
     assert d["config"]["thresholds"]["overlap_ratio_min"] == 0.05
-    assert (
-        main(["diagnose", "--student", "x", "--teacher", "y", "--prompts", "z", "--threshold", "nope=1"]) == 2
-    )
+    assert d["rollouts"]["num"] == 6
+    base = ["diagnose", "student=x", "teacher=y", "prompts=z"]
+    assert main([*base, "thresholds={overlap_ratio: 1}"]) == 2
+    assert "did you mean 'overlap_ratio_min'?" in capsys.readouterr().err
+    assert main([*base, "rollouts=2"]) == 2
+    assert "unknown config key(s) for DiagnoseConfig: 'rollouts'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ slow: a real model

@@ -486,11 +486,13 @@ def test_diagnose_applies_the_same_prompt_cap_and_yaml_errors(tmp_path, capsys):
         student=LAB_STUDENT,
         teacher=LAB_TEACHER,
         prompts="lab:test",
-        out_dir=str(tmp_path / "d"),
+        output_dir=str(tmp_path / "d"),
         progress=False,
     )  # the default max_new_tokens=256 fills the lab models' 256 positions
     with pytest.raises(ValueError, match=r"max_new_tokens=256 leaves no room .* context is 256 positions"):
         diagnose(cfg)
-    argv = ["diagnose", "--student", LAB_STUDENT, "--teacher", LAB_TEACHER, "--prompts", "lab:test"]
-    err = one_line_cli_error(argv + ["--chat-template-kwargs", "{enable_thinking: false"], capsys)
-    assert "--chat-template-kwargs: invalid YAML at line 1" in err
+    argv = ["diagnose", f"student={LAB_STUDENT}", f"teacher={LAB_TEACHER}", "prompts=lab:test"]
+    err = one_line_cli_error(argv + ["chat_template_kwargs={enable_thinking: false"], capsys)
+    assert "chat_template_kwargs: invalid YAML at line 1" in err
+    err = one_line_cli_error(argv + ["thresholds={overlap_ratio_min: 0.5"], capsys)
+    assert "thresholds: invalid YAML at line 1" in err

@@ -257,13 +257,13 @@ def test_output_dir_that_is_an_input_empty_or_a_file_is_refused(tmp_path, capsys
         assert code == 2 and expect in one_line(err), (kw, err)
     assert sorted(p.name for p in student.iterdir()) == files  # nothing written into the model
     assert sorted(p.name for p in prompts.parent.iterdir()) == ["p.jsonl"]
-    # opd diagnose applies the same rules to --out
+    # opd diagnose applies the same rules to its output_dir
     code, err = run_cli(
-        ["diagnose", "--student", str(student), "--teacher", "lab:teacher-a-plus", "--prompts", "lab:train"]
-        + ["--out", str(student)],
+        ["diagnose", f"student={student}", "teacher=lab:teacher-a-plus", "prompts=lab:train"]
+        + [f"output_dir={student}"],
         capsys,
     )
-    assert code == 2 and "out_dir=" in one_line(err) and "is the student model" in err
+    assert code == 2 and "output_dir=" in one_line(err) and "is the student model" in err
     assert sorted(p.name for p in student.iterdir()) == files
     # lab models resolve to their directories too
     with pytest.raises(RunDirError, match="contains the teacher model"):

@@ -7,8 +7,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from opd.config import ConfigError, OPDConfig, help_text, load_config
+from opd.diagnose.config import DiagnoseConfig
+from opd.diagnose.verdict import DiagnoseThresholds
 from opd.rundir import RunInterrupted
 
 TRAIN_EPILOG = """\
@@ -21,17 +24,41 @@ Examples:
 """
 
 
-def _train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "train",
-        help="run on-policy distillation",
-        description="Run on-policy distillation of a student toward a teacher on the student's own samples.",
-        epilog=TRAIN_EPILOG.format(keys=help_text(OPDConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+DIAGNOSE_EPILOG = """\
+Verdicts: go | go-after-remedy (remedy named: off-policy cold start, teacher-aligned template or
+prompts) | no-go (the teacher adds nothing the student can learn) | inconclusive (most responses hit
+max_new_tokens: rerun with a larger one). Exit status 0 for every verdict.
+
+Configuration keys (set in CONFIG.yaml or as key=value overrides, which win; the models and prompts
+keys are opd train's):
+{keys}
+
+Decision thresholds (thresholds={{name: value, ...}}):
+{thresholds}
+
+Examples:
+  opd diagnose student=lab:student teacher=lab:teacher-a-plus prompts=lab:test output_dir=runs/diag
+  opd diagnose student=Qwen/Qwen3-1.7B-Base teacher=./my-teacher prompts=data/math.jsonl \\
+      num_prompts=32 rollouts_per_prompt=2 max_new_tokens=2048 teacher_dtype=bfloat16 batch_size=8 \\
+      'thresholds={{overlap_ratio_min: 0.5}}'
+"""
+
+
+def _config_parser(sub, name: str, epilog: str, **kw) -> argparse.ArgumentParser:
+    """A subcommand that takes an optional YAML file and key=value overrides (``opd train``, ``opd diagnose``)."""
+    p = sub.add_parser(name, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     return p
+
+
+def _load(cls: type, args):
+    """The config of a ``_config_parser`` command: the YAML file (if any) plus the key=value overrides."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no YAML file, only overrides
+        overrides.insert(0, config)
+        config = None
+    return load_config(cls, config, overrides, command=args.command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the full traceback of an error instead of one line (or set OPD_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _train_parser(sub)
-    from opd.diagnose import add_cli_parser as _diagnose_parser
-
-    _diagnose_parser(sub)
+    _config_parser(
+        sub,
+        "train",
+        TRAIN_EPILOG.format(keys=help_text(OPDConfig)),
+        help="run on-policy distillation",
+        description="Run on-policy distillation of a student toward a teacher on the student's own samples.",
+    )
+    _config_parser(
+        sub,
+        "diagnose",
+        DIAGNOSE_EPILOG.format(keys=help_text(DiagnoseConfig), thresholds=help_text(DiagnoseThresholds)),
+        help="pre-flight go/no-go: will OPD of this student toward this teacher work?",
+        description="Sample student rollouts on a prompt sample, score them with both models and report "
+        "condition (i) (compatible thinking patterns), condition (ii) (new capability) and a verdict, with "
+        "evidence, in OUTPUT_DIR/diagnosis.{json,md,html}.",
+    )
     d = sub.add_parser("demo", help="the main job: OPD end to end on CPU-sized models, with a report")
     d.add_argument("--smoke", action="store_true", help="a reduced, fast version (CI)")
     d.add_argument("--out", default=None, help="output directory (default runs/demo-<time>)")
@@ -91,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "diagnose":
-            from opd.diagnose import run_cli
-
-            return run_cli(args)
+            return _cmd_diagnose(args)
         if args.command == "lab":
             return _cmd_lab(args, parser)
         parser.print_help()
@@ -131,13 +168,23 @@ def _debug(args) -> bool:
 def _cmd_train(args) -> int:
     from opd.methods.opd import train
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # no YAML file, only overrides
-        overrides.insert(0, config)
-        config = None
-    cfg = load_config(OPDConfig, config, overrides)
-    summary = train(cfg)
+    summary = train(_load(OPDConfig, args))
     print(f"opd: done: {summary['steps_done']} steps, final model in {summary['final_model']}")
+    return 0
+
+
+def _cmd_diagnose(args) -> int:
+    """Run, print the verdict and where the reports are; exit status 0 for any verdict."""
+    from opd.diagnose import diagnose
+
+    cfg = _load(DiagnoseConfig, args)
+    result = diagnose(cfg)
+    remedy = f" (remedy: {', '.join(result['remedies'])})" if result["remedies"] else ""
+    print(f"opd diagnose: verdict {result['verdict']}{remedy}")
+    for r in result["reasons"]:
+        print(f"  - {r}")
+    out = Path(cfg.output_dir)
+    print(f"reports: {out / 'diagnosis.json'}, {out / 'diagnosis.md'}, {out / 'diagnosis.html'}")
     return 0
 
 

@@ -12,37 +12,40 @@ import ast
 import dataclasses
 import inspect
 import re
+import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from opd.errors import ConfigError
 from opd.objectives import AGGREGATIONS, SUPPORTS, WEIGHTINGS
 from opd.textfiles import read_utf8
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key, the value and the fix."""
-
-
 @dataclass
-class OPDConfig:
-    """On-policy distillation run. Defaults follow the study's reference recipe, scaled for small runs."""
+class ModelsConfig:
+    """The student and the teacher: the keys every command that loads the pair shares (``opd train``,
+    ``opd diagnose``)."""
 
-    # --- models ---
     student: str = ""
     """Student model: a local directory, a hub id (online only), a .gguf file or ``lab:<name>``."""
     teacher: str = ""
     """Teacher model (same tokenizer as the student): a local directory, hub id, .gguf file or ``lab:<name>``."""
     student_dtype: str = "float32"
-    """Student weights dtype: float32 or bfloat16 (log-probs and losses are always float32)."""
+    """Student weights dtype: float32 or bfloat16 (``opd diagnose``, inference only, also float16); log-probs
+    and losses are always float32."""
     teacher_dtype: str = "float32"
-    """Teacher weights dtype: float32 or bfloat16."""
+    """Teacher weights dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code. Off unless you trust the source."""
 
-    # --- data ---
+
+@dataclass
+class PromptsConfig:
+    """Where the prompts come from and how they are rendered (shared by ``opd train`` and ``opd diagnose``)."""
+
     prompts: str = ""
     """Prompt source: .jsonl/.json/.parquet/.csv, a saved HF dataset directory, or ``lab:<split>``."""
     prompt_field: str = "auto"
@@ -57,6 +60,13 @@ class OPDConfig:
     """Extra keyword arguments for apply_chat_template, e.g. {enable_thinking: false}."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this many tokens are dropped (the count is logged)."""
+
+
+@dataclass
+class OPDConfig(PromptsConfig, ModelsConfig):
+    """On-policy distillation run. Defaults follow the study's reference recipe, scaled for small runs.
+
+    The models and prompts keys come first (:class:`ModelsConfig`, :class:`PromptsConfig`)."""
 
     # --- rollout ---
     steps: int = 100
@@ -246,20 +256,22 @@ class OPDConfig:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name → docstring (the string literal right after each annotated field)."""
-    src = inspect.getsource(cls)
-    tree = ast.parse(src)
+    """Field name → docstring (the string literal right after each annotated field), base classes included."""
     docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for prev, node in zip(body, body[1:]):
-        if (
-            isinstance(prev, ast.AnnAssign)
-            and isinstance(prev.target, ast.Name)
-            and isinstance(node, ast.Expr)
-            and isinstance(node.value, ast.Constant)
-            and isinstance(node.value.value, str)
-        ):
-            docs[prev.target.id] = " ".join(node.value.value.split())
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for prev, node in zip(body, body[1:]):
+            if (
+                isinstance(prev, ast.AnnAssign)
+                and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                docs[prev.target.id] = " ".join(node.value.value.split())
     return docs
 
 
@@ -398,8 +410,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_config(cls: type, values: dict[str, Any]):
-    """Instantiate ``cls`` from a dict, rejecting unknown keys with a did-you-mean hint."""
+def build_config(cls: type, values: dict[str, Any], command: str = "train"):
+    """Instantiate ``cls`` from a dict, rejecting unknown keys with a did-you-mean hint (and the
+    ``opd <command> --help`` that lists the keys)."""
     names = {f.name for f in fields(cls)}
     unknown = [k for k in values if k not in names]
     if unknown:
@@ -410,13 +423,20 @@ def build_config(cls: type, values: dict[str, Any]):
             close = difflib.get_close_matches(k, names, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(
-            f"unknown config key(s) for {cls.__name__}: {', '.join(hints)}; run `opd train --help` for the list"
+            f"unknown config key(s) for {cls.__name__}: {', '.join(hints)}; run "
+            f"`opd {command} --help` for the list"
         )
     return cls(**values)
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | dict | None = None):
-    """YAML file (optional) + overrides → validated config of type ``cls``."""
+def load_config(
+    cls: type,
+    path: str | Path | None = None,
+    overrides: list[str] | dict | None = None,
+    command: str = "train",
+):
+    """YAML file (optional) + overrides → validated config of type ``cls`` (``command``: the CLI
+    subcommand named in the error for an unknown key)."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -428,7 +448,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         values.update(loaded)
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return build_config(cls, values)
+    return build_config(cls, values, command)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -76,6 +76,8 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 PLACEHOLDERS = ("{problem}", "{prompt}")
 """Placeholders a ``prompt_template`` may use for the problem text."""
 _BOXED_ARTEFACT = "\\boxed{{}}"
+META_FIELDS = ("data_source", "id", "difficulty")
+"""Row fields kept in ``PromptExample.meta`` (evaluation reports accuracy per ``difficulty``)."""
 
 
 @dataclass
@@ -84,7 +86,7 @@ class PromptExample:
     rendered: str  # what the model sees (after the chat template, if used)
     input_ids: list[int]
     answer: str | None = None  # ground truth for grading, when the source has one
-    meta: dict = field(default_factory=dict)  # {"row": index in the source, plus data_source/id if present}
+    meta: dict = field(default_factory=dict)  # {"row": index in the source, plus the META_FIELDS present}
 
 
 @dataclass
@@ -391,7 +393,7 @@ def load_prompts(
                 )
             answer = _clean_answer(value)
         meta: dict = {"row": i}
-        for key in ("data_source", "id"):
+        for key in META_FIELDS:
             if key in row:
                 meta[key] = row[key]
         examples.append(

@@ -67,7 +67,7 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _eval(model_name: str, test_set, rows_by_index, settings: DemoSettings, progress: bool) -> dict[str, Any]:
+def _eval(model_name: str, test_set, settings: DemoSettings, progress: bool) -> dict[str, Any]:
     from opd.evaluate import evaluate_accuracy
     from opd.models import load_model, load_tokenizer
 
@@ -76,13 +76,9 @@ def _eval(model_name: str, test_set, rows_by_index, settings: DemoSettings, prog
     res = evaluate_accuracy(
         model, tok, test_set, temperature=0.0, max_new_tokens=settings.max_new_tokens, progress=progress
     )
-    by_diff: dict[str, list[float]] = {}
-    for ex, acc in zip(test_set.examples, res["per_prompt"], strict=True):
-        d = rows_by_index[ex.meta["row"]].get("difficulty", "all")
-        by_diff.setdefault(d, []).append(acc)
     return {
         "accuracy": res["accuracy"],
-        "by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_diff.items())},
+        "by_difficulty": res["by_difficulty"],
         "params": _params(model),
         "response_length_mean": res["response_length_mean"],
     }
@@ -124,7 +120,6 @@ def _run_demo(
 
     from opd.config import OPDConfig
     from opd.data import load_prompts
-    from opd.lab import prompt_rows
     from opd.lab.zoo import model_path
     from opd.methods.opd import train
     from opd.models import load_tokenizer
@@ -141,7 +136,6 @@ def _run_demo(
     log = functools.partial(print, flush=True)
 
     tok = load_tokenizer("lab:student")
-    rows = prompt_rows("test")
     test_set = load_prompts(
         "lab:test", tok, limit=settings.test_limit or None, seed=seed if settings.test_limit else None
     )
@@ -152,7 +146,7 @@ def _run_demo(
     log("[1/4] evaluating the zoo")
     zoo: dict[str, Any] = {}
     for name in ("student", *TEACHERS):
-        zoo[name] = _eval(f"lab:{name}", test_set, rows, settings, progress)
+        zoo[name] = _eval(f"lab:{name}", test_set, settings, progress)
         log(
             f"  {name:<15} {zoo[name]['params']:>9,d} params  accuracy {zoo[name]['accuracy']:.3f}  "
             + "  ".join(f"{d} {a:.3f}" for d, a in zoo[name]["by_difficulty"].items())
@@ -193,7 +187,7 @@ def _run_demo(
     results = []
     before = zoo["student"]["accuracy"]
     for teacher in TEACHERS:
-        after = _eval(runs[teacher]["summary"]["final_model"], test_set, rows, settings, progress)
+        after = _eval(runs[teacher]["summary"]["final_model"], test_set, settings, progress)
         t_acc = zoo[teacher]["accuracy"]
         gap = t_acc - before
         m = [r for r in runs[teacher]["metrics"] if r["step"] > 0]  # step 0 holds only the starting eval
@@ -241,9 +235,9 @@ def _diagnose(teacher: str, out: Path, settings: DemoSettings, seed: int, progre
         teacher=f"lab:{teacher}",
         prompts="lab:train",
         num_prompts=settings.diagnose_prompts,
-        rollouts=settings.diagnose_rollouts,
+        rollouts_per_prompt=settings.diagnose_rollouts,
         max_new_tokens=settings.max_new_tokens,
-        out_dir=str(out),
+        output_dir=str(out),
         seed=seed,
         progress=progress,
     )

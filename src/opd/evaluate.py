@@ -1,15 +1,106 @@
-"""Accuracy evaluation of a model on prompts with answers (the start of the evaluation suite).
+"""Accuracy evaluation: the one evaluator used by training, ``opd diagnose``, the lab and the demo.
 
-``evaluate_accuracy`` samples ``n`` responses per prompt (greedy when ``temperature == 0``) with the
-same rollout backend as training, grades each with :func:`opd.grading.grade` (last ``\\boxed{}``,
-normalised match, math-verify fallback) and reports avg@n accuracy and pass@n.
+:func:`evaluate_accuracy` samples ``n`` responses per prompt of a :class:`~opd.data.PromptSet` (greedy,
+one decode per prompt, when ``temperature == 0``) with the same rollout backend as training, grades each
+with :func:`opd.grading.grade` (last ``\\boxed{}``, normalised match, math-verify fallback) and reports
+avg@n accuracy, pass@n, response lengths, the truncated fraction and, for every ``group_by`` key present
+in the prompts' row metadata (``PromptExample.meta``, e.g. ``difficulty``), the accuracy per group.
+
+The two parts it is built from are public for callers that grade something other than a prompt set
+(``opd diagnose`` grades teacher and student completions of the student's own prefixes):
+
+- :func:`sample_responses` — ``n`` responses per prompt in ``generate`` calls of about ``batch_size``
+  rows; the call starting at prompt ``i`` is seeded with ``seed + i``, so results do not depend on what
+  else runs in the process;
+- :func:`grade_responses` — decode (special tokens skipped) and grade each response against its answer.
+
+Accuracies are computed in Python floats: avg@n of a prompt is ``correct / n``, the accuracy the mean
+of those over prompts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import torch
+from opd.grading import grade
+from opd.rollout import HFGenerateBackend, stop_token_ids
+from opd.tracking import progress as progress_bar
+
+__all__ = ["Generations", "evaluate_accuracy", "grade_responses", "sample_responses"]
+
+
+@dataclass
+class Generations:
+    """``n`` responses per prompt, prompt-major (row ``p * n + g``), response ids without the prompt."""
+
+    responses: list[list[int]]
+    truncated: list[bool]
+    """True where no stop token came within ``max_new_tokens``."""
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
+
+
+def sample_responses(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[list[int]],
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    seed: int | None = 0,
+    stop_ids: list[int] | None = None,
+    vocab_limit: int | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+) -> Generations:
+    """``n`` responses per prompt (one decode copied ``n`` times when greedy) from ``model``.
+
+    Generation stops at ``stop_ids`` (default: the tokenizer's, :func:`opd.rollout.stop_token_ids`) and
+    never samples ids ``>= vocab_limit``. Calls hold ``batch_size // n`` prompts (all ``batch_size``
+    when greedy); the call starting at prompt ``i`` uses seed ``seed + i`` (``None``: unseeded).
+    """
+    stops = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
+    backend = HFGenerateBackend(model, tokenizer, stops, batch_size=batch_size, vocab_limit=vocab_limit)
+    per_call = max(1, batch_size // (1 if temperature == 0 else n))
+    out = Generations([], [])
+    with progress_bar(total=len(prompt_ids) * n, desc=desc, enabled=progress, unit="seq") as bar:
+        for lo in range(0, len(prompt_ids), per_call):
+            chunk = list(prompt_ids[lo : lo + per_call])
+            batch = backend.generate(
+                chunk,
+                n=n,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                seed=None if seed is None else seed + lo,
+            )
+            for row in range(batch.input_ids_B_T.shape[0]):
+                out.responses.append(batch.input_ids_B_T[row][batch.response_mask_B_T[row] > 0].tolist())
+                out.truncated.append(bool(batch.truncated_B[row]))
+            bar.update(len(chunk) * n)
+    return out
+
+
+def grade_responses(
+    tokenizer, responses: Sequence[list[int]], answers: Sequence[str | None]
+) -> list[bool | None]:
+    """Grade each response (ids, decoded without special tokens) against its answer; None where no answer."""
+    return [
+        None if ans is None else bool(grade(tokenizer.decode(ids, skip_special_tokens=True), ans))
+        for ids, ans in zip(responses, answers, strict=True)
+    ]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
 
 
 def evaluate_accuracy(
@@ -25,12 +116,20 @@ def evaluate_accuracy(
     seed: int | None = 0,
     progress: bool = True,
     return_samples: bool = False,
+    group_by: Sequence[str] = ("difficulty",),
+    stop_ids: list[int] | None = None,
+    vocab_limit: int | None = None,
+    desc: str = "eval",
 ) -> dict[str, Any]:
-    """avg@n accuracy, pass@n and mean response length of ``model`` on ``prompt_set`` (needs answers)."""
-    from opd.grading import grade
-    from opd.rollout import HFGenerateBackend, stop_token_ids
-    from opd.tracking import progress as bar
+    """avg@n accuracy, pass@n and response statistics of ``model`` on the prompts of ``prompt_set`` that
+    carry an answer (at least one must).
 
+    Returns ``accuracy`` (avg@n), ``pass@n``, ``n`` (1 when greedy), ``num_prompts``,
+    ``response_length_mean``, ``truncated_frac``, ``generated_tokens``, ``per_prompt`` (avg@n of each
+    graded prompt, in order), ``by_<key>`` (``{group: accuracy}``, sorted) for each ``group_by`` key that
+    some prompt's ``meta`` holds, and ``samples`` (prompt, response, answer, correct) when
+    ``return_samples``. ``stop_ids`` / ``vocab_limit``: see :func:`sample_responses`.
+    """
     examples = [e for e in prompt_set.examples if e.answer is not None]
     if not examples:
         raise ValueError(
@@ -38,45 +137,48 @@ def evaluate_accuracy(
         )
     if temperature == 0:
         n = 1
-    backend = HFGenerateBackend(model, tokenizer, stop_token_ids(tokenizer), batch_size=batch_size)
-    correct = torch.zeros(len(examples), n)
-    lengths, truncated, samples = [], [], []
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    with bar(total=len(examples), desc="eval", enabled=progress, unit="prompt") as pbar:
-        for lo in range(0, len(examples), batch_size):
-            chunk = examples[lo : lo + batch_size]
-            s = None if gen is None else int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-            batch = backend.generate(
-                [e.input_ids for e in chunk],
-                n=n,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                seed=s,
-            )
-            for row in range(batch.input_ids_B_T.shape[0]):
-                p, g = divmod(row, n)
-                resp_ids = batch.input_ids_B_T[row][batch.response_mask_B_T[row] > 0].tolist()
-                text = tokenizer.decode(resp_ids, skip_special_tokens=True)
-                ok = grade(text, chunk[p].answer)
-                correct[lo + p, g] = float(ok)
-                lengths.append(len(resp_ids))
-                truncated.append(bool(batch.truncated_B[row]))
-                if return_samples:
-                    samples.append(
-                        {"prompt": chunk[p].text, "response": text, "answer": chunk[p].answer, "correct": ok}
-                    )
-            pbar.update(len(chunk))
-    res = {
-        "accuracy": float(correct.mean()),
-        "pass@n": float(correct.max(1).values.mean()),
+    gens = sample_responses(
+        model,
+        tokenizer,
+        [e.input_ids for e in examples],
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        stop_ids=stop_ids,
+        vocab_limit=vocab_limit,
+        progress=progress,
+        desc=desc,
+    )
+    correct = grade_responses(tokenizer, gens.responses, [e.answer for e in examples for _ in range(n)])
+    per_prompt = [sum(correct[p * n : (p + 1) * n]) / n for p in range(len(examples))]
+    res: dict[str, Any] = {
+        "accuracy": _mean(per_prompt),
+        "pass@n": _mean([float(any(correct[p * n : (p + 1) * n])) for p in range(len(examples))]),
         "n": n,
         "num_prompts": len(examples),
-        "response_length_mean": sum(lengths) / max(1, len(lengths)),
-        "truncated_frac": sum(truncated) / max(1, len(truncated)),
-        "per_prompt": correct.mean(1).tolist(),
+        "response_length_mean": _mean([len(r) for r in gens.responses]),
+        "truncated_frac": _mean(gens.truncated),
+        "generated_tokens": gens.generated_tokens,
+        "per_prompt": per_prompt,
     }
+    for key in group_by:
+        groups: dict[str, list[float]] = {}
+        for e, acc in zip(examples, per_prompt, strict=True):
+            if key in e.meta:
+                groups.setdefault(str(e.meta[key]), []).append(acc)
+        if groups:
+            res[f"by_{key}"] = {g: _mean(v) for g, v in sorted(groups.items())}
     if return_samples:
-        res["samples"] = samples
+        res["samples"] = [
+            {
+                "prompt": examples[row // n].text,
+                "response": tokenizer.decode(ids, skip_special_tokens=True),
+                "answer": examples[row // n].answer,
+                "correct": correct[row],
+            }
+            for row, ids in enumerate(gens.responses)
+        ]
     return res
