@@ -73,6 +73,25 @@ def test_auroc_edge_cases():
 # ----------------------------------------------------------------------------------- verdict rules
 
 
+def test_verdict_module_is_pure():
+    """opd/diagnose/verdict.py decides from numbers alone: loading it imports neither torch nor models."""
+    import subprocess
+    import sys
+
+    import opd.diagnose.verdict as verdict
+
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('verdict_alone', {verdict.__file__!r})\n"
+        "m = sys.modules['verdict_alone'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(m)\n"
+        "assert m.decide(m.Evidence()).verdict == 'go'\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'numpy')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def compatible(**kw) -> Evidence:
     """A compatible, capable teacher: every check passes."""
     base = dict(

@@ -81,3 +81,18 @@ def test_write_html_report_is_self_contained(tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', text)
     assert "<script" not in text
     assert not list((tmp_path / "sub").glob(".*tmp*"))  # atomic write left no temporary file
+
+
+def test_blocks_render_to_markdown_and_html_from_the_same_data():
+    from opd.report import html_blocks, markdown_blocks
+
+    blocks = [("p", "a < b"), ("list", ["x", "y"]), ("pre", "code"), ("table", [[1, 0.5]], ["n", "v"])]
+    blocks.append(("plot", "fig"))
+    md = "\n".join(markdown_blocks(blocks))
+    assert "a < b" in md and "- x\n- y" in md and "```\ncode\n```" in md and "| 1 | 0.5 |" in md
+    html = "".join(html_blocks(blocks, {"fig": ("caption", "data:image/png;base64,AA==")}))
+    assert "a &lt; b" in html and "<li>y</li>" in html and "<pre>code</pre>" in html
+    assert '<td class="num">0.5</td>' in html and "<figcaption>caption</figcaption>" in html
+    assert "<figure>" not in "".join(html_blocks(blocks))  # a plot without a figure is left out
+    with pytest.raises(ValueError, match="unknown block kind 'img'"):
+        markdown_blocks([("img", "x")])

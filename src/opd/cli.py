@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from opd.config import ConfigError, OPDConfig, help_text, load_config
-from opd.diagnose.config import DiagnoseConfig
-from opd.diagnose.verdict import DiagnoseThresholds
+from opd.diagnose import DiagnoseConfig, DiagnoseThresholds, diagnose
 from opd.rundir import RunInterrupted
 
 TRAIN_EPILOG = """\
@@ -175,8 +174,6 @@ def _cmd_train(args) -> int:
 
 def _cmd_diagnose(args) -> int:
     """Run, print the verdict and where the reports are; exit status 0 for any verdict."""
-    from opd.diagnose import diagnose
-
     cfg = _load(DiagnoseConfig, args)
     result = diagnose(cfg)
     remedy = f" (remedy: {', '.join(result['remedies'])})" if result["remedies"] else ""
