@@ -105,10 +105,12 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
                 mb.input_ids_B_T,
                 mb.attention_mask_B_T,
                 mb.response_mask_B_T,
+                temperature=cfg.temperature,  # the distribution the rollout tokens were drawn from
                 top_k=width,
                 entropy=True,
                 chunk_size=cfg.score_chunk_size,
                 vocab_limit=vocab_limit,
+                compute_dtype=cfg.student_dtype,
             )
             t1 = time.perf_counter()
             t = score(
@@ -152,7 +154,7 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
         else:
             # the student's log-probs at the teacher's top-K ids need one more (no-grad) student pass
             t0 = time.perf_counter()
-            s_at_t = _score_given(student, batch, t_ids, cfg, vocab_limit)
+            s_at_t = _score_given(student, batch, t_ids, cfg, vocab_limit, cfg.temperature, cfg.student_dtype)
             t_student += time.perf_counter() - t0
             if cfg.support == "teacher":
                 s_sup, t_sup = s_at_t, t_lp
@@ -175,7 +177,9 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
     return out
 
 
-def _score_given(model, batch, ids_B_T_K, cfg: OPDConfig, vocab_limit: int) -> torch.Tensor:
+def _score_given(
+    model, batch, ids_B_T_K, cfg: OPDConfig, vocab_limit: int, temperature: float, compute_dtype: str
+) -> torch.Tensor:
     from opd.scoring import score
 
     parts = []
@@ -188,10 +192,12 @@ def _score_given(model, batch, ids_B_T_K, cfg: OPDConfig, vocab_limit: int) -> t
                 mb.input_ids_B_T,
                 mb.attention_mask_B_T,
                 mb.response_mask_B_T,
+                temperature=temperature,
                 entropy=False,
                 given_ids_B_T_K=ids_B_T_K[sl],
                 chunk_size=cfg.score_chunk_size,
                 vocab_limit=vocab_limit,
+                compute_dtype=compute_dtype,
             )
             parts.append(o.given_logp_B_T_K)
     return torch.cat(parts)
@@ -206,7 +212,7 @@ def _cat(xs: list) -> Any:
 
 def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDConfig, vocab_limit: int):
     """``ppo_epochs`` optimizer updates over the rollout batch. Returns (loss, grad_norm, skipped, stats)."""
-    from opd.scoring import score, score_full_logits
+    from opd.scoring import score
 
     mask_all = scored["mask"]
     B = batch.input_ids_B_T.shape[0]
@@ -224,7 +230,7 @@ def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDC
                 continue
             w = micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
             if cfg.objective == "full":
-                loss = _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit, score_full_logits)
+                loss = _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit)
                 stats = {}
             else:
                 given = scored["support_ids"][sl] if cfg.objective == "topk" else None
@@ -233,11 +239,13 @@ def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDC
                     mb.input_ids_B_T,
                     mb.attention_mask_B_T,
                     mb.response_mask_B_T,
+                    temperature=cfg.temperature,
                     given_ids_B_T_K=given,
                     entropy=False,
                     grad=True,
                     chunk_size=cfg.score_chunk_size,
                     vocab_limit=vocab_limit,
+                    compute_dtype=cfg.student_dtype,
                 )
                 new_logp = out.given_logp_B_T_K if given is not None else out.token_logp_B_T
                 loss, stats = obj.policy_gradient_loss(
@@ -269,34 +277,32 @@ def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDC
     return float(np.mean(losses)), norms[-1], skipped, stats
 
 
-def _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit, score_full_logits):
-    """Exact per-token KL(p||q) over the whole vocabulary, chunked over positions (teacher no-grad)."""
-    with torch.no_grad():
-        t_chunks = list(
-            score_full_logits(
-                teacher,
-                mb.input_ids_B_T,
-                mb.attention_mask_B_T,
-                mb.response_mask_B_T,
-                temperature=cfg.teacher_temperature,
-                vocab_limit=vocab_limit,
-                chunk_size=cfg.score_chunk_size,
-            )
-        )
-    per_token = torch.zeros_like(mask)
-    s_iter = score_full_logits(
+def _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit):
+    """Exact per-token KL(p||q) over the whole vocabulary, p at ``temperature``, q at ``teacher_temperature``.
+
+    Streamed by ``opd.scoring.full_vocab_pair``: teacher no-grad, each position chunk's heads + KL
+    checkpointed and recomputed in backward, so no B x T x V tensor is kept.
+    """
+    from opd.scoring import full_vocab_pair
+
+    def reverse_kl(s_logits_N_V, t_logits_N_V):
+        ones = torch.ones(1, s_logits_N_V.shape[0], device=s_logits_N_V.device)
+        return obj.full_vocab_divergence(s_logits_N_V[None], t_logits_N_V[None], ones, kind="reverse_kl")[0]
+
+    per_token = full_vocab_pair(
         student,
+        teacher,
         mb.input_ids_B_T,
         mb.attention_mask_B_T,
         mb.response_mask_B_T,
+        reverse_kl,
+        temperature=cfg.temperature,
+        teacher_temperature=cfg.teacher_temperature,
         vocab_limit=vocab_limit,
-        grad=True,
         chunk_size=cfg.score_chunk_size,
+        grad=True,
+        compute_dtype=cfg.student_dtype,
     )
-    for (rows, cols, s_logits), (_, _, t_logits) in zip(s_iter, t_chunks, strict=True):
-        ones = torch.ones(1, s_logits.shape[0], device=s_logits.device)
-        div = obj.full_vocab_divergence(s_logits[None], t_logits[None], ones, kind="reverse_kl")[0]
-        per_token = per_token.index_put((rows, cols), div)
     return obj.aggregate(per_token, mask, cfg.loss_aggregation)
 
 
@@ -319,7 +325,8 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     # -- models and tokenizers; compatibility first, so a mismatch fails before any work
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    student = load_model(cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code)
+    # float32 master weights; cfg.student_dtype is the compute dtype (autocast), see opd.precision
+    student = load_model(cfg.student, dtype="float32", trust_remote_code=cfg.trust_remote_code)
     teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
     compat = check_compatibility(tokenizer, teacher_tokenizer, student, teacher)
     for w in compat.warnings:
@@ -465,19 +472,21 @@ def opd_step(
 ) -> dict[str, Any]:
     """One OPD step (rollout → scoring → rewards → update → metrics). Returns the metrics row."""
     from opd.metrics import mechanism_metrics
+    from opd.precision import compute_context
 
     t_step = time.perf_counter()
     idx = sampler.next_batch(cfg.prompts_per_step)
     t0 = time.perf_counter()
-    batch = backend.generate(
-        [prompts.examples[i].input_ids for i in idx],
-        n=cfg.rollouts_per_prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.rollout_top_k,
-        seed=None,
-    )
+    with compute_context(student, cfg.student_dtype):
+        batch = backend.generate(
+            [prompts.examples[i].input_ids for i in idx],
+            n=cfg.rollouts_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.rollout_top_k,
+            seed=None,
+        )
     t_rollout = time.perf_counter() - t0
 
     scored = score_batch(student, teacher, batch, cfg, vocab_limit)
@@ -530,22 +539,26 @@ def opd_step(
 
 
 def evaluate_during_training(model, tokenizer, eval_set, cfg: OPDConfig) -> dict[str, float]:
+    """avg@n accuracy (n = eval_samples; 1 when greedy) at eval_temperature / eval_top_p, and pass@n."""
     from opd.evaluate import evaluate_accuracy
+    from opd.precision import compute_context
 
-    res = evaluate_accuracy(
-        model,
-        tokenizer,
-        eval_set,
-        temperature=cfg.eval_temperature,
-        n=cfg.eval_samples,
-        max_new_tokens=cfg.max_new_tokens,
-        progress=False,
-    )
-    return {"eval/accuracy": res["accuracy"]}
+    with compute_context(model, cfg.student_dtype):
+        res = evaluate_accuracy(
+            model,
+            tokenizer,
+            eval_set,
+            temperature=cfg.eval_temperature,
+            top_p=cfg.eval_top_p,
+            n=cfg.eval_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            progress=False,
+        )
+    return {"eval/accuracy": res["accuracy"], "eval/pass@n": res["pass@n"], "eval/samples": res["n"]}
 
 
 def _save_final(model, tokenizer, final_dir: Path) -> None:
-    """Save atomically: write to a temporary sibling, then rename."""
+    """Save atomically: write to a temporary sibling, then rename. The weights are the float32 masters."""
     import shutil
 
     tmp = final_dir.with_name(f".tmp-final-{os.getpid()}")
