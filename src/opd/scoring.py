@@ -8,12 +8,16 @@ position ``t - 1``). Entries where ``response_mask_B_T`` is 0 are 0 (ids: 0). Th
 once, in this module.
 
 ``score(model, input_ids_B_T, attention_mask_B_T, response_mask_B_T, *, temperature=1.0, top_k=0,
-        given_ids_B_T_K=None, entropy=True, chunk_size=256, vocab_limit=None, grad=False)
-   -> ScoreOutput``
+        given_ids_B_T_K=None, entropy=True, chunk_size=256, vocab_limit=None, grad=False,
+        compute_dtype=None) -> ScoreOutput``
 - runs the model once to the final hidden state, then computes ``lm_head`` + float32 log-softmax in
   chunks of ``chunk_size`` positions, only over response positions, so peak extra memory is
   O(B·chunk·V), never a full B×T×V float32 tensor;
-- ``temperature``: logits / temperature before log-softmax;
+- ``temperature``: logits / temperature before log-softmax (OPD scores the student at its rollout
+  temperature, the teacher at ``teacher_temperature``);
+- ``compute_dtype``: run the backbone under ``torch.autocast`` in this dtype (float32 master weights,
+  low-precision compute; see ``opd.precision``); None = the weights' own dtype. The head never is: the
+  ``lm_head`` matmul, logits and log-softmax are float32 for every model dtype;
 - ``vocab_limit``: restrict logits to the first ``vocab_limit`` columns (embedding tables padded past
   the tokenizer's vocabulary);
 - ``top_k > 0``: also return the model's own top-k ids and their (full-vocab) log-probs;
@@ -22,11 +26,16 @@ once, in this module.
 - ``grad=True``: keep the autograd graph (the update pass); chunks are recomputed in backward
   (activation checkpointing) so memory stays O(B·chunk·V).
 
+``full_vocab_pair(student, teacher, ..., divergence, *, temperature, teacher_temperature, ...) -> div_B_T``
+streams a full-vocabulary divergence between two models the same way (both heads and the divergence
+per chunk, checkpointed), so the exact-KL objective never holds an N×V tensor either.
+
 IMPLEMENTATION NOTES
 
 The maths. With final hidden state h_s at position s, head W and temperature τ,
 
-    z_t = post(W h_{t-1}) / τ                    (float32; ``post`` = the model's logit quirks below)
+    z_t = post(W h_{t-1}) / τ                    (float32 matmul of the upcast h and W, outside autocast;
+                                                 ``post`` = the model's logit quirks below)
     log p_t(v) = z_t(v) − log Σ_u exp z_t(u)    (over the first ``vocab_limit`` columns, or all V)
     token_logp[b, t]  = log p_t(input_ids[b, t])
     entropy[b, t]     = −Σ_v p_t(v) log p_t(v)

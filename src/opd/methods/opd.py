@@ -10,11 +10,18 @@ Each step:
      discount, no KL-to-reference), micro-batches with gradient accumulation, ``ppo_epochs`` passes;
   5. log the step (metrics.jsonl), check alerts, checkpoint atomically every ``save_every`` steps.
 
+Temperature and precision. The student is scored at the distribution its rollout tokens were drawn
+from: logits / ``temperature`` in every pass (rewards, old log-probs, the update's PPO ratio, metrics);
+the teacher at ``teacher_temperature``. Top-p / top-k rollouts are refused by the config (they would be
+off-policy for the scored objective). ``student_dtype`` is a compute dtype: the student's weights stay
+float32 (AdamW master weights, saved as float32 in ``final/``) and its forwards run under autocast;
+the head and everything after it are float32 (``opd.precision``).
+
 What this file deliberately leaves out: value functions and baselines (the study uses none), reference-
 model KL penalties, multi-turn rollouts, sequence packing, and distributed setup (the same code runs
 under ``accelerate launch`` via a later accelerate integration). Full-vocabulary mode differentiates
 the exact KL per micro-batch instead of using a policy gradient; it re-runs the teacher on each
-micro-batch so no B x T x V tensor is ever kept.
+micro-batch and streams both heads chunk by chunk (checkpointed), so no B x T x V tensor is ever kept.
 """
 
 from __future__ import annotations
