@@ -11,6 +11,11 @@ What ``student_dtype`` means (``OPDConfig.student_dtype``):
   head outside autocast), so a bf16 logit's 0.125 quantisation step in [16, 32) never reaches a reward;
 - ``final/`` and checkpoints hold the float32 master weights (nothing is rounded away at save time).
 
+Known difference: rollouts sample from the autocast forward's own logits (HF ``generate`` runs the head
+under autocast, so in ``student_dtype``); the scored log-probs use the float32 head on the same hidden
+states, so the sampling and scored distributions differ by the head's rounding only (the usual
+sampler/trainer mismatch, as with a separate inference engine). With ``student_dtype=float32`` they agree.
+
 ``float16`` is refused for the student: its gradients need loss scaling, which opd does not implement.
 The teacher is never trained, so ``teacher_dtype`` is simply the dtype of its weights; its log-probs are
 float32 as well.
