@@ -820,6 +820,7 @@ def _score_rollouts(student, teacher, batch, cfg: DiagnoseConfig, vocab_limit: i
             s = score(
                 student,
                 *args,
+                temperature=cfg.temperature,  # the distribution the rollouts were sampled from
                 top_k=cfg.top_k,
                 entropy=True,
                 chunk_size=cfg.score_chunk_size,
