@@ -134,7 +134,7 @@ def test_train_metrics_use_the_temperature_scored_student(tiny_pair, tmp_path, m
     [
         (dict(top_p=0.9), r"top_p=0\.9.*Fix: top_p=1\.0"),
         (dict(rollout_top_k=20), r"rollout_top_k=20.*rollout_top_k=0"),
-        (dict(temperature=0.0), r"temperature=0: .*Fix: temperature=1\.0"),
+        (dict(temperature=0.0), r"temperature=0\.0: OPD trains on sampled rollouts.*temperature=1\.0"),
         (dict(student_dtype="float16"), r"student_dtype='float16'.*bfloat16"),
         (dict(eval_top_p=0.0), r"eval_top_p=0\.0"),
         (dict(eval_samples=0), r"eval_samples=0"),

@@ -255,11 +255,6 @@ class OPDConfig:
 def _sampling_and_precision_errors(cfg: OPDConfig) -> list[str]:
     """Rollout sampling the objective can score, and a student dtype training supports."""
     errs = []
-    if cfg.temperature == 0:
-        errs.append(
-            "temperature=0: greedy rollouts are not samples of the student, and OPD scores the student at "
-            "the rollout temperature (logits / temperature). Fix: temperature=1.0 (the study's setting)"
-        )
     truncated = [f"top_p={cfg.top_p}"] if cfg.top_p < 1 else []
     truncated += [f"rollout_top_k={cfg.rollout_top_k}"] if cfg.rollout_top_k > 0 else []
     if truncated:
@@ -275,8 +270,6 @@ def _sampling_and_precision_errors(cfg: OPDConfig) -> list[str]:
         )
     if not 0 < cfg.eval_top_p <= 1:
         errs.append(f"eval_top_p={cfg.eval_top_p}: must be in (0, 1]; 1.0 = off, the study evaluates at 0.95")
-    if cfg.eval_temperature < 0:
-        errs.append(f"eval_temperature={cfg.eval_temperature}: must be >= 0 (0 = greedy)")
     if cfg.eval_samples < 1:
         errs.append(
             f"eval_samples={cfg.eval_samples}: must be >= 1 (the study: 16, with eval_temperature=0.7)"
