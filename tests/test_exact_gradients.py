@@ -185,13 +185,27 @@ def _opd_topk_grads(state, temperature, support, weighting, renormalize, aggrega
             student, ids, attn, resp, temperature=temperature, given_ids_B_T_K=t.topk_ids_B_T_K, entropy=False
         ).given_logp_B_T_K
     topk = obj.topk_advantages(
-        s.topk_ids_B_T_K, s.topk_logp_B_T_K, t.topk_ids_B_T_K, t.topk_logp_B_T_K,
-        t.given_logp_B_T_K, s_at_t, resp, support, weighting, renormalize,
-    )  # fmt: skip
+        s.topk_ids_B_T_K,
+        s.topk_logp_B_T_K,
+        t.topk_ids_B_T_K,
+        t.topk_logp_B_T_K,
+        t.given_logp_B_T_K,
+        s_at_t,
+        resp,
+        support,
+        weighting,
+        renormalize,
+    )
     new = score(
-        student, ids, attn, resp, temperature=temperature, given_ids_B_T_K=topk.support_ids,
-        entropy=False, grad=True,
-    )  # fmt: skip
+        student,
+        ids,
+        attn,
+        resp,
+        temperature=temperature,
+        given_ids_B_T_K=topk.support_ids,
+        entropy=False,
+        grad=True,
+    )
     loss, stats = obj.policy_gradient_loss(
         new.given_logp_B_T_K, topk.student_logp, topk.advantages, resp, topk.valid, aggregation=aggregation
     )
@@ -282,9 +296,17 @@ def test_renormalized_student_p_is_the_gradient_of_eq5_kl(state, temperature):
         s = score(student, ids, attn, resp, temperature=temperature, top_k=K, entropy=False)
         t = score(teacher, ids, attn, resp, given_ids_B_T_K=s.topk_ids_B_T_K, top_k=K, entropy=False)
     topk = obj.topk_advantages(
-        s.topk_ids_B_T_K, s.topk_logp_B_T_K, t.topk_ids_B_T_K, t.topk_logp_B_T_K, t.given_logp_B_T_K,
-        None, resp, "student", "student_p", renormalize=True,
-    )  # fmt: skip
+        s.topk_ids_B_T_K,
+        s.topk_logp_B_T_K,
+        t.topk_ids_B_T_K,
+        t.topk_logp_B_T_K,
+        t.given_logp_B_T_K,
+        None,
+        resp,
+        "student",
+        "student_p",
+        renormalize=True,
+    )
     assert torch.allclose(topk.advantages.sum(-1), torch.zeros(()), atol=1e-6)  # centred per position
     new = score(
         student, ids, attn, resp, temperature=temperature, given_ids_B_T_K=topk.support_ids, grad=True
@@ -345,9 +367,17 @@ def test_topk_with_the_whole_vocabulary_is_the_exact_reverse_kl_gradient(state):
         t = score(teacher, ids, attn, resp, top_k=V, given_ids_B_T_K=s.topk_ids_B_T_K, entropy=False)
     for renormalize in (False, True):
         topk = obj.topk_advantages(
-            s.topk_ids_B_T_K, s.topk_logp_B_T_K, t.topk_ids_B_T_K, t.topk_logp_B_T_K, t.given_logp_B_T_K,
-            None, resp, "student", "student_p", renormalize,
-        )  # fmt: skip
+            s.topk_ids_B_T_K,
+            s.topk_logp_B_T_K,
+            t.topk_ids_B_T_K,
+            t.topk_logp_B_T_K,
+            t.given_logp_B_T_K,
+            None,
+            resp,
+            "student",
+            "student_p",
+            renormalize,
+        )
         new = score(student, ids, attn, resp, temperature=0.7, given_ids_B_T_K=topk.support_ids, grad=True)
         loss, _ = obj.policy_gradient_loss(new.given_logp_B_T_K, topk.student_logp, topk.advantages, resp)
         _assert_same(_grads(student, loss), _reference_kl_grads(state, 0.7), f"K=V renormalize={renormalize}")

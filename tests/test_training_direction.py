@@ -116,10 +116,21 @@ def test_estimator_only_changes_what_is_logged(tiny_pair, tmp_path):
     runs = {}
     for est in ("k1", "k3"):
         cfg = OPDConfig(
-            student=str(student), teacher=str(teacher), prompts=str(prompts), output_dir=str(tmp_path / est),
-            steps=2, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=6, top_k=0, estimator=est,
-            lr=1e-3, alerts=False, progress=False, seed=0,
-        )  # fmt: skip
+            student=str(student),
+            teacher=str(teacher),
+            prompts=str(prompts),
+            output_dir=str(tmp_path / est),
+            steps=2,
+            prompts_per_step=2,
+            rollouts_per_prompt=2,
+            max_new_tokens=6,
+            top_k=0,
+            estimator=est,
+            lr=1e-3,
+            alerts=False,
+            progress=False,
+            seed=0,
+        )
         summary = opd_method.train(cfg)
         runs[est] = (
             AutoModelForCausalLM.from_pretrained(summary["final_model"]).state_dict(),

@@ -154,9 +154,17 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
             s_at_t = _score_given(student, batch, t_ids, cfg, vocab_limit)
             t_student += time.perf_counter() - t0
         topk = obj.topk_advantages(
-            s_ids, s_lp, t_ids, t_lp, t_out.given_logp_B_T_K[..., :K], s_at_t, mask,
-            cfg.support, cfg.weighting, cfg.renormalize,
-        )  # fmt: skip
+            s_ids,
+            s_lp,
+            t_ids,
+            t_lp,
+            teacher_logp_at_student_B_T_K=t_out.given_logp_B_T_K[..., :K],
+            student_logp_at_teacher_B_T_K=s_at_t,  # None for student / intersection
+            mask_B_T=mask,
+            support=cfg.support,
+            weighting=cfg.weighting,
+            renormalize=cfg.renormalize,
+        )
         out.update(
             support_ids=topk.support_ids,
             valid=topk.valid,
