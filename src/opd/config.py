@@ -88,9 +88,9 @@ class OPDConfig:
     weighting: str = "student_p"
     """Top-K weights: student_p, teacher_p or uniform."""
     renormalize: bool = False
-    """Use the paper's Eq. 5 form (p, q renormalised on the support) instead of the reference code's full-vocab log-ratio."""
+    """Top-K: minimise the paper's Eq. 5 form, KL(p̄‖q̄) with p, q renormalised on the support (exact gradient), instead of the reference code's full-vocab log-ratio. Not with symmetric_difference. See docs/objectives.md."""
     estimator: str = "k1"
-    """Sampled-token reward estimator: k1 (log q - log p) or k3."""
+    """Sampled-token mode: which estimate of the per-token KL is logged as reward/mean, k1 (log q - log p) or k3 (low variance). Training always uses the k1 log-ratio as the advantage (k3 is not a valid advantage; docs/objectives.md)."""
     teacher_temperature: float = 1.0
     """Temperature applied to the teacher's logits when scoring."""
     loss_aggregation: str = "token-mean"
@@ -175,6 +175,12 @@ class OPDConfig:
             )
         if self.estimator not in ("k1", "k3"):
             errs.append(f"estimator={self.estimator!r}: choose k1 or k3")
+        if self.renormalize and self.support == "symmetric_difference" and self.top_k > 0:
+            errs.append(
+                "renormalize=true with support=symmetric_difference: its weights are raw probabilities, "
+                "not renormalised on the support, so Eq. 5 is not defined there; set renormalize=false "
+                "or choose another support"
+            )
         if self.lr_schedule not in ("constant", "cosine"):
             errs.append(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
         for dt_key in ("student_dtype", "teacher_dtype"):

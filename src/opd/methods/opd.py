@@ -149,37 +149,40 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
 
     if cfg.objective == "sampled":
         out["old_logp"] = s_out.token_logp_B_T
-        out["advantages"] = obj.sampled_token_rewards(
+        # the advantage is always k1 (k3 is not an advantage: docs/objectives.md); `estimator` picks
+        # only the logged per-token reward
+        out["advantages"] = obj.sampled_token_rewards(s_out.token_logp_B_T, t_out.token_logp_B_T, mask, "k1")
+        out["token_reward"] = obj.sampled_token_rewards(
             s_out.token_logp_B_T, t_out.token_logp_B_T, mask, estimator=cfg.estimator
         )
-        out["token_reward"] = out["advantages"]
     elif cfg.objective == "topk":
         K = cfg.top_k
         s_ids, s_lp = s_out.topk_ids_B_T_K[..., :K], s_out.topk_logp_B_T_K[..., :K]
         t_ids, t_lp = t_out.topk_ids_B_T_K[..., :K], t_out.topk_logp_B_T_K[..., :K]
-        t_at_s = t_out.given_logp_B_T_K[..., :K]
-        support_ids, valid = obj.build_support(s_ids, t_ids, cfg.support)
-        if cfg.support in ("student", "intersection"):
-            s_sup, t_sup = s_lp, t_at_s
-        else:
+        s_at_t = None
+        if cfg.support not in ("student", "intersection"):
             # the student's log-probs at the teacher's top-K ids need one more (no-grad) student pass
             t0 = time.perf_counter()
             s_at_t = _score_given(student, batch, t_ids, cfg, vocab_limit, cfg.temperature, cfg.student_dtype)
             t_student += time.perf_counter() - t0
-            if cfg.support == "teacher":
-                s_sup, t_sup = s_at_t, t_lp
-            else:  # union / symmetric_difference: ids = cat(student, teacher)
-                s_sup, t_sup = torch.cat([s_lp, s_at_t], -1), torch.cat([t_at_s, t_lp], -1)
-        weights = obj.support_weights(s_sup, t_sup, valid, cfg.weighting, cfg.support)
-        rewards = obj.topk_rewards(s_sup, t_sup, weights, valid, mask, renormalize=cfg.renormalize)
+        topk = obj.topk_advantages(
+            s_ids,
+            s_lp,
+            t_ids,
+            t_lp,
+            teacher_logp_at_student_B_T_K=t_out.given_logp_B_T_K[..., :K],
+            student_logp_at_teacher_B_T_K=s_at_t,  # None for student / intersection
+            mask_B_T=mask,
+            support=cfg.support,
+            weighting=cfg.weighting,
+            renormalize=cfg.renormalize,
+        )
         out.update(
-            support_ids=support_ids,
-            valid=valid,
-            old_logp=s_sup,
-            advantages=rewards,
-            adv_student_logp=s_sup,
-            adv_teacher_logp=t_sup,
-            token_reward=rewards.sum(-1),
+            support_ids=topk.support_ids,
+            valid=topk.valid,
+            old_logp=topk.student_logp,
+            advantages=topk.advantages,
+            token_reward=topk.rewards.sum(-1),
         )
     else:  # full vocabulary: the loss is the exact KL, computed with grad in the update
         out["token_reward"] = t_out.token_logp_B_T - s_out.token_logp_B_T
@@ -576,10 +579,6 @@ def opd_step(
         s.entropy_B_T,
         t.entropy_B_T,
         mask,
-        advantages_B_T_S=scored.get("advantages") if cfg.objective == "topk" else None,
-        adv_student_logp_B_T_S=scored.get("adv_student_logp"),
-        adv_teacher_logp_B_T_S=scored.get("adv_teacher_logp"),
-        adv_mask_B_T_S=scored.get("valid"),
         position_chunk=cfg.metrics_position_chunk,
     )
     n_tokens = int(mask.sum())
