@@ -17,7 +17,21 @@ with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc's default (dynamic) threshold keeps
 in the heap, so part of the default-RSS peak is allocator retention rather than live tensors. The naive
 variant is skipped where its estimated peak (≈ 14 bytes × B·T·V) exceeds a budget, and the table says so.
 
-Usage: python benchmarks/score_memory.py [--batch 2] [--repeats 3] [--naive-budget-gib 8]
+Training step, full vocabulary vs top-K (``--section train``). One OPD training step without the rollout,
+through the loop's own functions (``opd.methods.opd.score_batch`` + ``update``, one micro-batch of B
+sequences, AdamW already stepped once so its state exists): no-grad scoring of both models, rewards,
+then the update's forward + backward + optimizer step. Student float32 (hidden 64, 1 layer), teacher
+bf16 (hidden 64, 2 layers), V = 32,768, T = 1,024 (128 prompt + 896 response tokens).
+
+- topk:     ``top_k=16`` (student support, student_p weights), the default objective;
+- full:     ``top_k=-1``, the exact full-vocabulary KL, streamed (``opd.scoring.full_vocab_pair``);
+- full-old: the former full-vocabulary loss, kept here only to show what streaming saves: every teacher
+  chunk in a list and every student chunk's logits alive in the graph until backward (O(B·T·V)).
+
+The full/topk peak ratio must stay <= 2 (printed with a verdict).
+
+Usage: python benchmarks/score_memory.py [--section all|score|train] [--batch 2] [--repeats 3]
+       [--naive-budget-gib 8]
 """
 
 from __future__ import annotations
@@ -37,6 +51,9 @@ PROMPT = 128
 HIDDEN = 64
 TOP_K = 16
 CHUNK = 256
+TRAIN_VARIANTS = ("topk", "full", "full-old")
+TRAIN_V, TRAIN_T = 32_768, 1024
+MAX_FULL_TO_TOPK = 2.0
 NAIVE_BYTES_PER_ENTRY = 14  # bf16 logits (2) + float32 log-probs (4) + exp (4) + product (4)
 
 
@@ -95,6 +112,77 @@ def child(variant: str, V: int, T: int, B: int) -> dict:
     return {"variant": variant, "V": V, "T": T, "B": B, "peak_bytes": peak, "seconds": seconds}
 
 
+def train_child(variant: str, V: int, T: int, B: int) -> dict:
+    """Extra peak RSS (bytes) and seconds of one OPD training step (score_batch + update), no rollout."""
+    import torch
+
+    from opd import objectives as obj
+    from opd.config import OPDConfig
+    from opd.methods import opd as opd_method
+    from opd.rollout import RolloutBatch
+    from opd.tiny import build_byte_tokenizer, build_tiny_model
+
+    torch.manual_seed(0)
+    tok = build_byte_tokenizer()
+    kw = dict(
+        hidden_size=HIDDEN,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=2 * HIDDEN,
+        max_positions=T,
+        vocab_size=V,
+    )
+    student = build_tiny_model(tok, num_layers=1, seed=0, **kw).eval()
+    teacher = build_tiny_model(tok, num_layers=2, seed=1, **kw).to(torch.bfloat16).eval()
+    teacher.requires_grad_(False)
+    cfg = OPDConfig(top_k=16 if variant == "topk" else -1, micro_batch_size=B, score_chunk_size=CHUNK)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
+
+    if variant == "full-old":
+
+        def old_full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit):
+            from opd.scoring import score_full_logits
+
+            args = (mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T)
+            with torch.no_grad():
+                t_chunks = list(score_full_logits(teacher, *args, chunk_size=cfg.score_chunk_size))
+            per_token = torch.zeros_like(mask)
+            s_iter = score_full_logits(student, *args, grad=True, chunk_size=cfg.score_chunk_size)
+            for (rows, cols, s_logits), (_, _, t_logits) in zip(s_iter, t_chunks, strict=True):
+                ones = torch.ones(1, s_logits.shape[0])
+                div = obj.full_vocab_divergence(s_logits[None], t_logits[None], ones, kind="reverse_kl")[0]
+                per_token = per_token.index_put((rows, cols), div)
+            return obj.aggregate(per_token, mask, cfg.loss_aggregation)
+
+        opd_method._full_vocab_loss = old_full_vocab_loss
+
+    def batch(t: int) -> RolloutBatch:
+        resp = torch.zeros(B, t)
+        resp[:, PROMPT:] = 1
+        return RolloutBatch(
+            input_ids_B_T=torch.randint(0, V, (B, t)),
+            attention_mask_B_T=torch.ones(B, t, dtype=torch.long),
+            response_mask_B_T=resp,
+            prompt_len=PROMPT,
+            prompt_index_B=torch.arange(B),
+            truncated_B=torch.zeros(B, dtype=torch.bool),
+        )
+
+    def step(b: RolloutBatch) -> float:
+        scored = opd_method.score_batch(student, teacher, b, cfg, V)
+        loss, *_ = opd_method.update(student, teacher, b, scored, optimizer, cfg, V)
+        return loss
+
+    step(batch(PROMPT + 8))  # warm-up; allocates AdamW's state
+    b = batch(T)
+    before = _maxrss_bytes()
+    t0 = time.perf_counter()
+    step(b)
+    seconds = time.perf_counter() - t0
+    peak = _maxrss_bytes() - before
+    return {"variant": variant, "V": V, "T": T, "B": B, "peak_bytes": peak, "seconds": seconds}
+
+
 def run_child(variant: str, V: int, T: int, B: int, repeats: int, mmap_threshold: int | None = None) -> dict:
     """Median peak and median time over ``repeats`` fresh subprocesses.
 
@@ -106,7 +194,8 @@ def run_child(variant: str, V: int, T: int, B: int, repeats: int, mmap_threshold
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     runs = []
     for _ in range(repeats):
-        cmd = [sys.executable, __file__, "--child", variant, str(V), str(T), str(B)]
+        flag = "--train-child" if variant in TRAIN_VARIANTS else "--child"
+        cmd = [sys.executable, __file__, flag, variant, str(V), str(T), str(B)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"{variant} V={V} T={T} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
@@ -128,13 +217,47 @@ def main() -> None:
     ap.add_argument(
         "--naive-budget-gib", type=float, default=8.0, help="skip naive runs estimated above this"
     )
+    ap.add_argument("--section", choices=("all", "score", "train"), default="all", help="which table(s)")
     ap.add_argument("--child", nargs=4, metavar=("VARIANT", "V", "T", "B"), help=argparse.SUPPRESS)
+    ap.add_argument("--train-child", nargs=4, metavar=("VARIANT", "V", "T", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        variant, V, T, B = args.child[0], *map(int, args.child[1:])
-        print(json.dumps(child(variant, V, T, B)))
+    if args.child or args.train_child:
+        one = args.child or args.train_child
+        variant, V, T, B = one[0], *map(int, one[1:])
+        print(json.dumps((child if args.child else train_child)(variant, V, T, B)))
         return
+    if args.section in ("all", "score"):
+        score_table(args)
+    if args.section in ("all", "train"):
+        train_table(args)
 
+
+def train_table(args) -> None:
+    """Training-step peaks of top-K, streamed full vocabulary and the former full-vocab loss."""
+    B, V, T = args.batch, TRAIN_V, TRAIN_T
+    print(
+        f"\nOne training step (score_batch + update), B={B}, T={T:,} ({T - PROMPT} response), V={V:,}, "
+        f"chunk_size={CHUNK}, median of {args.repeats} runs per cell"
+    )
+    print("| objective | peak | peak, 64 KiB mmap threshold | time |")
+    print("|---|---|---|---|")
+    res = {}
+    for variant in TRAIN_VARIANTS:
+        d = run_child(variant, V, T, B, args.repeats)
+        m = run_child(variant, V, T, B, args.repeats, mmap_threshold=65536)
+        res[variant] = (d["peak_bytes"], m["peak_bytes"])
+        name = {"topk": "top-K (K=16)", "full": "full vocabulary", "full-old": "full vocabulary, former"}
+        print(
+            f"| {name[variant]} | {_mib(d['peak_bytes'])} | {_mib(m['peak_bytes'])} | {d['seconds']:.2f} s |"
+        )
+    for label, i in (("default allocator", 0), ("64 KiB mmap threshold", 1)):
+        ratio = res["full"][i] / max(res["topk"][i], 1)
+        old = res["full-old"][i] / max(res["topk"][i], 1)
+        verdict = "OK" if ratio <= MAX_FULL_TO_TOPK else f"FAIL (> {MAX_FULL_TO_TOPK:g})"
+        print(f"full / top-K peak ratio ({label}): {ratio:.2f} {verdict}; former full / top-K: {old:.2f}")
+
+
+def score_table(args) -> None:
     import torch
 
     B = args.batch

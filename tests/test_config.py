@@ -62,6 +62,15 @@ def test_bad_values_name_the_key_and_fix(override, needle):
     assert needle in str(e.value)
 
 
+def test_renormalize_with_symmetric_difference_is_refused_with_the_fix():
+    with pytest.raises(ConfigError) as e:
+        load_config(OPDConfig, None, ["renormalize=true", "support=symmetric_difference"])
+    assert "renormalize=true with support=symmetric_difference" in str(e.value)
+    assert "set renormalize=false or choose another support" in str(e.value)
+    for support in ("student", "teacher", "intersection", "union"):
+        assert load_config(OPDConfig, None, ["renormalize=true", f"support={support}"]).renormalize
+
+
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match="did you mean 'top_k'"):
         load_config(OPDConfig, None, ["topk=4"])

@@ -321,11 +321,11 @@ def _check_outputs(out, result):
     return on_disk, md, html
 
 
-@pytest.mark.parametrize("top_k", [0, 4])
-def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k):
+@pytest.mark.parametrize("top_k, temperature", [(0, 1.0), (4, 1.0), (0, 0.7), (4, 0.7)])
+def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k, temperature):
     """diagnose's per-token reward on a rollout batch equals the training loop's ``token_reward`` for the
-    same settings (sampled-token for top_k=0, student-support top-K with student_p weights for K > 0),
-    although the two score in different micro-batch sizes."""
+    same settings (sampled-token for top_k=0, student-support top-K with student_p weights for K > 0, the
+    student scored at the rollout temperature), although the two score in different micro-batch sizes."""
     from opd.config import OPDConfig
     from opd.diagnose.measure import sample_rollouts, score_rollouts
     from opd.methods.opd import score_batch
@@ -336,7 +336,12 @@ def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k):
     student, teacher = load_model(str(student_dir)), load_model(str(teacher_dir))
     prompts = [tok.encode(t) for t in ("What is 2 + 3?", "a", "a longer prompt here")]
     dcfg = DiagnoseConfig(
-        rollouts_per_prompt=2, max_new_tokens=7, metrics_top_k=4, teacher_temperature=0.8, batch_size=4
+        rollouts_per_prompt=2,
+        max_new_tokens=7,
+        metrics_top_k=4,
+        temperature=temperature,
+        teacher_temperature=0.8,
+        batch_size=4,
     )
     batch = sample_rollouts(student, tok, prompts, replace(dcfg, progress=False), len(tok))
     assert batch.input_ids_B_T.shape[0] == 6 and batch.response_mask_B_T.sum() > 6

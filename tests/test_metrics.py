@@ -84,6 +84,11 @@ def _reference(logp_B_T_V, logq_B_T_V, mask_B_T, chunk):
                     (p[v] / zp) * (math.log(q[v] / zq) - math.log(p[v] / zp)) for v in inter
                 ) / len(inter)
                 r["adv_verl"] = sum(-q[v] * (math.log(q[v]) - math.log(p[v])) for v in inter) / len(inter)
+                # extreme tokens: the default top-k advantage p/Σ_{TopK(p)} p · (log q − log p) on I_t
+                zk = sum(p[v] for v in top_p)
+                a = {v: p[v] / zk * (math.log(q[v]) - math.log(p[v])) for v in inter}
+                for tag, v in (("max", max(a, key=a.get)), ("min", min(a, key=a.get))):
+                    r[f"{tag}_adv"], r[f"p_at_{tag}"], r[f"q_at_{tag}"] = a[v], p[v], q[v]
             rows.append(r)
 
     def mean(key, sel=rows):
@@ -101,6 +106,10 @@ def _reference(logp_B_T_V, logq_B_T_V, mask_B_T, chunk):
         "entropy/gap": sum(abs(r["h_q"] - r["h_p"]) for r in rows) / len(rows),
         "entropy/gap_of_means": abs(mean("h_q") - mean("h_p")),
     }
+    for tag in ("max", "min"):
+        out[f"extreme/{tag}_adv"] = mean(f"{tag}_adv")
+        out[f"extreme/p_at_{tag}_adv"] = mean(f"p_at_{tag}")
+        out[f"extreme/q_at_{tag}_adv"] = mean(f"q_at_{tag}")
     for start in range(0, max(r["pos"] for r in rows) + 1, chunk):
         sel = [r for r in rows if start <= r["pos"] < start + chunk]
         if not sel:
@@ -176,47 +185,32 @@ def test_masked_positions_are_ignored():
 def test_all_masked_batch_gives_no_metrics_and_no_nan():
     s, t, mask = _batch()
     inputs, _ = _scoring(s, t, torch.zeros_like(mask))
-    adv = torch.randn(4, 7, 1)
     assert mechanism_metrics(**inputs) == {}
-    assert (
-        mechanism_metrics(
-            **inputs, advantages_B_T_S=adv, adv_student_logp_B_T_S=adv, adv_teacher_logp_B_T_S=adv
-        )
-        == {}
-    )
     starts, means, counts = position_profile(torch.ones(2, 3), torch.zeros(2, 3), 4)
     assert starts.numel() == means.numel() == counts.numel() == 0
 
 
-def test_extreme_p_minus_q_is_read_at_the_largest_abs_advantage():
+def test_extreme_tokens_are_per_position_and_averaged_over_the_overlap():
+    """Per position: the max / min advantage token of I_t (not one batch-wide argmax), then a mean."""
     s, t, mask = _batch()
     inputs, (logp, logq) = _scoring(s, t, mask)
-    ids = inputs["student_topk_ids_B_T_K"]
-    slp, tlp = logp.gather(-1, ids), logq.gather(-1, ids)
-    adv = torch.randn(4, 7, K, generator=torch.Generator().manual_seed(3))
-    adv[3, 2, 1] = 100.0  # masked row: must be ignored
-    adv[1, 6, 0] = -100.0  # masked column: must be ignored
-    adv[2, 4, 2] = -7.0  # the largest |advantage| on a response position
-    adv_mask = torch.ones(4, 7, K)
-    adv_mask[0, 1, 0] = 0
-    adv[0, 1, 0] = 50.0  # outside the support: must be ignored
-    got = mechanism_metrics(
-        **inputs,
-        advantages_B_T_S=adv,
-        adv_student_logp_B_T_S=slp,
-        adv_teacher_logp_B_T_S=tlp,
-        adv_mask_B_T_S=adv_mask,
-    )
-    best, want = -1.0, None
-    for b in range(4):
-        for tt in range(7):
-            for k in range(K):
-                if mask[b, tt] > 0 and adv_mask[b, tt, k] > 0 and abs(float(adv[b, tt, k])) > best:
-                    best = abs(float(adv[b, tt, k]))
-                    want = math.exp(float(slp[b, tt, k])) - math.exp(float(tlp[b, tt, k]))
-    assert best == 7.0
-    assert got["extreme/p_minus_q"] == pytest.approx(want, rel=1e-5)
-    assert "extreme/p_minus_q" not in mechanism_metrics(**inputs)
+    mt = mechanism_tensors(**inputs)
+    got = mechanism_metrics(**inputs)
+    valid = mt.adv_valid_B_T
+    # every position contributes its own extreme token: max ≥ min everywhere, and the batch value is
+    # the mean over positions with |I_t| > 0, not the value at one batch-wide argmax
+    assert bool((mt.max_adv_B_T[valid] >= mt.min_adv_B_T[valid]).all())
+    assert int(valid.sum()) > 3 and len(set(mt.max_adv_B_T[valid].tolist())) == int(valid.sum())
+    assert got["extreme/max_adv"] == pytest.approx(float(mt.max_adv_B_T[valid].mean()), rel=1e-6)
+    assert got["extreme/max_adv"] < float(mt.max_adv_B_T[valid].max())
+    # positions without overlap and masked positions hold 0
+    assert mt.max_adv_B_T[0, 3] == 0 and mt.p_at_min_adv_B_T[2, 5] == 0 and mt.q_at_max_adv_B_T[3, 1] == 0
+    # identical models: every advantage is 0, and p = q at both extreme tokens
+    same, _ = _scoring(s, s.clone(), mask)
+    got_same = mechanism_metrics(**same)
+    assert got_same["extreme/max_adv"] == pytest.approx(0.0, abs=1e-7)
+    assert got_same["extreme/min_adv"] == pytest.approx(0.0, abs=1e-7)
+    assert got_same["extreme/p_at_max_adv"] == pytest.approx(got_same["extreme/q_at_max_adv"], rel=1e-6)
 
 
 def test_position_profile_and_response_positions_match_loops():
@@ -252,8 +246,6 @@ def test_bad_inputs_name_the_tensor_and_the_fix():
         mechanism_metrics(**{**inputs, "student_entropy_B_T": nan})
     with pytest.raises(ValueError, match="position_chunk"):
         mechanism_metrics(**inputs, position_chunk=0)
-    with pytest.raises(ValueError, match="together"):
-        mechanism_metrics(**inputs, advantages_B_T_S=torch.zeros(4, 7, 1))
 
 
 def test_frozen_numbers():
@@ -271,5 +263,11 @@ def test_frozen_numbers():
         "entropy/teacher": 0.973866,
         "entropy/gap": 0.374336,
         "entropy/gap_of_means": 0.170251,
+        "extreme/max_adv": 0.127461,
+        "extreme/p_at_max_adv": 0.357605,
+        "extreme/q_at_max_adv": 0.549099,
+        "extreme/min_adv": -0.15304,
+        "extreme/p_at_min_adv": 0.428952,
+        "extreme/q_at_min_adv": 0.351279,
     }
     assert got == pytest.approx(frozen, abs=2e-6)

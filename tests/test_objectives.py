@@ -516,6 +516,67 @@ def test_bad_input_raises_value_error_naming_it():
 
 
 # ------------------------------------------------------------------------------------------------
+# renormalised advantages and the top-K composition of the training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def _topk_inputs(seed: int, K: int = 3):
+    lp_V, lq_V = _logp(seed, 2, 4, V), _logp(seed + 1, 2, 4, V)
+    s_lp, s_ids = lp_V.topk(K, -1)
+    t_lp, t_ids = lq_V.topk(K, -1)
+    return lp_V, lq_V, (s_ids, s_lp, t_ids, t_lp, lq_V.gather(-1, s_ids), lp_V.gather(-1, t_ids))
+
+
+def test_renormalized_advantages_match_definition_and_are_centred():
+    lp_V, lq_V, inputs = _topk_inputs(3)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    for weighting in obj.WEIGHTINGS:
+        out = obj.topk_advantages(*inputs, mask, "union", weighting, renormalize=True)
+        for b in range(2):
+            for t in range(4):
+                adv = out.advantages[b, t]
+                if not mask[b, t]:
+                    assert adv.abs().max() == 0
+                    continue
+                S = [int(v) for v, ok in zip(out.support_ids[b, t], out.valid[b, t]) if ok]
+                p = {v: math.exp(lp_V[b, t, v]) for v in S}
+                q = {v: math.exp(lq_V[b, t, v]) for v in S}
+                zp, zq = sum(p.values()), sum(q.values())
+                w = {"student_p": {v: p[v] / zp for v in S}, "teacher_p": {v: q[v] / zq for v in S}}.get(
+                    weighting, {v: 1 / len(S) for v in S}
+                )
+                r = {v: w[v] * (math.log(q[v] / zq) - math.log(p[v] / zp)) for v in S}
+                total = sum(r.values())
+                for slot, v in enumerate(out.support_ids[b, t].tolist()):
+                    want = r[v] - p[v] / zp * total if out.valid[b, t, slot] else 0.0
+                    assert _close(float(adv[slot]), want), (weighting, b, t, slot)
+                assert abs(float(adv.sum())) < 1e-6
+                assert _close(float(out.rewards[b, t].sum()), total)
+
+
+def test_topk_advantages_properties_and_errors():
+    lp_V, _, inputs = _topk_inputs(5)
+    same = (inputs[0], inputs[1], inputs[0], inputs[1], inputs[1], inputs[1])  # teacher == student
+    mask = torch.ones(2, 4)
+    for support in obj.SUPPORTS:
+        for renorm in (False, True) if support != "symmetric_difference" else (False,):
+            out = obj.topk_advantages(*same, mask, support, "student_p", renorm)
+            assert out.advantages.abs().max() < 1e-6, (support, renorm)
+            empty = obj.topk_advantages(*inputs, torch.zeros(2, 4), support, "teacher_p", renorm)
+            assert torch.isfinite(empty.advantages).all() and empty.advantages.abs().max() == 0
+    with pytest.raises(
+        ValueError, match="renormalize=True is not defined for support='symmetric_difference'"
+    ):
+        obj.topk_advantages(*inputs, mask, "symmetric_difference", "student_p", renormalize=True)
+    with pytest.raises(ValueError, match="needs student_logp_at_teacher_B_T_K"):
+        obj.topk_advantages(*inputs[:5], None, mask, "teacher")
+    # student / intersection only read the student's ids: the student-at-teacher input is optional
+    a = obj.topk_advantages(*inputs[:5], None, mask, "intersection")
+    b = obj.topk_advantages(*inputs, mask, "intersection")
+    assert torch.equal(a.advantages, b.advantages)
+
+
+# ------------------------------------------------------------------------------------------------
 # pinned numbers: a refactor must not silently change what is optimised
 # ------------------------------------------------------------------------------------------------
 

@@ -33,9 +33,6 @@ class ModelsConfig:
     """Student model: a local directory, a hub id (online only), a .gguf file or ``lab:<name>``."""
     teacher: str = ""
     """Teacher model (same tokenizer as the student): a local directory, hub id, .gguf file or ``lab:<name>``."""
-    student_dtype: str = "float32"
-    """Student weights dtype: float32 or bfloat16 (``opd diagnose``, inference only, also float16); log-probs
-    and losses are always float32."""
     teacher_dtype: str = "float32"
     """Teacher weights dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
@@ -68,6 +65,11 @@ class OPDConfig(PromptsConfig, ModelsConfig):
 
     The models and prompts keys come first (:class:`ModelsConfig`, :class:`PromptsConfig`)."""
 
+    student_dtype: str = "float32"
+    """Student compute dtype: float32 or bfloat16. The weights stay float32 (AdamW master weights, saved as
+    float32); bfloat16 runs the forward passes under autocast. Logits, log-probs and losses are always float32.
+    float16 is not supported for training (it needs loss scaling): use bfloat16."""
+
     # --- rollout ---
     steps: int = 100
     """Number of optimizer steps (each on a fresh on-policy rollout batch)."""
@@ -78,11 +80,13 @@ class OPDConfig(PromptsConfig, ModelsConfig):
     max_new_tokens: int = 256
     """Maximum response length in tokens; longer responses are truncated (and flagged)."""
     temperature: float = 1.0
-    """Student sampling temperature for rollouts (the study uses 1.0)."""
+    """Student sampling temperature for rollouts (> 0; the study uses 1.0). The student is scored at the same
+    temperature (logits / temperature) for rewards, the update and metrics."""
     top_p: float = 1.0
-    """Nucleus sampling threshold for rollouts (1.0 = off)."""
+    """Nucleus sampling for rollouts: must stay 1.0 in training (truncated sampling is not the distribution
+    the objective scores); use eval_top_p for evaluation."""
     rollout_top_k: int = 0
-    """Top-k sampling for rollouts (0 = off). Not to be confused with ``top_k``, the objective's support size."""
+    """Top-k sampling for rollouts: must stay 0 in training (see top_p). Not the objective's ``top_k``."""
     rollout_batch_size: int = 0
     """Sequences (prompt x sample rows) per generate call (0 = the whole step at once)."""
 
@@ -94,9 +98,9 @@ class OPDConfig(PromptsConfig, ModelsConfig):
     weighting: str = "student_p"
     """Top-K weights: student_p, teacher_p or uniform."""
     renormalize: bool = False
-    """Use the paper's Eq. 5 form (p, q renormalised on the support) instead of the reference code's full-vocab log-ratio."""
+    """Top-K: minimise the paper's Eq. 5 form, KL(p̄‖q̄) with p, q renormalised on the support (exact gradient), instead of the reference code's full-vocab log-ratio. Not with symmetric_difference. See docs/objectives.md."""
     estimator: str = "k1"
-    """Sampled-token reward estimator: k1 (log q - log p) or k3."""
+    """Sampled-token mode: which estimate of the per-token KL is logged as reward/mean, k1 (log q - log p) or k3 (low variance). Training always uses the k1 log-ratio as the advantage (k3 is not a valid advantage; docs/objectives.md)."""
     teacher_temperature: float = 1.0
     """Temperature applied to the teacher's logits when scoring."""
     loss_aggregation: str = "token-mean"
@@ -150,9 +154,11 @@ class OPDConfig(PromptsConfig, ModelsConfig):
     eval_limit: int = 0
     """Evaluate on at most this many eval prompts (0 = all)."""
     eval_temperature: float = 0.0
-    """Sampling temperature for periodic evaluation (0 = greedy)."""
+    """Sampling temperature for periodic evaluation (0 = greedy, one sample). The study: 0.7."""
+    eval_top_p: float = 1.0
+    """Nucleus threshold for periodic evaluation when eval_temperature > 0 (1.0 = off). The study: 0.95."""
     eval_samples: int = 1
-    """Samples per eval prompt (avg@n)."""
+    """Samples per eval prompt when eval_temperature > 0: eval/accuracy is avg@n. The study: 16."""
     alerts: bool = True
     """Check the failure-signature alerts (see docs/metrics.md)."""
     stop_on_alert: bool = False
@@ -179,6 +185,12 @@ class OPDConfig(PromptsConfig, ModelsConfig):
             )
         if self.estimator not in ("k1", "k3"):
             errs.append(f"estimator={self.estimator!r}: choose k1 or k3")
+        if self.renormalize and self.support == "symmetric_difference" and self.top_k > 0:
+            errs.append(
+                "renormalize=true with support=symmetric_difference: its weights are raw probabilities, "
+                "not renormalised on the support, so Eq. 5 is not defined there; set renormalize=false "
+                "or choose another support"
+            )
         if self.lr_schedule not in ("constant", "cosine"):
             errs.append(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
         for dt_key in ("student_dtype", "teacher_dtype"):
@@ -234,6 +246,7 @@ class OPDConfig(PromptsConfig, ModelsConfig):
             errs.append("resume=true and overwrite=true: choose one (continue the run, or replace it)")
         if self.warmup_steps > self.steps:
             errs.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: lower warmup_steps")
+        errs += _sampling_and_precision_errors(self)
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -253,6 +266,31 @@ class OPDConfig(PromptsConfig, ModelsConfig):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _sampling_and_precision_errors(cfg: OPDConfig) -> list[str]:
+    """Rollout sampling the objective can score, and a student dtype training supports."""
+    errs = []
+    truncated = [f"top_p={cfg.top_p}"] if cfg.top_p < 1 else []
+    truncated += [f"rollout_top_k={cfg.rollout_top_k}"] if cfg.rollout_top_k > 0 else []
+    if truncated:
+        errs.append(
+            f"{' and '.join(truncated)}: OPD scores the student's untruncated distribution at `temperature`, "
+            "so top-p / top-k rollouts would be off-policy for the objective. Fix: top_p=1.0 and "
+            "rollout_top_k=0 (the study's setting); for evaluation use eval_top_p"
+        )
+    if cfg.student_dtype == "float16":
+        errs.append(
+            "student_dtype='float16': not supported for training (float16 gradients need loss scaling, which "
+            "opd does not implement). Fix: student_dtype=bfloat16 (or float32)"
+        )
+    if not 0 < cfg.eval_top_p <= 1:
+        errs.append(f"eval_top_p={cfg.eval_top_p}: must be in (0, 1]; 1.0 = off, the study evaluates at 0.95")
+    if cfg.eval_samples < 1:
+        errs.append(
+            f"eval_samples={cfg.eval_samples}: must be >= 1 (the study: 16, with eval_temperature=0.7)"
+        )
+    return errs
 
 
 def field_docs(cls: type) -> dict[str, str]:

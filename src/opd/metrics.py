@@ -16,6 +16,10 @@ Per position (``mechanism_tensors``):
 - verl overlap advantage   ``(1/|I_t|) Σ_{v∈I_t} −q_t(v) (log q_t(v) − log p_t(v))``  (raw q, p)
 - overlap masses           ``Σ_{v∈I_t} p_t(v)`` and ``Σ_{v∈I_t} q_t(v)``
 - entropy gap              ``|H(q_t) − H(p_t)|``
+- extreme tokens           with the top-k advantage of the default objective (student support,
+  student_p weights) ``a_t(v) = p_t(v)/Σ_{u∈S^p_t} p_t(u) · (log q_t(v) − log p_t(v))``: the tokens
+  ``v⁺_t = argmax_{v∈I_t} a_t(v)`` and ``v⁻_t = argmin_{v∈I_t} a_t(v)``, and ``a``, ``p``, ``q`` at each
+  (the reference code's ``val-extrema/*_intersection`` metrics, computed the same way in every mode)
 
 Batch metrics (``mechanism_metrics``) are token means: every response token of the batch has the same
 weight (long responses weigh more than short ones, as in "token-mean" loss aggregation).
@@ -24,9 +28,9 @@ Rules for empty sets (never NaN):
 
 - a metric whose set of positions is empty is OMITTED from the returned dict (an all-masked batch
   returns ``{}``), so plots never show an invented 0;
-- ``|I_t| = 0``: the two overlap advantages are undefined at t; such positions are EXCLUDED from the
-  mean of ``overlap/adv`` and ``overlap/adv_verl`` (their per-position tensors hold 0 there and
-  ``adv_valid_B_T`` is False). They still count in ``overlap/ratio`` (as 0) and in the masses (as 0),
+- ``|I_t| = 0``: the two overlap advantages and the extreme tokens are undefined at t; such positions
+  are EXCLUDED from the mean of ``overlap/adv``, ``overlap/adv_verl`` and ``extreme/*`` (their
+  per-position tensors hold 0 there and ``adv_valid_B_T`` is False). They still count in ``overlap/ratio`` (as 0) and in the masses (as 0),
   so a run that loses its overlap shows it in those metrics, which docs/paper.md §3 says to read together.
 
 Response position of a token: ``t − t_first(b)``, the offset from the first response token of its row
@@ -68,6 +72,9 @@ class MechanismTensors:
         student_entropy_B_T: ``H(p_t)``.
         teacher_entropy_B_T: ``H(q_t)``.
         entropy_gap_B_T: ``|H(q_t) − H(p_t)|``.
+        max_adv_B_T, p_at_max_adv_B_T, q_at_max_adv_B_T: ``a_t(v⁺_t)``, ``p_t(v⁺_t)``, ``q_t(v⁺_t)`` with
+            ``v⁺_t = argmax_{v∈I_t} a_t(v)`` (first on ties); 0 where ``|I_t| = 0``.
+        min_adv_B_T, p_at_min_adv_B_T, q_at_min_adv_B_T: the same at ``v⁻_t = argmin_{v∈I_t} a_t(v)``.
         mask_B_T: bool, response positions.
         adv_valid_B_T: bool, response positions with ``|I_t| > 0`` (where the advantages are defined).
         position_B_T: long, response position ``t − t_first(b)``; 0 outside the response.
@@ -83,6 +90,12 @@ class MechanismTensors:
     student_entropy_B_T: torch.Tensor
     teacher_entropy_B_T: torch.Tensor
     entropy_gap_B_T: torch.Tensor
+    max_adv_B_T: torch.Tensor
+    p_at_max_adv_B_T: torch.Tensor
+    q_at_max_adv_B_T: torch.Tensor
+    min_adv_B_T: torch.Tensor
+    p_at_min_adv_B_T: torch.Tensor
+    q_at_min_adv_B_T: torch.Tensor
     mask_B_T: torch.Tensor
     adv_valid_B_T: torch.Tensor
     position_B_T: torch.Tensor
@@ -205,6 +218,19 @@ def mechanism_tensors(
     verl_term_B_T_K = torch.where(in_I_B_T_K, -q_in_B_T_K * (logq_B_T_K - logp_B_T_K), zeros_B_T_K)
     overlap_adv_verl_B_T = verl_term_B_T_K.sum(-1) / safe_count_B_T
 
+    # Extreme tokens: per position, the max / min top-K advantage over I_t (as the reference logs them).
+    # a_t(v) = p_t(v) / Σ_{u∈S^p_t} p_t(u) · (log q_t(v) − log p_t(v)); the softmax over all K student ids
+    # is that weight (masked rows are finite: their values are never read).
+    safe_logp_B_T_K = torch.where(mask_B_T[..., None], logp_B_T_K, zeros_B_T_K)
+    safe_logq_B_T_K = torch.where(mask_B_T[..., None], logq_B_T_K, zeros_B_T_K)
+    topk_adv_B_T_K = torch.softmax(safe_logp_B_T_K, dim=-1) * (safe_logq_B_T_K - safe_logp_B_T_K)
+    extremes = []
+    for pick, fill in ((torch.argmax, float("-inf")), (torch.argmin, float("inf"))):
+        idx_B_T_1 = pick(torch.where(in_I_B_T_K, topk_adv_B_T_K, fill), dim=-1, keepdim=True)
+        for values_B_T_K in (topk_adv_B_T_K, safe_logp_B_T_K.exp(), safe_logq_B_T_K.exp()):
+            at_B_T = values_B_T_K.gather(-1, idx_B_T_1).squeeze(-1)
+            extremes.append(torch.where(adv_valid_B_T, at_B_T, torch.zeros_like(at_B_T)))
+
     h_p_B_T = torch.where(mask_B_T, student_entropy_B_T.float(), 0.0)
     h_q_B_T = torch.where(mask_B_T, teacher_entropy_B_T.float(), 0.0)
     return MechanismTensors(
@@ -217,6 +243,12 @@ def mechanism_tensors(
         student_entropy_B_T=h_p_B_T,
         teacher_entropy_B_T=h_q_B_T,
         entropy_gap_B_T=(h_q_B_T - h_p_B_T).abs() * maskf_B_T,
+        max_adv_B_T=extremes[0],
+        p_at_max_adv_B_T=extremes[1],
+        q_at_max_adv_B_T=extremes[2],
+        min_adv_B_T=extremes[3],
+        p_at_min_adv_B_T=extremes[4],
+        q_at_min_adv_B_T=extremes[5],
         mask_B_T=mask_B_T,
         adv_valid_B_T=adv_valid_B_T,
         position_B_T=response_positions(mask_B_T),
@@ -289,10 +321,6 @@ def mechanism_metrics(
     teacher_entropy_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     *,
-    advantages_B_T_S: torch.Tensor | None = None,
-    adv_student_logp_B_T_S: torch.Tensor | None = None,
-    adv_teacher_logp_B_T_S: torch.Tensor | None = None,
-    adv_mask_B_T_S: torch.Tensor | None = None,
     position_chunk: int | None = 256,
 ) -> dict[str, float]:
     """The mechanism metrics of docs/paper.md §3 for one batch, as ``{stable name: float}``.
@@ -304,11 +332,11 @@ def mechanism_metrics(
     ``|mean_t H(q_t) − mean_t H(p_t)|``, and, for every position chunk ``[s, e)`` holding a response
     token, ``overlap/ratio@s-e``, ``entropy/student@s-e``, ``entropy/teacher@s-e``.
 
-    ``extreme/p_minus_q`` (only when the three ``adv_*`` tensors are given): ``p(v*) − q(v*)``, with
-    ``(b, t, s)* = argmax |advantages_B_T_S|`` over response positions (and ``adv_mask_B_T_S`` when
-    given; ties go to the first in row-major order) and ``p = exp(adv_student_logp)``,
-    ``q = exp(adv_teacher_logp)`` at the same support slot. S is the objective's support size
-    (1 for sampled-token, K for top-K).
+    ``extreme/max_adv``, ``extreme/p_at_max_adv``, ``extreme/q_at_max_adv``, ``extreme/min_adv``,
+    ``extreme/p_at_min_adv``, ``extreme/q_at_min_adv``: per position, the token of ``I_t`` with the largest
+    (smallest) top-K advantage ``a_t`` (module docstring), its advantage and both probabilities, averaged
+    over positions with ``|I_t| > 0``. They depend only on the scoring outputs, so they are the same
+    numbers in every objective mode and in diagnose.
 
     A metric with no positions to average over is omitted (an all-masked batch gives ``{}``).
     ``position_chunk=None`` turns the per-chunk metrics off.
@@ -346,10 +374,15 @@ def mechanism_metrics(
     if h_p is not None and h_q is not None:
         out["entropy/gap_of_means"] = abs(h_q - h_p)
 
-    extreme = _extreme_p_minus_q(
-        m, advantages_B_T_S, adv_student_logp_B_T_S, adv_teacher_logp_B_T_S, adv_mask_B_T_S
-    )
-    put("extreme/p_minus_q", extreme)
+    for name, values_B_T in (
+        ("extreme/max_adv", mt.max_adv_B_T),
+        ("extreme/p_at_max_adv", mt.p_at_max_adv_B_T),
+        ("extreme/q_at_max_adv", mt.q_at_max_adv_B_T),
+        ("extreme/min_adv", mt.min_adv_B_T),
+        ("extreme/p_at_min_adv", mt.p_at_min_adv_B_T),
+        ("extreme/q_at_min_adv", mt.q_at_min_adv_B_T),
+    ):
+        put(name, _masked_mean(values_B_T, mt.adv_valid_B_T))
 
     if position_chunk is not None:
         for name, values_B_T in (
@@ -361,43 +394,3 @@ def mechanism_metrics(
             for start, mean in zip(starts_C.tolist(), means_C.tolist()):
                 out[f"{name}@{start}-{start + position_chunk}"] = mean
     return out
-
-
-def _extreme_p_minus_q(
-    mask_B_T: torch.Tensor,
-    advantages_B_T_S: torch.Tensor | None,
-    adv_student_logp_B_T_S: torch.Tensor | None,
-    adv_teacher_logp_B_T_S: torch.Tensor | None,
-    adv_mask_B_T_S: torch.Tensor | None,
-) -> float | None:
-    """``p − q`` on the support token with the largest ``|advantage|`` (None if none is eligible)."""
-    given = [x is not None for x in (advantages_B_T_S, adv_student_logp_B_T_S, adv_teacher_logp_B_T_S)]
-    if not any(given):
-        return None
-    if not all(given):
-        raise ValueError(
-            "extreme/p_minus_q needs advantages_B_T_S, adv_student_logp_B_T_S and adv_teacher_logp_B_T_S "
-            "together; pass all three or none."
-        )
-    assert advantages_B_T_S is not None and adv_student_logp_B_T_S is not None
-    assert adv_teacher_logp_B_T_S is not None
-    if advantages_B_T_S.dim() != 3 or tuple(advantages_B_T_S.shape[:2]) != tuple(mask_B_T.shape):
-        raise ValueError(
-            f"advantages_B_T_S has shape {tuple(advantages_B_T_S.shape)}, expected "
-            f"{tuple(mask_B_T.shape)} + (S,) (S = support size; use S = 1 for sampled-token)."
-        )
-    shape = tuple(advantages_B_T_S.shape)
-    _check_shape("adv_student_logp_B_T_S", adv_student_logp_B_T_S, shape)
-    _check_shape("adv_teacher_logp_B_T_S", adv_teacher_logp_B_T_S, shape)
-    eligible_B_T_S = mask_B_T[..., None].expand(shape)
-    if adv_mask_B_T_S is not None:
-        _check_shape("adv_mask_B_T_S", adv_mask_B_T_S, shape)
-        eligible_B_T_S = eligible_B_T_S & (adv_mask_B_T_S > 0)
-    eligible_B_T_S = eligible_B_T_S & torch.isfinite(advantages_B_T_S)
-    if not bool(eligible_B_T_S.any()):
-        return None
-    score_N = torch.where(eligible_B_T_S, advantages_B_T_S.float().abs(), -1.0).flatten()
-    i = int(score_N.argmax())
-    p = float(adv_student_logp_B_T_S.float().flatten()[i].exp())
-    q = float(adv_teacher_logp_B_T_S.float().flatten()[i].exp())
-    return p - q

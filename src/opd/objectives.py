@@ -6,11 +6,14 @@ through one of three granularities:
 
 1. sampled-token: ``r_t = log q_t(ŷ_t) − log p_t(ŷ_t)`` for the sampled token (:func:`sampled_token_rewards`);
 2. top-K: a support ``S_t`` (:func:`build_support`), weights ``w_t`` (:func:`support_weights`) and a
-   reward per support token ``r_t(v) = w_t(v)·(log q_t(v) − log p_t(v))`` (:func:`topk_rewards`);
+   reward per support token ``r_t(v) = w_t(v)·(log q_t(v) − log p_t(v))`` (:func:`topk_rewards`),
+   turned into advantages by :func:`topk_advantages` (the composition the training loop uses);
 3. full vocabulary: an exact divergence per position (:func:`full_vocab_divergence`).
 
-The rewards of 1. and 2. are used as advantages of a PPO-clipped policy-gradient loss
-(:func:`policy_gradient_loss`); per-token values become one scalar through :func:`aggregate`.
+The k1 rewards of 1. and the advantages of 2. drive a PPO-clipped policy-gradient loss
+(:func:`policy_gradient_loss`); per-token values become one scalar through :func:`aggregate`. Which
+per-state divergence each objective's expected update is the exact gradient of is written in
+docs/objectives.md (and checked by tests/test_exact_gradients.py).
 
 Axis suffixes: ``_B`` sequences, ``_T`` positions, ``_K`` top-K ids of one model, ``_S`` support
 entries, ``_V`` vocabulary. Every ``[b, t]`` entry is about the distribution that predicts token ``t``
@@ -25,12 +28,14 @@ and cross-process reduction (``aggregate`` normalises by the local token count o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "AGGREGATIONS",
+    "TopKAdvantages",
     "DIVERGENCES",
     "ESTIMATORS",
     "SUPPORTS",
@@ -40,7 +45,9 @@ __all__ = [
     "full_vocab_divergence",
     "policy_gradient_loss",
     "sampled_token_rewards",
+    "renormalized_advantages",
     "support_weights",
+    "topk_advantages",
     "topk_rewards",
 ]
 
@@ -129,17 +136,22 @@ def sampled_token_rewards(
     mask_B_T: torch.Tensor,
     estimator: str = "k1",
 ) -> torch.Tensor:
-    """Per-token reward for the sampled token ``ŷ_t ~ p_t`` (``top_k = 0``).
+    """Per-token reward (a value estimate of ``−KL(p_t‖q_t)``) for the sampled token ``ŷ_t ~ p_t``.
 
     With the log-ratio ``ℓ_t = log q_t(ŷ_t) − log p_t(ŷ_t)``:
 
     - ``"k1"``: ``r_t = ℓ_t``. ``E_{v~p}[log q(v) − log p(v)] = −KL(p‖q)``: unbiased, but each sample
-      can have either sign and a high variance.
+      can have either sign and a high variance. **The only estimator that is a valid advantage**: with
+      ``A = ℓ`` (detached), ``E_{v~p}[−A(v) ∇log p(v)] = ∇KL(p‖q)`` exactly.
     - ``"k3"``: ``r_t = −((e^{ℓ_t} − 1) − ℓ_t)``. Since ``E_{v~p}[q(v)/p(v) − 1] = 0`` its expectation is
       also ``−KL(p‖q)``; every sample is ≤ 0 (``e^x − 1 ≥ x``) and the variance is low when p ≈ q.
+      A good *value* estimate for logging, but NOT an advantage: ``E_{v~p}[−k3(v) ∇log p(v)]`` is
+      ``∇KL(p‖q) − ∇KL(q‖p)`` (the ``q/p`` term contributes ``−Σ_v q(v)∇log p(v) = ∇KL(q‖p)`` with the
+      wrong sign), which can point against the reverse-KL gradient. The training loop therefore always
+      uses k1 as the advantage and only logs the configured estimator.
 
     Returns float32 ``rewards_B_T``, 0 where ``mask_B_T == 0``. Autograd flows through both inputs as
-    written; use the result as a constant advantage (``policy_gradient_loss`` detaches it).
+    written; ``policy_gradient_loss`` detaches advantages.
     """
     _check_rank("student_logp_B_T", student_logp_B_T, "B_T")
     _check_rank("teacher_logp_B_T", teacher_logp_B_T, "B_T")
@@ -269,11 +281,13 @@ def support_weights(
 
     - ``student_p``: ``w_t(v) = p_t(v) / Σ_{u∈S_t} p_t(u)`` (softmax of the log-probs over S_t);
     - ``teacher_p``: ``w_t(v) = q_t(v) / Σ_{u∈S_t} q_t(u)``;
-    - ``uniform`` (reference name "none"): ``w_t(v) = 1 / |S_t|``.
+    - ``uniform`` (reference name "none"): ``w_t(v) = 1 / |S_t|``, on every support.
 
     Exception, as in the reference code: for ``support == "symmetric_difference"`` the ``student_p`` /
     ``teacher_p`` weights are the RAW probabilities ``p_t(v)`` / ``q_t(v)``, not renormalised on S_t.
-    Rows with an empty support get all-zero weights (no NaN in values or gradients).
+    ``uniform`` stays ``1/|S_t|`` there, where the reference gives every entry weight 1 (so its update is
+    ``|S_t|`` times ours at that position; docs/objectives.md). Rows with an empty support get all-zero
+    weights (no NaN in values or gradients).
     """
     valid_B_T_S = _check_support_inputs(student_logp_B_T_S, teacher_logp_B_T_S, valid_B_T_S)
     _check_choice("weighting", weighting, WEIGHTINGS)
@@ -304,16 +318,18 @@ def topk_rewards(
 
     ``renormalize=False`` (default, the reference code): with full-vocab log-probs,
         ``r_t(v) = w_t(v) · (log q_t(v) − log p_t(v))``.
-    With ``student_p`` weights, ``−Σ_{v∈S_t} r_t(v) ∇log p_t(v)`` is the exact reverse-KL gradient
+    These rewards ARE the advantages (:func:`topk_advantages`). With ``student_p`` weights,
+    ``−Σ_{v∈S_t} r_t(v) ∇log p_t(v)`` is the exact reverse-KL gradient
     ``∇KL(p_t‖q_t) = Σ_v p_t(v)(log p_t(v) − log q_t(v)) ∇log p_t(v)`` truncated to S_t and divided by
     ``Σ_{u∈S_t} p_t(u)``; with K = V it is exact. K = 1 is not degenerate here.
 
     ``renormalize=True`` (paper Eq. 5): p and q are first renormalised on the valid support,
         ``p̄_t(v) = p_t(v) / Σ_{u∈S_t} p_t(u)``, ``q̄_t(v) = q_t(v) / Σ_{u∈S_t} q_t(u)``,
         ``r_t(v) = w_t(v) · (log q̄_t(v) − log p̄_t(v))``,
-    so with ``student_p`` weights (``w = p̄``) ``Σ_{v∈S_t} r_t(v) = −KL(p̄_t‖q̄_t)``. Used as advantages
-    with ``∇log p`` (not ``∇log p̄``) this differs from ``−∇KL(p̄‖q̄)`` by
-    ``KL(p̄‖q̄) · ∇log Σ_{u∈S_t} p_t(u)``. With K = 1 every renormalised reward is 0.
+    so with ``student_p`` weights (``w = p̄``) ``Σ_{v∈S_t} r_t(v) = −KL(p̄_t‖q̄_t)`` (the logged reward).
+    These rewards are NOT advantages: used with ``∇log p`` (not ``∇log p̄``) they give
+    ``∇KL(p̄‖q̄) + KL(p̄‖q̄)·∇log Σ_{u∈S_t} p_t(u)``, which pushes mass out of the support. Turn them
+    into advantages with :func:`renormalized_advantages`. With K = 1 every renormalised reward is 0.
     """
     valid_B_T_S = _check_support_inputs(student_logp_B_T_S, teacher_logp_B_T_S, valid_B_T_S)
     _check_rank("weights_B_T_S", weights_B_T_S, "B_T_S")
@@ -330,6 +346,118 @@ def topk_rewards(
         logq_B_T_S = logq_B_T_S - torch.logsumexp(_fill_invalid_rows_safe(logq_B_T_S, keep_B_T_S), -1, True)
     rewards_B_T_S = weights_B_T_S.float() * (logq_B_T_S - logp_B_T_S)
     return torch.where(keep_B_T_S, rewards_B_T_S, zeros_B_T_S)
+
+
+def renormalized_advantages(
+    rewards_B_T_S: torch.Tensor,
+    student_logp_B_T_S: torch.Tensor,
+    valid_B_T_S: torch.Tensor,
+    mask_B_T: torch.Tensor,
+) -> torch.Tensor:
+    """Advantages for ``renormalize=True`` rewards: ``A_t(v) = r_t(v) − p̄_t(v) · Σ_{u∈S_t} r_t(u)``.
+
+    ``rewards_B_T_S`` are ``topk_rewards(..., renormalize=True)``, i.e. ``r = w·(log q̄ − log p̄)``, and
+    ``p̄_t = p_t / Σ_{u∈S_t} p_t(u)``. Since ``∇log p̄(v) = ∇log p(v) − Σ_u p̄(u)∇log p(u)``, the
+    subtracted term routes the gradient through the support normaliser, so ``−Σ_v A_t(v)∇log p_t(v)`` is
+    exactly the gradient of the renormalised divergence (the weights held at their current values):
+
+    - ``student_p`` (``w = p̄``): ``A = p̄·(log q̄ − log p̄ + KL(p̄‖q̄))`` and the update is ``∇KL(p̄_t‖q̄_t)``
+      (paper Eq. 5), exactly — the per-position ``KL(p̄‖q̄)`` is a constant, like a baseline;
+    - ``teacher_p`` (``w = q̄``) / ``uniform`` (``w = 1/|S|``): ``∇ ½ Σ_{v∈S_t} w(v)(log p̄ − log q̄)²``.
+
+    Σ_v A_t(v) = 0 at every position, so log ``rewards`` (not these) as the reward. Not defined for raw
+    (un-normalised) weights: the training config rejects ``renormalize`` with ``symmetric_difference``.
+    Returns float32 ``advantages_B_T_S``, 0 where invalid or masked.
+    """
+    _check_rank("rewards_B_T_S", rewards_B_T_S, "B_T_S")
+    _check_rank("student_logp_B_T_S", student_logp_B_T_S, "B_T_S")
+    _check_rank("valid_B_T_S", valid_B_T_S, "B_T_S")
+    _check_shape("student_logp_B_T_S", student_logp_B_T_S, rewards_B_T_S.shape, "rewards_B_T_S")
+    _check_shape("valid_B_T_S", valid_B_T_S, rewards_B_T_S.shape, "rewards_B_T_S")
+    _check_floating("rewards_B_T_S", rewards_B_T_S)
+    _check_floating("student_logp_B_T_S", student_logp_B_T_S)
+    valid_B_T_S = valid_B_T_S != 0
+    keep_B_T = _check_mask(mask_B_T, student_logp_B_T_S.shape[:2], "student_logp_B_T_S")
+    keep_B_T_S = valid_B_T_S & keep_B_T.unsqueeze(-1)
+    zeros_B_T_S = torch.zeros_like(student_logp_B_T_S, dtype=torch.float32)
+    logp_B_T_S = student_logp_B_T_S.detach().float()
+    p_bar_B_T_S = torch.softmax(_fill_invalid_rows_safe(logp_B_T_S, keep_B_T_S), dim=-1)
+    rewards_B_T_S = torch.where(keep_B_T_S, rewards_B_T_S.detach().float(), zeros_B_T_S)
+    advantages_B_T_S = rewards_B_T_S - p_bar_B_T_S * rewards_B_T_S.sum(dim=-1, keepdim=True)
+    return torch.where(keep_B_T_S, advantages_B_T_S, zeros_B_T_S)
+
+
+@dataclass
+class TopKAdvantages:
+    """What the update of a top-K objective needs, all ``_B_T_S`` (S = K or 2K).
+
+    ``support_ids``: token ids of the support slots (long); ``valid``: bool, slots that count;
+    ``student_logp`` / ``teacher_logp``: full-vocabulary log-probs at those ids (``student_logp`` is the
+    ``old_logp`` of the PPO ratio); ``rewards``: ``topk_rewards`` (sum over S = the logged per-token
+    reward); ``advantages``: what ``policy_gradient_loss`` gets.
+    """
+
+    support_ids: torch.Tensor
+    valid: torch.Tensor
+    student_logp: torch.Tensor
+    teacher_logp: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+
+
+def topk_advantages(
+    student_topk_ids_B_T_K: torch.Tensor,
+    student_topk_logp_B_T_K: torch.Tensor,
+    teacher_topk_ids_B_T_K: torch.Tensor,
+    teacher_topk_logp_B_T_K: torch.Tensor,
+    teacher_logp_at_student_B_T_K: torch.Tensor,
+    student_logp_at_teacher_B_T_K: torch.Tensor | None,
+    mask_B_T: torch.Tensor,
+    support: str = "student",
+    weighting: str = "student_p",
+    renormalize: bool = False,
+) -> TopKAdvantages:
+    """The top-K objective of the training loop: support, log-probs on it, weights, rewards, advantages.
+
+    Inputs are full-vocabulary log-probs: each model's own top-K (ids and log-probs), the teacher at the
+    student's ids and the student at the teacher's ids (``None`` is allowed for ``student`` and
+    ``intersection``, which only use the student's ids). Slots follow :func:`build_support`; the
+    advantages are ``topk_rewards`` themselves (``renormalize=False``) or
+    :func:`renormalized_advantages` of them (``renormalize=True``, not with ``symmetric_difference``).
+    """
+    _check_choice("support", support, SUPPORTS)
+    if renormalize and support == "symmetric_difference":
+        raise ValueError(
+            "renormalize=True is not defined for support='symmetric_difference' (its weights are raw "
+            "probabilities, not renormalised on the support); use renormalize=False or another support."
+        )
+    support_ids_B_T_S, valid_B_T_S = build_support(student_topk_ids_B_T_K, teacher_topk_ids_B_T_K, support)
+    if support in ("student", "intersection"):
+        s_sup_B_T_S, t_sup_B_T_S = student_topk_logp_B_T_K, teacher_logp_at_student_B_T_K
+    else:
+        if student_logp_at_teacher_B_T_K is None:
+            raise ValueError(
+                f"support={support!r} needs student_logp_at_teacher_B_T_K (the student's log-probs at the "
+                "teacher's top-K ids); score the student at teacher_topk_ids_B_T_K and pass them."
+            )
+        if support == "teacher":
+            s_sup_B_T_S, t_sup_B_T_S = student_logp_at_teacher_B_T_K, teacher_topk_logp_B_T_K
+        else:  # union / symmetric_difference: slots = cat(student ids, teacher ids)
+            s_sup_B_T_S = torch.cat([student_topk_logp_B_T_K, student_logp_at_teacher_B_T_K], -1)
+            t_sup_B_T_S = torch.cat([teacher_logp_at_student_B_T_K, teacher_topk_logp_B_T_K], -1)
+    weights_B_T_S = support_weights(s_sup_B_T_S, t_sup_B_T_S, valid_B_T_S, weighting, support)
+    rewards_B_T_S = topk_rewards(s_sup_B_T_S, t_sup_B_T_S, weights_B_T_S, valid_B_T_S, mask_B_T, renormalize)
+    advantages_B_T_S = rewards_B_T_S
+    if renormalize:
+        advantages_B_T_S = renormalized_advantages(rewards_B_T_S, s_sup_B_T_S, valid_B_T_S, mask_B_T)
+    return TopKAdvantages(
+        support_ids=support_ids_B_T_S,
+        valid=valid_B_T_S,
+        student_logp=s_sup_B_T_S,
+        teacher_logp=t_sup_B_T_S,
+        rewards=rewards_B_T_S,
+        advantages=advantages_B_T_S,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

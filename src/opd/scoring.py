@@ -8,12 +8,16 @@ position ``t - 1``). Entries where ``response_mask_B_T`` is 0 are 0 (ids: 0). Th
 once, in this module.
 
 ``score(model, input_ids_B_T, attention_mask_B_T, response_mask_B_T, *, temperature=1.0, top_k=0,
-        given_ids_B_T_K=None, entropy=True, chunk_size=256, vocab_limit=None, grad=False)
-   -> ScoreOutput``
+        given_ids_B_T_K=None, entropy=True, chunk_size=256, vocab_limit=None, grad=False,
+        compute_dtype=None) -> ScoreOutput``
 - runs the model once to the final hidden state, then computes ``lm_head`` + float32 log-softmax in
   chunks of ``chunk_size`` positions, only over response positions, so peak extra memory is
   O(B·chunk·V), never a full B×T×V float32 tensor;
-- ``temperature``: logits / temperature before log-softmax;
+- ``temperature``: logits / temperature before log-softmax (OPD scores the student at its rollout
+  temperature, the teacher at ``teacher_temperature``);
+- ``compute_dtype``: run the backbone under ``torch.autocast`` in this dtype (float32 master weights,
+  low-precision compute; see ``opd.precision``); None = the weights' own dtype. The head never is: the
+  ``lm_head`` matmul, logits and log-softmax are float32 for every model dtype;
 - ``vocab_limit``: restrict logits to the first ``vocab_limit`` columns (embedding tables padded past
   the tokenizer's vocabulary);
 - ``top_k > 0``: also return the model's own top-k ids and their (full-vocab) log-probs;
@@ -22,11 +26,16 @@ once, in this module.
 - ``grad=True``: keep the autograd graph (the update pass); chunks are recomputed in backward
   (activation checkpointing) so memory stays O(B·chunk·V).
 
+``full_vocab_pair(student, teacher, ..., divergence, *, temperature, teacher_temperature, ...) -> div_B_T``
+streams a full-vocabulary divergence between two models the same way (both heads and the divergence
+per chunk, checkpointed), so the exact-KL objective never holds an N×V tensor either.
+
 IMPLEMENTATION NOTES
 
 The maths. With final hidden state h_s at position s, head W and temperature τ,
 
-    z_t = post(W h_{t-1}) / τ                    (float32; ``post`` = the model's logit quirks below)
+    z_t = post(W h_{t-1}) / τ                    (float32 matmul of the upcast h and W, outside autocast;
+                                                 ``post`` = the model's logit quirks below)
     log p_t(v) = z_t(v) − log Σ_u exp z_t(u)    (over the first ``vocab_limit`` columns, or all V)
     token_logp[b, t]  = log p_t(input_ids[b, t])
     entropy[b, t]     = −Σ_v p_t(v) log p_t(v)
@@ -67,11 +76,13 @@ What this module deliberately leaves out:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from opd.precision import compute_context
 
 
 @dataclass
@@ -162,10 +173,22 @@ class _Head:
     vocab_limit: int | None
 
     def logits(self, hidden_N_H: torch.Tensor) -> torch.Tensor:
-        z_N_V = self.lm_head(hidden_N_H)
-        if self.vocab_limit is not None:
-            z_N_V = z_N_V[..., : self.vocab_limit]
-        z_N_V = z_N_V.float()
+        # float32 head whatever the model dtype or an enclosing autocast: bf16 logits in [16, 32) would be
+        # quantised to 0.125. A plain Linear head multiplies only its first vocab_limit rows.
+        with torch.autocast(device_type=hidden_N_H.device.type, enabled=False):
+            if isinstance(self.lm_head, torch.nn.Linear):
+                w_V_H, b_V = self.lm_head.weight, self.lm_head.bias
+                if self.vocab_limit is not None:
+                    w_V_H = w_V_H[: self.vocab_limit]
+                    b_V = None if b_V is None else b_V[: self.vocab_limit]
+                z_N_V = torch.nn.functional.linear(
+                    hidden_N_H.float(), w_V_H.float(), None if b_V is None else b_V.float()
+                )
+            else:
+                z_N_V = self.lm_head(hidden_N_H)
+                if self.vocab_limit is not None:
+                    z_N_V = z_N_V[..., : self.vocab_limit]
+                z_N_V = z_N_V.float()
         if self.scale != 1.0:
             z_N_V = z_N_V * self.scale
         if self.softcap is not None:
@@ -360,12 +383,15 @@ def score(
     chunk_size: int = 256,
     vocab_limit: int | None = None,
     grad: bool = False,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> ScoreOutput:
     """Score ``input_ids_B_T`` with ``model`` at response positions (see the module docstring).
 
     ``output[b, t]`` is about p_t = softmax(post(W h_{t−1}) / τ), the distribution that predicts token t;
     entries with ``response_mask_B_T[b, t] == 0`` are 0. Log-probs and entropy are float32 whatever the
     model dtype. With ``grad=True`` the float outputs are differentiable (chunks are checkpointed).
+    ``compute_dtype``: run the backbone under autocast in this dtype (float32 master weights, e.g. a
+    bf16 student; see ``opd.precision``); the head is float32 either way. None = the weights' dtype.
     If nothing is marked as response, zeros are returned without running the model.
     """
     _check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
@@ -402,7 +428,8 @@ def score(
         ]
     else:
         with torch.set_grad_enabled(grad):
-            hidden_B_T_H = _final_hidden(model, input_ids_B_T, attention_mask_B_T)
+            with compute_context(model, compute_dtype):
+                hidden_B_T_H = _final_hidden(model, input_ids_B_T, attention_mask_B_T)
             hidden_N_H = hidden_B_T_H[rows_N.to(hidden_B_T_H.device), src_N.to(hidden_B_T_H.device)]
             del hidden_B_T_H
 
@@ -449,6 +476,7 @@ def score_full_logits(
     vocab_limit: int | None = None,
     grad: bool = False,
     chunk_size: int = 256,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield full-vocabulary logits of the response positions, one chunk at a time.
 
@@ -463,14 +491,15 @@ def score_full_logits(
     With ``grad=True`` the logits are differentiable and each chunk stays alive for as long as your loss
     graph refers to it, so a loss summed over all chunks before ``backward`` costs O(N·V) again. For the
     update pass prefer ``score(..., given_ids_B_T_K=..., grad=True)`` (checkpointed, O(chunk·V)), or
-    reduce each chunk inside your own ``torch.utils.checkpoint``.
+    reduce each chunk inside your own ``torch.utils.checkpoint``, or use ``full_vocab_pair``.
+    ``compute_dtype`` as in ``score``.
     """
     _check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
     head, _ = _make_head(model, temperature, vocab_limit)
     rows_N, tgt_N, src_N = aligned_positions(response_mask_B_T)
     if not rows_N.numel():
         return
-    with torch.set_grad_enabled(grad):  # not held across yields: the caller's grad mode is untouched
+    with torch.set_grad_enabled(grad), compute_context(model, compute_dtype):  # not held across yields
         hidden_B_T_H = _final_hidden(model, input_ids_B_T, attention_mask_B_T)
         hidden_N_H = hidden_B_T_H[rows_N.to(hidden_B_T_H.device), src_N.to(hidden_B_T_H.device)]
         del hidden_B_T_H
@@ -478,3 +507,77 @@ def score_full_logits(
         with torch.set_grad_enabled(grad):
             logits_N_V = head.logits(hidden_N_H[sl])
         yield rows_N[sl], tgt_N[sl], logits_N_V
+
+
+def _pair_chunk(
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    s_head: _Head,
+    t_head: _Head,
+    s_hidden_N_H: torch.Tensor,
+    t_hidden_N_H: torch.Tensor,
+) -> torch.Tensor:
+    with torch.no_grad():
+        t_logits_N_V = t_head.logits(t_hidden_N_H)
+    return divergence(s_head.logits(s_hidden_N_H), t_logits_N_V)
+
+
+def full_vocab_pair(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    vocab_limit: int | None = None,
+    chunk_size: int = 256,
+    grad: bool = False,
+    compute_dtype: str | torch.dtype | None = None,
+) -> torch.Tensor:
+    """Per-position ``divergence(student_logits_N_V, teacher_logits_N_V) -> div_N`` over the full vocabulary.
+
+    Returns float32 ``div_B_T`` aligned like ``score`` (0 where ``response_mask_B_T`` is 0). Logits are
+    z/τ with the student's ``temperature`` and the teacher's ``teacher_temperature``, float32.
+
+    Memory: both backbones run once (the teacher without grad); only the N response rows of their final
+    hidden states are kept (O(N·H)). The vocabulary-sized part is streamed, ``chunk_size`` positions at a
+    time: each chunk's two heads and the divergence run inside ``torch.utils.checkpoint``, which keeps the
+    two chunk×H hidden slices and recomputes both heads in backward. So no N×V tensor of either model
+    exists at any time, with or without ``grad``; the peak extra is a few chunk×V float32 tensors. The
+    price is one more head matmul per model and chunk in backward.
+    Gradients reach only the student (the teacher head runs under ``no_grad``).
+    """
+    _check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
+    s_head, V = _make_head(student, temperature, vocab_limit)
+    t_head, Vt = _make_head(teacher, teacher_temperature, vocab_limit)
+    if Vt != V:
+        raise ValueError(
+            f"vocab_limit={vocab_limit!r}: the student scores {V} logit columns, the teacher {Vt}. "
+            "Fix: pass the shared vocabulary size (opd.models.check_compatibility(...).vocab_limit)."
+        )
+    B, T = input_ids_B_T.shape
+    rows_N, tgt_N, src_N = aligned_positions(response_mask_B_T)
+    _check_ids_in_range("input_ids_B_T", input_ids_B_T[rows_N, tgt_N], V)
+    N = rows_N.numel()
+    if N == 0:
+        return torch.zeros((B, T), dtype=torch.float32, device=input_ids_B_T.device)
+    with torch.no_grad():
+        t_hidden_B_T_H = _final_hidden(teacher, input_ids_B_T, attention_mask_B_T)
+        t_hidden_N_H = t_hidden_B_T_H[rows_N.to(t_hidden_B_T_H.device), src_N.to(t_hidden_B_T_H.device)]
+        del t_hidden_B_T_H
+    with torch.set_grad_enabled(grad):
+        with compute_context(student, compute_dtype):
+            s_hidden_B_T_H = _final_hidden(student, input_ids_B_T, attention_mask_B_T)
+        s_hidden_N_H = s_hidden_B_T_H[rows_N.to(s_hidden_B_T_H.device), src_N.to(s_hidden_B_T_H.device)]
+        del s_hidden_B_T_H
+        pieces = []
+        for sl in _slices(N, chunk_size):
+            args = (divergence, s_head, t_head, s_hidden_N_H[sl], t_hidden_N_H[sl].to(s_hidden_N_H.device))
+            if grad:
+                pieces.append(checkpoint(_pair_chunk, *args, use_reentrant=False))
+            else:
+                pieces.append(_pair_chunk(*args))
+        div_N = torch.cat(pieces).float()
+    return _scatter(div_N, rows_N, tgt_N, B, T).to(input_ids_B_T.device)

@@ -21,6 +21,10 @@ class DiagnoseConfig(PromptsConfig, ModelsConfig):
     """One pre-flight diagnosis of a (student, teacher, prompts) triple; answers in the prompts enable
     condition (ii). Same conventions as ``OPDConfig``."""
 
+    student_dtype: str = "float32"
+    """Student weights dtype: float32, bfloat16 or float16 (inference only; log-probs are always float32).
+    Unlike ``opd train``'s compute dtype, the weights themselves are loaded in this dtype."""
+
     # --- sample sizes ---
     num_prompts: int = 64
     """Prompts sampled (seeded shuffle) from the source."""

@@ -259,14 +259,19 @@ def token_rewards(
     batch and settings (tests/test_diagnose.py holds them in lockstep).
     """
     sampled_B_T = obj.sampled_token_rewards(student.token_logp_B_T, teacher.token_logp_B_T, mask_B_T, "k1")
-    _, valid_B_T_K = obj.build_support(student.topk_ids_B_T_K, teacher.topk_ids_B_T_K, "student")
-    weights_B_T_K = obj.support_weights(
-        student.topk_logp_B_T_K, teacher.given_logp_B_T_K, valid_B_T_K, "student_p", "student"
+    topk = obj.topk_advantages(
+        student.topk_ids_B_T_K,
+        student.topk_logp_B_T_K,
+        teacher.topk_ids_B_T_K,
+        teacher.topk_logp_B_T_K,
+        teacher_logp_at_student_B_T_K=teacher.given_logp_B_T_K,
+        student_logp_at_teacher_B_T_K=None,  # the student support needs only the student's ids
+        mask_B_T=mask_B_T,
+        support="student",
+        weighting="student_p",
+        renormalize=False,
     )
-    topk_B_T_K = obj.topk_rewards(
-        student.topk_logp_B_T_K, teacher.given_logp_B_T_K, weights_B_T_K, valid_B_T_K, mask_B_T
-    )
-    return sampled_B_T, topk_B_T_K.sum(-1)
+    return sampled_B_T, topk.rewards.sum(-1)
 
 
 # -------------------------------------------------------------------------------------- condition (i)

@@ -10,11 +10,18 @@ Each step:
      discount, no KL-to-reference), micro-batches with gradient accumulation, ``ppo_epochs`` passes;
   5. log the step (metrics.jsonl), check alerts, checkpoint atomically every ``save_every`` steps.
 
+Temperature and precision. The student is scored at the distribution its rollout tokens were drawn
+from: logits / ``temperature`` in every pass (rewards, old log-probs, the update's PPO ratio, metrics);
+the teacher at ``teacher_temperature``. Top-p / top-k rollouts are refused by the config (they would be
+off-policy for the scored objective). ``student_dtype`` is a compute dtype: the student's weights stay
+float32 (AdamW master weights, saved as float32 in ``final/``) and its forwards run under autocast;
+the head and everything after it are float32 (``opd.precision``).
+
 What this file deliberately leaves out: value functions and baselines (the study uses none), reference-
 model KL penalties, multi-turn rollouts, sequence packing, and distributed setup (the same code runs
 under ``accelerate launch`` via a later accelerate integration). Full-vocabulary mode differentiates
 the exact KL per micro-batch instead of using a policy gradient; it re-runs the teacher on each
-micro-batch so no B x T x V tensor is ever kept.
+micro-batch and streams both heads chunk by chunk (checkpointed), so no B x T x V tensor is ever kept.
 """
 
 from __future__ import annotations
@@ -106,10 +113,12 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
                 mb.input_ids_B_T,
                 mb.attention_mask_B_T,
                 mb.response_mask_B_T,
+                temperature=cfg.temperature,  # the distribution the rollout tokens were drawn from
                 top_k=width,
                 entropy=True,
                 chunk_size=cfg.score_chunk_size,
                 vocab_limit=vocab_limit,
+                compute_dtype=cfg.student_dtype,
             )
             t1 = time.perf_counter()
             t = score(
@@ -140,37 +149,40 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
 
     if cfg.objective == "sampled":
         out["old_logp"] = s_out.token_logp_B_T
-        out["advantages"] = obj.sampled_token_rewards(
+        # the advantage is always k1 (k3 is not an advantage: docs/objectives.md); `estimator` picks
+        # only the logged per-token reward
+        out["advantages"] = obj.sampled_token_rewards(s_out.token_logp_B_T, t_out.token_logp_B_T, mask, "k1")
+        out["token_reward"] = obj.sampled_token_rewards(
             s_out.token_logp_B_T, t_out.token_logp_B_T, mask, estimator=cfg.estimator
         )
-        out["token_reward"] = out["advantages"]
     elif cfg.objective == "topk":
         K = cfg.top_k
         s_ids, s_lp = s_out.topk_ids_B_T_K[..., :K], s_out.topk_logp_B_T_K[..., :K]
         t_ids, t_lp = t_out.topk_ids_B_T_K[..., :K], t_out.topk_logp_B_T_K[..., :K]
-        t_at_s = t_out.given_logp_B_T_K[..., :K]
-        support_ids, valid = obj.build_support(s_ids, t_ids, cfg.support)
-        if cfg.support in ("student", "intersection"):
-            s_sup, t_sup = s_lp, t_at_s
-        else:
+        s_at_t = None
+        if cfg.support not in ("student", "intersection"):
             # the student's log-probs at the teacher's top-K ids need one more (no-grad) student pass
             t0 = time.perf_counter()
-            s_at_t = _score_given(student, batch, t_ids, cfg, vocab_limit)
+            s_at_t = _score_given(student, batch, t_ids, cfg, vocab_limit, cfg.temperature, cfg.student_dtype)
             t_student += time.perf_counter() - t0
-            if cfg.support == "teacher":
-                s_sup, t_sup = s_at_t, t_lp
-            else:  # union / symmetric_difference: ids = cat(student, teacher)
-                s_sup, t_sup = torch.cat([s_lp, s_at_t], -1), torch.cat([t_at_s, t_lp], -1)
-        weights = obj.support_weights(s_sup, t_sup, valid, cfg.weighting, cfg.support)
-        rewards = obj.topk_rewards(s_sup, t_sup, weights, valid, mask, renormalize=cfg.renormalize)
+        topk = obj.topk_advantages(
+            s_ids,
+            s_lp,
+            t_ids,
+            t_lp,
+            teacher_logp_at_student_B_T_K=t_out.given_logp_B_T_K[..., :K],
+            student_logp_at_teacher_B_T_K=s_at_t,  # None for student / intersection
+            mask_B_T=mask,
+            support=cfg.support,
+            weighting=cfg.weighting,
+            renormalize=cfg.renormalize,
+        )
         out.update(
-            support_ids=support_ids,
-            valid=valid,
-            old_logp=s_sup,
-            advantages=rewards,
-            adv_student_logp=s_sup,
-            adv_teacher_logp=t_sup,
-            token_reward=rewards.sum(-1),
+            support_ids=topk.support_ids,
+            valid=topk.valid,
+            old_logp=topk.student_logp,
+            advantages=topk.advantages,
+            token_reward=topk.rewards.sum(-1),
         )
     else:  # full vocabulary: the loss is the exact KL, computed with grad in the update
         out["token_reward"] = t_out.token_logp_B_T - s_out.token_logp_B_T
@@ -178,7 +190,9 @@ def score_batch(student, teacher, batch, cfg: OPDConfig, vocab_limit: int) -> di
     return out
 
 
-def _score_given(model, batch, ids_B_T_K, cfg: OPDConfig, vocab_limit: int) -> torch.Tensor:
+def _score_given(
+    model, batch, ids_B_T_K, cfg: OPDConfig, vocab_limit: int, temperature: float, compute_dtype: str
+) -> torch.Tensor:
     from opd.scoring import score
 
     parts = []
@@ -191,10 +205,12 @@ def _score_given(model, batch, ids_B_T_K, cfg: OPDConfig, vocab_limit: int) -> t
                 mb.input_ids_B_T,
                 mb.attention_mask_B_T,
                 mb.response_mask_B_T,
+                temperature=temperature,
                 entropy=False,
                 given_ids_B_T_K=ids_B_T_K[sl],
                 chunk_size=cfg.score_chunk_size,
                 vocab_limit=vocab_limit,
+                compute_dtype=compute_dtype,
             )
             parts.append(o.given_logp_B_T_K)
     return torch.cat(parts)
@@ -209,7 +225,7 @@ def _cat(xs: list) -> Any:
 
 def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDConfig, vocab_limit: int):
     """``ppo_epochs`` optimizer updates over the rollout batch. Returns (loss, grad_norm, skipped, stats)."""
-    from opd.scoring import score, score_full_logits
+    from opd.scoring import score
 
     mask_all = scored["mask"]
     B = batch.input_ids_B_T.shape[0]
@@ -227,7 +243,7 @@ def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDC
                 continue
             w = micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
             if cfg.objective == "full":
-                loss = _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit, score_full_logits)
+                loss = _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit)
                 stats = {}
             else:
                 given = scored["support_ids"][sl] if cfg.objective == "topk" else None
@@ -236,11 +252,13 @@ def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDC
                     mb.input_ids_B_T,
                     mb.attention_mask_B_T,
                     mb.response_mask_B_T,
+                    temperature=cfg.temperature,
                     given_ids_B_T_K=given,
                     entropy=False,
                     grad=True,
                     chunk_size=cfg.score_chunk_size,
                     vocab_limit=vocab_limit,
+                    compute_dtype=cfg.student_dtype,
                 )
                 new_logp = out.given_logp_B_T_K if given is not None else out.token_logp_B_T
                 loss, stats = obj.policy_gradient_loss(
@@ -272,34 +290,32 @@ def update(student, teacher, batch, scored: dict[str, Any], optimizer, cfg: OPDC
     return float(np.mean(losses)), norms[-1], skipped, stats
 
 
-def _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit, score_full_logits):
-    """Exact per-token KL(p||q) over the whole vocabulary, chunked over positions (teacher no-grad)."""
-    with torch.no_grad():
-        t_chunks = list(
-            score_full_logits(
-                teacher,
-                mb.input_ids_B_T,
-                mb.attention_mask_B_T,
-                mb.response_mask_B_T,
-                temperature=cfg.teacher_temperature,
-                vocab_limit=vocab_limit,
-                chunk_size=cfg.score_chunk_size,
-            )
-        )
-    per_token = torch.zeros_like(mask)
-    s_iter = score_full_logits(
+def _full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit):
+    """Exact per-token KL(p||q) over the whole vocabulary, p at ``temperature``, q at ``teacher_temperature``.
+
+    Streamed by ``opd.scoring.full_vocab_pair``: teacher no-grad, each position chunk's heads + KL
+    checkpointed and recomputed in backward, so no B x T x V tensor is kept.
+    """
+    from opd.scoring import full_vocab_pair
+
+    def reverse_kl(s_logits_N_V, t_logits_N_V):
+        ones = torch.ones(1, s_logits_N_V.shape[0], device=s_logits_N_V.device)
+        return obj.full_vocab_divergence(s_logits_N_V[None], t_logits_N_V[None], ones, kind="reverse_kl")[0]
+
+    per_token = full_vocab_pair(
         student,
+        teacher,
         mb.input_ids_B_T,
         mb.attention_mask_B_T,
         mb.response_mask_B_T,
+        reverse_kl,
+        temperature=cfg.temperature,
+        teacher_temperature=cfg.teacher_temperature,
         vocab_limit=vocab_limit,
-        grad=True,
         chunk_size=cfg.score_chunk_size,
+        grad=True,
+        compute_dtype=cfg.student_dtype,
     )
-    for (rows, cols, s_logits), (_, _, t_logits) in zip(s_iter, t_chunks, strict=True):
-        ones = torch.ones(1, s_logits.shape[0], device=s_logits.device)
-        div = obj.full_vocab_divergence(s_logits[None], t_logits[None], ones, kind="reverse_kl")[0]
-        per_token = per_token.index_put((rows, cols), div)
     return obj.aggregate(per_token, mask, cfg.loss_aggregation)
 
 
@@ -344,7 +360,8 @@ def _train(cfg: OPDConfig, run, stop) -> dict[str, Any]:
     # -- models and tokenizers; compatibility first, so a mismatch fails before any work
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    student = load_model(cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code)
+    # float32 master weights; cfg.student_dtype is the compute dtype (autocast), see opd.precision
+    student = load_model(cfg.student, dtype="float32", trust_remote_code=cfg.trust_remote_code)
     teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
     compat = check_compatibility(tokenizer, teacher_tokenizer, student, teacher)
     for w in compat.warnings + [same_model_warning(cfg.student, cfg.teacher, student, teacher)]:
@@ -526,19 +543,21 @@ def opd_step(
 ) -> dict[str, Any]:
     """One OPD step (rollout → scoring → rewards → update → metrics). Returns the metrics row."""
     from opd.metrics import mechanism_metrics
+    from opd.precision import compute_context
 
     t_step = time.perf_counter()
     idx = sampler.next_batch(cfg.prompts_per_step)
     t0 = time.perf_counter()
-    batch = backend.generate(
-        [prompts.examples[i].input_ids for i in idx],
-        n=cfg.rollouts_per_prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.rollout_top_k,
-        seed=None,
-    )
+    with compute_context(student, cfg.student_dtype):
+        batch = backend.generate(
+            [prompts.examples[i].input_ids for i in idx],
+            n=cfg.rollouts_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.rollout_top_k,
+            seed=None,
+        )
     t_rollout = time.perf_counter() - t0
 
     scored = score_batch(student, teacher, batch, cfg, vocab_limit)
@@ -560,10 +579,6 @@ def opd_step(
         s.entropy_B_T,
         t.entropy_B_T,
         mask,
-        advantages_B_T_S=scored.get("advantages") if cfg.objective == "topk" else None,
-        adv_student_logp_B_T_S=scored.get("adv_student_logp"),
-        adv_teacher_logp_B_T_S=scored.get("adv_teacher_logp"),
-        adv_mask_B_T_S=scored.get("valid"),
         position_chunk=cfg.metrics_position_chunk,
     )
     n_tokens = int(mask.sum())
@@ -591,22 +606,26 @@ def opd_step(
 
 
 def evaluate_during_training(model, tokenizer, eval_set, cfg: OPDConfig) -> dict[str, float]:
+    """avg@n accuracy (n = eval_samples; 1 when greedy) at eval_temperature / eval_top_p, and pass@n."""
     from opd.evaluate import evaluate_accuracy
+    from opd.precision import compute_context
 
-    res = evaluate_accuracy(
-        model,
-        tokenizer,
-        eval_set,
-        temperature=cfg.eval_temperature,
-        n=cfg.eval_samples,
-        max_new_tokens=cfg.max_new_tokens,
-        progress=False,
-    )
-    return {"eval/accuracy": res["accuracy"]}
+    with compute_context(model, cfg.student_dtype):
+        res = evaluate_accuracy(
+            model,
+            tokenizer,
+            eval_set,
+            temperature=cfg.eval_temperature,
+            top_p=cfg.eval_top_p,
+            n=cfg.eval_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            progress=False,
+        )
+    return {"eval/accuracy": res["accuracy"], "eval/pass@n": res["pass@n"], "eval/samples": res["n"]}
 
 
 def _save_final(model, tokenizer, final_dir: Path) -> None:
-    """Save atomically: write to a temporary sibling, then rename."""
+    """Save atomically: write to a temporary sibling, then rename. The weights are the float32 masters."""
     import shutil
 
     tmp = final_dir.with_name(f".tmp-final-{os.getpid()}")
