@@ -536,7 +536,7 @@ def test_real_model_pair(smollm2_pair, tmp_path):
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = dict(
         num_prompts=3,
-        rollouts=2,
+        rollouts_per_prompt=2,
         max_new_tokens=24,
         prefix_fractions=(0.5,),
         student_dtype="bfloat16",
@@ -555,7 +555,9 @@ def test_real_model_pair(smollm2_pair, tmp_path):
     assert result["condition_ii"]["reward"]["sampled_token"]["abs_mean"] > 0.01
 
     out = tmp_path / "same"
-    same = diagnose(_cfg(teacher, teacher, prompts, out, **(common | dict(num_prompts=2))))
+    # 24 new tokens truncate most responses; switch the truncation rule off to judge the evidence itself
+    no_trunc = dict(num_prompts=2, thresholds=DiagnoseThresholds(truncated_frac_max=1.0))
+    same = diagnose(_cfg(teacher, teacher, prompts, out, **(common | no_trunc)))
     _check_outputs(out, same)
     assert same["verdict"] == "no-go" and FLAG_NO_SIGNAL in same["flags"]
     assert same["condition_i"]["metrics"]["overlap/ratio"] == pytest.approx(1.0)
