@@ -5,7 +5,8 @@
 * :func:`prompt_rows` — fixed prompt sets with answers (``lab:train``, ``lab:test``, ...);
 * :mod:`opd.lab.zoo` — tiny Qwen2 models trained on those solutions (``lab:student``,
   ``lab:teacher-a-plus``, ...), shipped inside the package and rebuilt by ``opd lab build``;
-* :func:`evaluate_model` — fast batched accuracy of a model on prompt rows.
+* :func:`evaluate_model` — accuracy of a model on prompt rows, overall and per difficulty / ``n_ops``
+  (a thin use of :mod:`opd.evaluate`, the evaluator training and ``opd diagnose`` use).
 
 All lab models share one byte-level tokenizer with the ChatML template (:func:`lab_tokenizer`).
 """
