@@ -419,7 +419,7 @@ def test_real_model_pair(smollm2_pair, tmp_path):
     )
     out = tmp_path / "real"
     result = diagnose(_cfg(student, teacher, prompts, out, **common))
-    _check_outputs(out, result)
+    check_diagnosis_report(*_check_outputs(out, result))
     tk = result["tokenizer"]
     assert tk["compatible"] and tk["same_render"] and not tk["template_differs"]
     assert "<|im_end|>" in tk["student"]["stop_tokens"]

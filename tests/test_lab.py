@@ -218,6 +218,7 @@ def test_build_rebuilds_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.rebuild
 def test_full_student_rebuild_matches_shipped_weights(tmp_path):
     """Retrain the shipped student from scratch: bit-identical on the machine/torch build that made it."""
     from opd.lab import zoo
