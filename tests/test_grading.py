@@ -132,6 +132,10 @@ def test_normalize_is_idempotent():
         (r"\boxed{6.283185307}", r"2\pi"),
         (r"\boxed{(7.4 \times 10^{-12}, 1)}", r"(7.4\cdot 10^{-12}, 1)"),
         (r"\boxed{\{\sqrt{2}, 3\}}", r"\{3, \sqrt{2}\}"),
+        (
+            r"\boxed{(-\infty, 7.4 \times 10^{-12}) \cup (1, \infty)}",
+            r"(-\infty,7.4\cdot10^{-12})\cup(1,\infty)",
+        ),
         (r"\boxed{4210_{5}}", "4210_5"),  # base subscripts: string check
         (r"\boxed{\frac{1}{3} E_{1}+\frac{2}{3} E_{2}}", r"\frac{1}{3} E_{1}+\frac{2}{3} E_{2}"),
     ],
@@ -165,6 +169,10 @@ def test_grade_true(response, truth):
         (r"\boxed{6.63 \times 10^{-34} \pi}", r"7.63 \times 10^{-34} \pi"),  # constants, relative
         (r"\boxed{(8.4 \times 10^{-12}, 1)}", r"(7.4 \times 10^{-12}, 1)"),  # inside a tuple
         (r"\boxed{\{2.88 \times 10^{-19}, 1\}}", r"\{1, 3.88 \times 10^{-19}\}"),  # inside a set
+        (
+            r"\boxed{(-\infty, 3.88 \times 10^{-19}) \cup (1, \infty)}",  # inside a union
+            r"(-\infty, 2.88 \times 10^{-19}) \cup (1, \infty)",
+        ),
         (r"\boxed{52_9}", "52_8"),  # the base is part of the answer
         # a side the parser reads only a fragment of (both used to parse as 2/3) is not a match
         (r"\boxed{\frac{2}{3} E_{1}+\frac{2}{3} E_{2}}", r"\frac{1}{3} E_{1}+\frac{2}{3} E_{2}"),

@@ -338,6 +338,21 @@ def _is_constant(x) -> bool:
     return isinstance(x, sympy.Expr) and bool(x.is_number)
 
 
+def _all_constant(x) -> bool:
+    """``x`` is a constant, or a tuple / set / interval / union / matrix with only constants inside."""
+    import sympy
+
+    if _is_constant(x):
+        return True
+    if isinstance(x, sympy.MatrixBase):
+        return all(_is_constant(e) for e in x)
+    if isinstance(x, sympy.Interval):
+        return _all_constant(x.start) and _all_constant(x.end)
+    if isinstance(x, (sympy.Tuple, sympy.FiniteSet, sympy.Union)):
+        return all(_all_constant(e) for e in x.args)
+    return False
+
+
 def _constants_close(a, b) -> bool:
     """Two constant sympy expressions equal: exactly, or to ``NUMERIC_REL_TOL`` relative at 30 digits."""
     import sympy
@@ -381,7 +396,7 @@ def _structure_equal(a, b) -> bool | None:
         parts = []
         for x in xs:  # greedy matching in any order
             hit = next((j for j, y in enumerate(ys) if _structure_equal(x, y)), None)
-            if hit is None and not all(_is_constant(v) for v in (x, *ys)):
+            if hit is None and not all(_all_constant(v) for v in (x, *ys)):
                 return None
             parts.append(hit is not None)
             if hit is not None:
