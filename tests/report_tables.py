@@ -182,7 +182,7 @@ def check_diagnosis_report(d: dict, md: str, html: str) -> None:
         else:
             op, thr = row[3].split(" ", 1)
             assert op == c["op"], what
-            _sig(thr, c["threshold"], what + " threshold")
+            assert_cell(thr, c["threshold"], digits=-3, what=what + " threshold")  # 3 significant digits
         assert row[4] == {None: "—", True: "pass", False: "FAIL"}[c["passed"]], what
     ci = d.get("condition_i")
     if ci:
