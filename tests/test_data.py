@@ -9,11 +9,12 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA, require, require_module
 
 from opd.data import PromptSampler, PromptSet, load_prompts, read_rows
 from opd.tiny import CHATML_TEMPLATE, build_byte_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = SHARED_DATA
 BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
 
 ROWS = [
@@ -81,9 +82,7 @@ def test_every_file_format(tmp_path, tok, suffix):
 
 
 def test_save_to_disk_directory(tmp_path, tok):
-    datasets = pytest.importorskip(
-        "datasets", reason="datasets is an optional extra (pip install opd[datasets])"
-    )
+    datasets = require_module("datasets", "an optional extra: pip install 'opd[datasets]'")
     rows = [
         {"prompt": [{"role": "user", "content": r["problem"]}], "reward_model": {"ground_truth": r["answer"]}}
         for r in ROWS
@@ -207,8 +206,7 @@ def test_gsm8k_answer(tmp_path, tok):
 
 def test_real_gsm8k_file(tok):
     path = SHARED / "benchmarks" / "gsm8k-test.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} not present (shared data is optional)")
+    require(path.exists(), f"{path} not present (the shared data)")
     ps = load_prompts(path, tok, limit=5, max_prompt_tokens=None)
     assert ps.prompt_field == "question" and all(e.answer.lstrip("-").isdigit() for e in ps.examples)
 
@@ -231,8 +229,7 @@ def test_template_keeps_literal_boxed_and_fixes_artefact(tmp_path, tok):
 
 def test_real_dapo_boxed_artefact(tok):
     path = SHARED / "prompts" / "dapo-math-17k-boxed.parquet"
-    if not path.exists():
-        pytest.skip(f"{path} not present (shared data is optional)")
+    require(path.exists(), f"{path} not present (the shared data)")
     ps = load_prompts(path, tok, limit=4, seed=0)
     assert len(ps) == 4 and ps.answer_field == "reward_model.ground_truth"
     for ex in ps.examples:

