@@ -9,6 +9,12 @@ import os
 import sys
 
 from opd.config import ConfigError, OPDConfig, help_text, load_config
+from opd.diagnose import add_cli_parser as add_diagnose_parser
+from opd.diagnose import run_cli as run_diagnose_cli
+from opd.lab import zoo
+from opd.lab.build import build as build_zoo
+from opd.lab.demo import run_demo
+from opd.methods.opd import train
 from opd.rundir import RunInterrupted
 
 TRAIN_EPILOG = """\
@@ -50,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
-    from opd.diagnose import add_cli_parser as _diagnose_parser
-
-    _diagnose_parser(sub)
+    add_diagnose_parser(sub)
     d = sub.add_parser("demo", help="the main job: OPD end to end on CPU-sized models, with a report")
     d.add_argument("--smoke", action="store_true", help="a reduced, fast version (CI)")
     d.add_argument("--out", default=None, help="output directory (default runs/demo-<time>)")
@@ -80,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _cmd_train(args)
         if args.command == "demo":
-            from opd.demo import run_demo
-
             run_demo(
                 smoke=args.smoke,
                 out=args.out,
@@ -91,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "diagnose":
-            from opd.diagnose import run_cli
-
-            return run_cli(args)
+            return run_diagnose_cli(args)
         if args.command == "lab":
             return _cmd_lab(args, parser)
         parser.print_help()
@@ -129,8 +129,6 @@ def _debug(args) -> bool:
 
 
 def _cmd_train(args) -> int:
-    from opd.methods.opd import train
-
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # no YAML file, only overrides
         overrides.insert(0, config)
@@ -143,13 +141,9 @@ def _cmd_train(args) -> int:
 
 def _cmd_lab(args, parser) -> int:
     if args.lab_command == "build":
-        from opd.lab.zoo import build
-
-        build(out_dir=args.out, seed=args.seed, only=args.only)
+        build_zoo(out_dir=args.out, seed=args.seed, only=args.only)
         return 0
     if args.lab_command == "list":
-        from opd.lab import zoo
-
         for name in zoo.MODEL_NAMES:
             print(f"lab:{name}")
         return 0
