@@ -47,7 +47,7 @@ def main() -> None:
     if args.existing:
         dirs = [Path(d) for d in args.existing]
     else:
-        from opd.demo import run_demo
+        from opd.lab.demo import run_demo
 
         dirs = []
         for s in args.seeds:

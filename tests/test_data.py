@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import types
 from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, require, require_module
 
 from opd.data import PromptSampler, PromptSet, load_prompts, read_rows
+from opd.lab import LabNameError, prompt_rows
 from opd.tiny import CHATML_TEMPLATE, build_byte_tokenizer
 
 SHARED = SHARED_DATA
@@ -101,18 +100,18 @@ def test_save_to_disk_directory(tmp_path, tok):
         read_rows(tmp_path / "dd2")
 
 
-def test_lab_source(monkeypatch, tok):
-    fake = types.ModuleType("opd.lab")
-    fake.prompt_rows = lambda split: [{"prompt": f"{split}: 2+2?", "answer": "4"}]
-    monkeypatch.setitem(sys.modules, "opd.lab", fake)
-    ps = load_prompts("lab:arith", tok)
-    assert ps.source == "lab:arith" and ps[0].text == "arith: 2+2?" and ps[0].answer == "4"
+def test_lab_source(tok):
+    ps = load_prompts("lab:test-easy", tok, limit=3)
+    rows = prompt_rows("test-easy")
+    assert ps.source == "lab:test-easy" and [e.answer for e in ps] == [r["answer"] for r in rows[:3]]
+    assert ps[0].text == rows[0]["prompt"]
 
 
-def test_lab_source_missing(monkeypatch, tok):
-    monkeypatch.setitem(sys.modules, "opd.lab", types.ModuleType("opd.lab"))
-    with pytest.raises(ImportError, match=r"'lab:arith' needs opd.lab.prompt_rows"):
+def test_lab_source_unknown_lists_the_valid_names(tok):
+    with pytest.raises(LabNameError, match=r"unknown lab prompt set 'lab:arith'.*lab:train, lab:train-easy"):
         load_prompts("lab:arith", tok)
+    with pytest.raises(LabNameError, match=r"'lab:student'"):  # a model, not a prompt set
+        read_rows("lab:student")
 
 
 def test_source_errors(tmp_path, tok):

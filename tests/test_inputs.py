@@ -17,6 +17,7 @@ from opd.alerts import AlertConfig
 from opd.cli import main
 from opd.config import ConfigError, OPDConfig, load_config
 from opd.data import load_prompts, read_rows, template_variables
+from opd.lab import resolve
 from opd.methods import opd as opd_method
 from opd.models import (
     NonFiniteModelError,
@@ -36,9 +37,7 @@ LAB_STUDENT, LAB_TEACHER = "lab:student", "lab:teacher-a-plus"
 
 
 def lab_dir(name: str) -> Path:
-    from opd.lab.zoo import model_path
-
-    return Path(model_path(name))
+    return resolve(f"lab:{name}", kind="model").require_built()
 
 
 def copy_model(name_or_dir: str | Path, dst: Path) -> Path:

@@ -5,12 +5,23 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import require
 
-from opd.lab import PROMPT_SETS, lab_tokenizer, prompt_rows, resolve_model, world
+from opd.lab import (
+    PROMPT_SETS,
+    LabModel,
+    LabNameError,
+    LabPrompts,
+    lab_tokenizer,
+    prompt_rows,
+    resolve,
+    world,
+)
+from opd.lab.build import build as build_zoo
 from opd.lab.train import ModelSpec, encode_example, train_model
 
 A_LINE = re.compile(r"(\d+)([+-]\d)=(\d+)")
@@ -128,22 +139,28 @@ def test_tokenizer_round_trip(tmp_path):
     assert re_tok.decode(full[n_prompt:-1]) == row["solution_a"]
 
 
-def test_model_path_errors(tmp_path, monkeypatch):
+def test_resolve_is_the_one_lab_parser(tmp_path, monkeypatch):
     from opd.lab import zoo
 
-    with pytest.raises(ValueError, match="lab:teacher-a-plus"):
-        zoo.model_path("teacher-c")
+    assert resolve("some/dir") is None and resolve(Path("lab")) is None and resolve("org/lab:x") is None
+    model = resolve("lab:teacher-a-plus")
+    assert isinstance(model, LabModel) and model.directory == zoo.zoo_dir() / "teacher-a-plus"
+    prompts = resolve("lab:test-hard", kind="prompts")
+    assert isinstance(prompts, LabPrompts) and prompts.rows() == prompt_rows("test-hard")
+    # one message for every unknown or wrong-kind name, listing the valid ones
+    for spec, kind in (("lab:teacher-c", None), ("lab:train", "model"), ("lab:student", "prompts")):
+        with pytest.raises(LabNameError, match=r"lab models: lab:student, .*lab prompt sets: lab:train, "):
+            resolve(spec, kind=kind)
     monkeypatch.setenv(zoo.ZOO_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="opd lab build"):
-        zoo.model_path("lab:student")
-    assert resolve_model("some/dir") == "some/dir"
+        resolve("lab:student", kind="model").require_built()
 
 
 def _zoo_or_skip():
     from opd.lab import zoo
 
     try:
-        return {n: zoo.model_path(n) for n in zoo.MODEL_NAMES}
+        return {n: resolve(f"lab:{n}").require_built() for n in zoo.MODEL_NAMES}
     except FileNotFoundError as e:
         require(False, f"zoo not built: {e}")
 
@@ -157,7 +174,6 @@ def test_zoo_models_load_and_answer():
     info = zoo.build_info()
     rows = prompt_rows("test-easy")[:16]
     for name, path in paths.items():
-        assert resolve_model(f"lab:{name}") == str(path)
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
         assert tok.eos_token == "<|im_end|>" and model.config.eos_token_id == tok.eos_token_id
@@ -208,8 +224,8 @@ def test_build_rebuilds_identical_weights(tmp_path):
 
     specs = {"tiny": TINY, "tiny-plus": replace(TINY, name="tiny-plus", init_from="tiny", seed_offset=1)}
     kw = dict(seed=0, progress=False, workers=1, evaluate=False, specs=specs)
-    info1 = zoo.build(tmp_path / "z1", **kw)
-    info2 = zoo.build(tmp_path / "z2", **kw)
+    info1 = build_zoo(tmp_path / "z1", **kw)
+    info2 = build_zoo(tmp_path / "z2", **kw)
     for name in specs:
         assert info1["models"][name]["sha256"] == info2["models"][name]["sha256"]
         assert zoo.weights_sha256(tmp_path / "z1" / name) == info1["models"][name]["sha256"]
@@ -226,6 +242,6 @@ def test_full_student_rebuild_matches_shipped_weights(tmp_path):
     _zoo_or_skip()
     shipped = zoo.build_info()
     names = ["student-base", "student"]  # the student continues student-base
-    info = zoo.build(tmp_path, seed=shipped["seed"], only=names, progress=False, evaluate=False)
+    info = build_zoo(tmp_path, seed=shipped["seed"], only=names, progress=False, evaluate=False)
     for name in names:
         assert info["models"][name]["sha256"] == shipped["models"][name]["sha256"], name

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-import types
+import shutil
 
 import pytest
 import torch
 from conftest import require_module
 
+from opd.lab import LabNameError
+from opd.lab.zoo import ZOO_ENV
 from opd.models import (
     CompatReport,
     TokenizerMismatchError,
@@ -106,18 +107,19 @@ def test_directory_without_config_lists_gguf_files(tmp_path):
         load_model(tmp_path)
 
 
-def test_lab_prefix_resolves_through_zoo(saved, monkeypatch):
-    fake_zoo = types.ModuleType("opd.lab.zoo")
-    fake_zoo.model_path = lambda name: saved[0] if name == "tiny" else None
-    monkeypatch.setitem(sys.modules, "opd.lab.zoo", fake_zoo)
-    assert load_model("lab:tiny").config.num_hidden_layers == 3
-    assert len(load_tokenizer("lab:tiny")) == len(saved[1].get_input_embeddings().weight)
+def test_lab_prefix_resolves_through_the_zoo_dir(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv(ZOO_ENV, str(tmp_path))
+    shutil.copytree(saved[0], tmp_path / "student")
+    assert load_model("lab:student").config.num_hidden_layers == 3
+    assert len(load_tokenizer("lab:student")) == len(saved[1].get_input_embeddings().weight)
+    with pytest.raises(FileNotFoundError, match=r"'teacher-a-plus' is not built.*opd lab build"):
+        load_model("lab:teacher-a-plus")
 
 
-def test_lab_prefix_without_zoo_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "opd.lab.zoo", None)  # makes the import fail
-    with pytest.raises(FileNotFoundError, match=r"'lab:tiny' needs the lab model zoo"):
-        load_model("lab:tiny")
+def test_lab_prefix_unknown_or_wrong_kind_lists_the_valid_names():
+    for spec in ("lab:tiny", "lab:train"):
+        with pytest.raises(LabNameError, match=rf"unknown lab model '{spec}'; lab models: lab:student, "):
+            load_model(spec)
 
 
 def _write_tiny_gguf(path, *, hidden=32, layers=2, inter=64, heads=4, kv_heads=2, seed=0):
@@ -306,3 +308,29 @@ def test_drop_layers_bad_keep(tok, keep):
     model = build_tiny_model(tok, num_layers=4)
     with pytest.raises(ValueError, match="keep="):
         drop_layers(model, keep)
+
+
+def test_save_model_is_atomic_and_replaces_only_a_model(saved, tmp_path):
+    d, model = saved
+    tok = load_tokenizer(d)
+    out = save_model(model, tok, tmp_path / "m")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
+    assert "chat_template.jinja" in names or "chat_template" in (out / "tokenizer_config.json").read_text()
+
+    class Broken:  # a crash half way through: the previous save survives untouched
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, Broken(), out)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert save_model(model, tok, out) == out  # a saved model is replaced; the stale temporary goes too
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an empty directory or a saved model"):
+        save_model(model, tok, other)
+    assert (other / "todo.txt").read_text() == "keep me"

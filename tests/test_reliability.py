@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from opd import cli
 from opd.checkpoint import UnsafeFileError, list_checkpoints
 from opd.config import ConfigError, OPDConfig
+from opd.lab import resolve
 from opd.methods import opd as opd_method
 from opd.rundir import (
     LOCK_NAME,
@@ -271,9 +272,7 @@ def test_output_dir_that_is_an_input_empty_or_a_file_is_refused(tmp_path, capsys
 
 
 def _lab_dir(name):
-    from opd.lab.zoo import model_path
-
-    return model_path(name)
+    return resolve(f"lab:{name}", kind="model").require_built()
 
 
 def test_failed_run_leaves_no_empty_output_dir(tmp_path, capsys, monkeypatch):

@@ -8,14 +8,22 @@ import re
 import pytest
 
 from opd.report import (
+    Bullets,
+    Paragraph,
+    Plot,
+    Preformatted,
     Section,
+    Table,
     fig_to_data_uri,
     format_cell,
     html_figure,
     html_table,
     markdown_table,
     new_figure,
+    render_html_block,
+    render_markdown,
     write_html_report,
+    write_report,
 )
 
 
@@ -96,3 +104,25 @@ def test_blocks_render_to_markdown_and_html_from_the_same_data():
     assert "<figure>" not in "".join(html_blocks(blocks))  # a plot without a figure is left out
     with pytest.raises(ValueError, match="unknown block kind 'img'"):
         markdown_blocks([("img", "x")])
+
+
+def test_write_report_renders_markdown_and_html_from_the_same_blocks(tmp_path):
+    fig = new_figure(2, 2)
+    fig.add_subplot(111).plot([0, 1], [1, 0])
+    sections = [
+        Section("Results", [Paragraph("a < b"), Bullets(["x", "y"]), Table([["s", 0.5]], ["name", "acc"])]),
+        Section("Curves", [Plot(fig_to_data_uri(fig), "loss", file="loss.png"), Preformatted("k=v")]),
+    ]
+    md_path, html_path = write_report(tmp_path / "report", "T", sections)
+    md = md_path.read_text()
+    assert md_path.name == "report.md" and html_path.name == "report.html"
+    assert md.startswith(
+        "# T\n\n## Results\n\na < b\n\n- x\n- y\n\n| name | acc |\n|---|---:|\n| s | 0.5 |\n"
+    )
+    assert "![loss](loss.png)" in md and "```\nk=v\n```" in md
+    page = html_path.read_text()
+    assert "<p>a &lt; b</p>" in page and "<li>y</li>" in page and '<td class="num">0.5</td>' in page
+    assert "data:image/png;base64," in page and "<pre>k=v</pre>" in page
+    with pytest.raises(TypeError, match="raw HTML has no markdown form"):
+        render_markdown("T", [Section("S", ["<p>only html</p>"])])
+    assert "<p>only html</p>" in render_html_block("<p>only html</p>")

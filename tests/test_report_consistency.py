@@ -66,7 +66,7 @@ def demo_report(tmp_path_factory):
 
 
 def _render_demo(tmp_path, summary):
-    from opd.demo import CURVES, write_demo_report
+    from opd.lab.demo import CURVES, write_demo_report
 
     metrics = {t: [{"step": s, **{key: 0.5 for key, _, _ in CURVES}} for s in (1, 2)] for t in TEACHERS}
     write_demo_report(tmp_path, summary, metrics)

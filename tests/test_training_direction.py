@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd.config import OPDConfig
-from opd.lab import lab_tokenizer, prompt_rows, resolve_model
+from opd.lab import lab_tokenizer, prompt_rows, resolve
 from opd.lab.train import encode_example
 from opd.methods import opd as opd_method
 from opd.objectives import AGGREGATIONS, SUPPORTS
@@ -61,7 +61,9 @@ def reverse_kl(student_path, held_out) -> float:
     """Mean over held-out response tokens of KL(p_t ‖ q_t), teacher = lab:teacher-a-plus (plain forward)."""
     ids, attn, resp = held_out
     student = AutoModelForCausalLM.from_pretrained(student_path).float().eval()
-    teacher = AutoModelForCausalLM.from_pretrained(resolve_model("lab:teacher-a-plus")).float().eval()
+    teacher = (
+        AutoModelForCausalLM.from_pretrained(resolve("lab:teacher-a-plus").require_built()).float().eval()
+    )
     with torch.no_grad():
         logp = torch.log_softmax(student(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
         logq = torch.log_softmax(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
@@ -72,7 +74,7 @@ def reverse_kl(student_path, held_out) -> float:
 
 @pytest.fixture(scope="module")
 def kl_before(held_out):
-    return reverse_kl(resolve_model("lab:student"), held_out)
+    return reverse_kl(resolve("lab:student").require_built(), held_out)
 
 
 def lab_cfg(lab_prompts, out, **kw):

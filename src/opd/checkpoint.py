@@ -1,6 +1,6 @@
 """Atomic, resumable checkpoints.
 
-Layout: ``OUTPUT_DIR/checkpoints/step-000010/`` holding ``model/`` (save_pretrained, safetensors),
+Layout: ``OUTPUT_DIR/checkpoints/step-000010/`` holding ``model/`` (:func:`opd.models.save_model`),
 ``optimizer.pt`` and ``scheduler.pt`` (plain tensors and numbers, read back with
 ``torch.load(weights_only=True)``, which never unpickles arbitrary objects), ``rng.json`` (python,
 numpy and torch generator states) and ``state.json`` (step, data position, anything else the method
@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from opd.models import save_model
 
 log = logging.getLogger("opd")
 
@@ -102,9 +104,7 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "model")
+    save_model(model, tokenizer, tmp / "model", atomic=False)  # the whole checkpoint is renamed below
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scheduler is not None:

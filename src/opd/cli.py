@@ -11,6 +11,10 @@ from pathlib import Path
 
 from opd.config import ConfigError, OPDConfig, help_text, load_config
 from opd.diagnose import DiagnoseConfig, DiagnoseThresholds, diagnose
+from opd.lab import zoo
+from opd.lab.build import build as build_zoo
+from opd.lab.demo import run_demo
+from opd.methods.opd import train
 from opd.rundir import RunInterrupted
 
 TRAIN_EPILOG = """\
@@ -118,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _cmd_train(args)
         if args.command == "demo":
-            from opd.demo import run_demo
-
             run_demo(
                 smoke=args.smoke,
                 out=args.out,
@@ -165,8 +167,6 @@ def _debug(args) -> bool:
 
 
 def _cmd_train(args) -> int:
-    from opd.methods.opd import train
-
     summary = train(_load(OPDConfig, args))
     print(f"opd: done: {summary['steps_done']} steps, final model in {summary['final_model']}")
     return 0
@@ -187,13 +187,9 @@ def _cmd_diagnose(args) -> int:
 
 def _cmd_lab(args, parser) -> int:
     if args.lab_command == "build":
-        from opd.lab.zoo import build
-
-        build(out_dir=args.out, seed=args.seed, only=args.only)
+        build_zoo(out_dir=args.out, seed=args.seed, only=args.only)
         return 0
     if args.lab_command == "list":
-        from opd.lab import zoo
-
         for name in zoo.MODEL_NAMES:
             print(f"lab:{name}")
         return 0

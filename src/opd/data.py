@@ -43,7 +43,6 @@ only the rows visited are validated and counted as dropped.
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import logging
@@ -53,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opd.lab import LabPrompts
+from opd.lab import resolve as resolve_lab
 from opd.textfiles import read_utf8
 
 __all__ = [
@@ -117,8 +118,9 @@ def read_rows(source: str | Path) -> list[dict]:
     """
     name = str(source)
     path = Path(source)
-    if name.startswith("lab:"):
-        rows = _read_lab(name)
+    lab = resolve_lab(name, kind="prompts")
+    if isinstance(lab, LabPrompts):
+        rows = lab.rows()
     elif not path.exists():
         raise FileNotFoundError(
             f"prompt source {name!r} does not exist; pass a {', '.join(SUPPORTED_SUFFIXES)} file, a "
@@ -149,24 +151,6 @@ def read_rows(source: str | Path) -> list[dict]:
                 f"{name}: row {i} is a {type(r).__name__} ({_short(r)}), expected an object with named "
                 "fields such as 'prompt' and 'answer'"
             )
-    return rows
-
-
-def _read_lab(name: str) -> list[dict]:
-    split = name[len("lab:") :]
-    try:
-        lab = importlib.import_module("opd.lab")
-    except ModuleNotFoundError as e:
-        if e.name not in ("opd.lab", "opd"):
-            raise
-        lab = None
-    prompt_rows = getattr(lab, "prompt_rows", None)
-    if prompt_rows is None:
-        raise ImportError(
-            f"prompt source {name!r} needs opd.lab.prompt_rows, which this installation of opd does not "
-            "provide; reinstall opd (pip install -e .) or point at a prompt file instead"
-        )
-    rows = list(prompt_rows(split))
     return rows
 
 

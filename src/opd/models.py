@@ -4,7 +4,7 @@ Sources ``load_model`` / ``load_tokenizer`` accept:
 - a local checkpoint directory (``config.json`` + safetensors, tokenizer files);
 - a ``.gguf`` file, or a directory plus ``gguf_file=``: loaded through transformers' GGUF support and
   dequantised into ordinary dense, trainable parameters (needs the ``gguf`` package);
-- ``lab:<name>``: a model of the lab zoo (``opd.lab.zoo.model_path``);
+- ``lab:<name>``: a model of the lab zoo (resolved by ``opd.lab.resolve``);
 - a hub id (``org/name``), only when online; offline (``HF_HUB_OFFLINE=1``) only what is in the local
   hub cache.
 
@@ -26,15 +26,17 @@ import copy
 import logging
 import os
 import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from opd.lab import LabModel
+from opd.lab import resolve as resolve_lab
 from opd.rollout import tokenizer_vocab_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LAB_PREFIX = "lab:"
 
 log = logging.getLogger(__name__)
 
@@ -275,22 +277,52 @@ def load_tokenizer(
     return tokenizer
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write ``model`` (safetensors + config + generation config) and ``tokenizer`` to ``out_dir``.
+def save_model(model, tokenizer, out_dir: str | os.PathLike, *, atomic: bool = True) -> Path:
+    """Write ``model`` and ``tokenizer`` to ``out_dir`` as a checkpoint ``load_model`` (or plain
+    ``from_pretrained``) reads back: ``model.safetensors``, ``config.json``, ``generation_config.json``, and
+    the tokenizer files with its chat template. The one model saver: the training loop's final model,
+    checkpoints' ``model/`` part and the lab zoo builder all call it.
 
-    A model that transformers still marks as GGUF-quantised (loaded with plain ``from_pretrained(...,
-    gguf_file=...)``) cannot be saved by ``save_pretrained``; it is first copied into a fresh dense model
-    built from its config without ``quantization_config``. Reloading the copy takes well under a
-    second, against 10-40 s for dequantising the GGUF again.
+    - The weights are saved as they are in memory (the training loop's float32 masters).
+    - ``atomic=True``: everything is written into a temporary sibling ``.tmp-<name>-<pid>`` that is
+      renamed onto ``out_dir`` only when complete (``os.replace`` of a directory is atomic on POSIX), so a
+      crash leaves the previous ``out_dir`` intact, never a half-written one. An existing ``out_dir`` is
+      replaced only if it is empty or holds a model (a ``config.json``); anything else is refused rather
+      than deleted. ``atomic=False`` writes into ``out_dir`` directly (for a caller that already writes
+      into its own temporary directory, as ``opd.checkpoint.save_checkpoint`` does).
+    - ``auto_map`` (custom modelling code) never reaches the saved config or tokenizer files when the
+      model was loaded with trust_remote_code off: ``load_model`` / ``load_tokenizer`` drop it on load.
+    - A model that transformers still marks as GGUF-quantised (loaded with plain ``from_pretrained(...,
+      gguf_file=...)``) cannot be saved by ``save_pretrained``; it is first copied into a fresh dense model
+      built from its config without ``quantization_config``. Reloading the copy takes well under a
+      second, against 10-40 s for dequantising the GGUF again.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if _is_quantized(model):
         model = _dense_copy(model)
-    model.save_pretrained(out)
+    if not atomic:
+        _write_model(model, tokenizer, out)
+        return out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise FileExistsError(
+            f"save_model: {str(out)!r} exists and is not an empty directory or a saved model; it would be "
+            "replaced. Fix: choose a new directory, or delete it first"
+        )
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    if tmp.exists():  # left behind by a crash of this same pid number
+        shutil.rmtree(tmp)
+    _write_model(model, tokenizer, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_model(model, tokenizer, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    return out
 
 
 def _gguf_kwargs(gguf_name: str) -> dict:
@@ -346,8 +378,9 @@ def _resolve_source(
 ) -> tuple[str, str | None, bool]:
     """-> (directory or hub id, gguf file name or None, is_local)."""
     name = os.fspath(name_or_path)
-    if name.startswith(LAB_PREFIX):
-        return _resolve_source(_lab_model_path(name[len(LAB_PREFIX) :]), gguf_file, what=what)
+    lab = resolve_lab(name, kind="model")
+    if isinstance(lab, LabModel):
+        return _resolve_source(lab.require_built(), gguf_file, what=what)
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -388,17 +421,6 @@ def _not_found_message(what: str, name_or_path, err: Exception) -> str:
         "or, for a hub id, go online (unset HF_HUB_OFFLINE) or download it first with "
         f"`hf download {name_or_path}`."
     )
-
-
-def _lab_model_path(name: str) -> str:
-    try:
-        from opd.lab.zoo import model_path
-    except ImportError as err:
-        raise FileNotFoundError(
-            f"model 'lab:{name}' needs the lab model zoo (opd.lab.zoo), which could not be imported ({err}). "
-            "Fix: reinstall opd with its lab package, or pass a checkpoint directory instead of 'lab:...'"
-        ) from err
-    return os.fspath(model_path(name))
 
 
 # --------------------------------------------------------------------------------------- compatibility

@@ -14,6 +14,9 @@ Building blocks (each returns a string):
 - :func:`markdown_blocks` / :func:`html_blocks` — one list of neutral blocks rendered to both formats:
   ``("p", text)``, ``("list", [text])``, ``("pre", text)``, ``("table", rows, headers)``,
   ``("plot", key)`` (HTML only: the figure stored under ``key``), so the two reports cannot drift.
+- :func:`write_report` — the same sections as ``<stem>.md`` and ``<stem>.html``, from typed blocks
+  (:class:`Paragraph`, :class:`Bullets`, :class:`Preformatted`, :class:`Table`, :class:`Plot`) that
+  :func:`render_markdown` and :func:`render_html_block` render the same way in both formats.
 
 Cells are formatted by :func:`format_cell`: floats with 4 significant digits, ``None`` as an em dash.
 All text is HTML-escaped except blocks produced by the ``html_*`` helpers, which are passed through.
@@ -35,7 +38,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Bullets",
+    "Paragraph",
+    "Plot",
+    "Preformatted",
     "Section",
+    "Table",
     "fig_to_data_uri",
     "format_cell",
     "html_figure",
@@ -47,7 +55,10 @@ __all__ = [
     "markdown_blocks",
     "markdown_table",
     "new_figure",
+    "render_html_block",
+    "render_markdown",
     "write_html_report",
+    "write_report",
     "write_text_atomic",
 ]
 
@@ -70,12 +81,48 @@ figcaption { font-size: .88em; color: #57606a; }
 """
 
 
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Preformatted:
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    rows: Sequence[Sequence[Any]]
+    headers: Sequence[str]
+    digits: int = 4
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A plot: ``uri`` (from :func:`fig_to_data_uri`) is inlined in HTML; markdown links ``file`` (a PNG
+    written next to the report) and leaves the plot out when ``file`` is None."""
+
+    uri: str
+    caption: str = ""
+    file: str | None = None
+
+
+Block = Paragraph | Bullets | Preformatted | Table | Plot
+
+
 @dataclass
 class Section:
-    """One titled part of a report: ``blocks`` are HTML strings from the ``html_*`` helpers."""
+    """One titled part of a report: typed blocks (rendered to markdown and HTML alike) or HTML strings
+    from the ``html_*`` helpers (HTML only)."""
 
     title: str
-    blocks: list[str] = field(default_factory=list)
+    blocks: list[Block | str] = field(default_factory=list)
 
 
 def format_cell(value: Any, digits: int = 4) -> str:
@@ -201,18 +248,18 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_html_report(
     path: str | Path,
     title: str,
-    sections: Sequence[Section | tuple[str, Sequence[str]]],
+    sections: Sequence[Section | tuple[str, Sequence[Block | str]]],
     *,
-    intro: Sequence[str] = (),
+    intro: Sequence[Block | str] = (),
 ) -> Path:
     """Write a self-contained HTML page: ``<h1>title``, the ``intro`` blocks, then each section.
 
     Args:
         path: output file (parent directories are created).
         title: page title (escaped).
-        sections: :class:`Section` objects or ``(title, blocks)`` pairs; blocks are HTML strings from the
-            ``html_*`` helpers (passed through unescaped).
-        intro: HTML blocks placed before the first section.
+        sections: :class:`Section` objects or ``(title, blocks)`` pairs; blocks are typed blocks or HTML
+            strings from the ``html_*`` helpers (passed through unescaped).
+        intro: blocks placed before the first section.
     """
     parts = [
         "<!DOCTYPE html>",
@@ -220,12 +267,12 @@ def write_html_report(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        *intro,
+        *(render_html_block(b) for b in intro),
     ]
     for s in sections:
         sec_title, blocks = (s.title, s.blocks) if isinstance(s, Section) else s
         parts.append(f"<h2>{html.escape(sec_title)}</h2>")
-        parts.extend(blocks)
+        parts.extend(render_html_block(b) for b in blocks)
     parts.append("</body></html>")
     return write_text_atomic(path, "\n".join(parts) + "\n")
 
@@ -267,3 +314,58 @@ def html_blocks(blocks: Iterable[tuple], figures: dict[str, tuple[str, str]] | N
         else:
             raise ValueError(f"html_blocks: unknown block kind {b[0]!r}; use p, list, pre, table or plot")
     return out
+
+
+def render_html_block(block: Block | str) -> str:
+    """A typed block as HTML; an HTML string (from the ``html_*`` helpers) is passed through."""
+    if isinstance(block, str):
+        return block
+    if isinstance(block, Paragraph):
+        return html_paragraph(block.text)
+    if isinstance(block, Bullets):
+        return html_list(block.items)
+    if isinstance(block, Preformatted):
+        return html_pre(block.text)
+    if isinstance(block, Table):
+        return html_table(block.rows, block.headers, digits=block.digits)
+    if isinstance(block, Plot):
+        return html_figure(block.uri, block.caption)
+    raise TypeError(
+        f"report block of type {type(block).__name__}: expected one of Paragraph, Bullets, "
+        "Preformatted, Table, Plot or an HTML string"
+    )
+
+
+def _markdown_block(block: Block | str) -> str:
+    if isinstance(block, Paragraph):
+        return block.text
+    if isinstance(block, Bullets):
+        return "\n".join(f"- {i}" for i in block.items)
+    if isinstance(block, Preformatted):
+        return f"```\n{block.text}\n```"
+    if isinstance(block, Table):
+        return markdown_table(block.rows, block.headers, digits=block.digits).rstrip("\n")
+    if isinstance(block, Plot):
+        return f"![{block.caption}]({block.file})" if block.file else ""
+    raise TypeError(
+        f"report block {block!r:.60}: raw HTML has no markdown form; use Paragraph, Bullets, Preformatted, "
+        "Table or Plot for content that appears in both formats"
+    )
+
+
+def render_markdown(title: str, sections: Sequence[Section], *, intro: Sequence[Block] = ()) -> str:
+    """The markdown page of ``sections`` (``# title``, the ``intro`` blocks, then ``## section`` each)."""
+    parts = [f"# {title}", *(_markdown_block(b) for b in intro)]
+    for s in sections:
+        parts.append(f"## {s.title}")
+        parts.extend(_markdown_block(b) for b in s.blocks)
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def write_report(
+    stem: str | Path, title: str, sections: Sequence[Section], *, intro: Sequence[Block] = ()
+) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and the self-contained ``<stem>.html`` from the same sections; returns both."""
+    stem = Path(stem)
+    md = write_text_atomic(stem.with_name(stem.name + ".md"), render_markdown(title, sections, intro=intro))
+    return md, write_html_report(stem.with_name(stem.name + ".html"), title, sections, intro=intro)

@@ -34,6 +34,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from opd.lab import LabModel, LabNameError, resolve
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX (Windows)
@@ -85,15 +87,12 @@ def _input_path(value: str, kind: str) -> Path | None:
     or a path that does not exist, which the loader reports)."""
     if not value:
         return None
-    if value.startswith("lab:"):
-        if kind != "model":
-            return None
-        try:
-            from opd.lab.zoo import model_path
-
-            return Path(model_path(value[len("lab:") :])).resolve()
-        except Exception:  # noqa: BLE001 - an unknown lab model is reported by the loader
-            return None
+    try:
+        lab = resolve(value)
+    except LabNameError:  # reported by the loader
+        return None
+    if lab is not None:
+        return lab.directory.resolve() if isinstance(lab, LabModel) and kind == "model" else None
     p = Path(value).expanduser()
     return p.resolve() if p.exists() else None
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -348,6 +347,7 @@ def _train(cfg: OPDConfig, run, stop) -> dict[str, Any]:
         load_tokenizer,
         prompt_token_cap,
         same_model_warning,
+        save_model,
     )
     from opd.rollout import HFGenerateBackend, stop_token_ids
     from opd.rundir import RunInterrupted
@@ -514,7 +514,7 @@ def _train(cfg: OPDConfig, run, stop) -> dict[str, Any]:
         raise RunInterrupted(interrupted["signal"], summary)
 
     final_dir = out_dir / "final"
-    _save_final(student, tokenizer, final_dir)
+    save_model(student, tokenizer, final_dir)  # atomic; the float32 masters
     summary = {
         "output_dir": str(out_dir),
         "final_model": str(final_dir),
@@ -622,17 +622,3 @@ def evaluate_during_training(model, tokenizer, eval_set, cfg: OPDConfig) -> dict
             progress=False,
         )
     return {"eval/accuracy": res["accuracy"], "eval/pass@n": res["pass@n"], "eval/samples": res["n"]}
-
-
-def _save_final(model, tokenizer, final_dir: Path) -> None:
-    """Save atomically: write to a temporary sibling, then rename. The weights are the float32 masters."""
-    import shutil
-
-    tmp = final_dir.with_name(f".tmp-final-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)

@@ -23,6 +23,29 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from opd.config import OPDConfig
+from opd.data import load_prompts
+from opd.diagnose import DiagnoseConfig, diagnose
+from opd.evaluate import evaluate_accuracy
+from opd.lab import resolve
+from opd.methods.opd import train
+from opd.models import load_model, load_tokenizer
+from opd.report import (
+    Bullets,
+    Paragraph,
+    Plot,
+    Section,
+    Table,
+    fig_to_data_uri,
+    markdown_table,
+    new_figure,
+    write_report,
+)
+from opd.rundir import RunDirError, locked_run_dir
+from opd.tracking import read_metrics
+
 TEACHERS = ("teacher-a-plus", "teacher-b-plus", "teacher-a-same")
 TEACHER_ROLES = {
     "teacher-a-plus": "same thinking pattern, new capability (hard problems)",
@@ -68,9 +91,6 @@ def _params(model) -> int:
 
 
 def _eval(model_name: str, test_set, settings: DemoSettings, progress: bool) -> dict[str, Any]:
-    from opd.evaluate import evaluate_accuracy
-    from opd.models import load_model, load_tokenizer
-
     model = load_model(model_name)
     tok = load_tokenizer(model_name)
     res = evaluate_accuracy(
@@ -96,7 +116,6 @@ def run_demo(
     """Run the demo; returns the summary (also written to ``<out>/summary.json``).
 
     ``out`` must be a new or empty directory (it is locked for the demo's duration)."""
-    from opd.rundir import RunDirError, locked_run_dir
 
     out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     with locked_run_dir(out, key="--out") as run:
@@ -116,20 +135,13 @@ def _run_demo(
     progress: bool,
     settings: DemoSettings | None,
 ) -> dict[str, Any]:
-    import torch
-
-    from opd.config import OPDConfig
-    from opd.data import load_prompts
-    from opd.lab.zoo import model_path
-    from opd.methods.opd import train
-    from opd.models import load_tokenizer
 
     settings = settings or (SMOKE if smoke else FULL)
     if steps is not None:
         settings = replace(settings, steps=steps, eval_every=min(settings.eval_every, steps))
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    model_path("student")  # a clear error if the zoo is not built
+    resolve("lab:student", kind="model").require_built()  # a clear error if the zoo is not built
     out_dir = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -228,7 +240,6 @@ def _run_demo(
 
 
 def _diagnose(teacher: str, out: Path, settings: DemoSettings, seed: int, progress: bool) -> dict[str, Any]:
-    from opd.diagnose import DiagnoseConfig, diagnose
 
     cfg = DiagnoseConfig(
         student="lab:student",
@@ -250,7 +261,6 @@ def _diagnose(teacher: str, out: Path, settings: DemoSettings, seed: int, progre
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
-    from opd.tracking import read_metrics
 
     return read_metrics(path)
 
@@ -319,7 +329,6 @@ def difficulty_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]
 
 
 def results_table(summary: dict[str, Any]) -> str:
-    from opd.report import markdown_table
 
     return markdown_table(results_rows(summary), RESULT_HEADERS)
 
@@ -336,19 +345,7 @@ CURVES = [
 def write_demo_report(
     out_dir: Path, summary: dict[str, Any], metrics: dict[str, list[dict[str, Any]]]
 ) -> None:
-    from opd.report import (
-        Section,
-        fig_to_data_uri,
-        html_figure,
-        html_list,
-        html_paragraph,
-        html_table,
-        new_figure,
-        write_html_report,
-        write_text_atomic,
-    )
-
-    figs = {}
+    plots = []
     for key, title, fname in CURVES:
         fig = new_figure(6.4, 3.4)
         ax = fig.add_subplot(111)
@@ -361,9 +358,7 @@ def write_demo_report(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.savefig(out_dir / f"{fname}.png", dpi=110)
-        figs[fname] = (fig_to_data_uri(fig), title)
-
-    from opd.report import markdown_table
+        plots.append(Plot(fig_to_data_uri(fig), title, file=f"{fname}.png"))
 
     diff_headers, diff_rows = difficulty_rows(summary)
     roles = [f"{t}: {TEACHER_ROLES[t]}" for t in TEACHERS]
@@ -377,42 +372,13 @@ def write_demo_report(
         f"{summary['wall_time_s'] / 60:.1f} min."
     )
     note = "Gap recovered = (after − before) / (teacher − before) on the lab test set, greedy decoding."
-    md = [
-        "# opd demo report",
-        "",
-        intro,
-        "",
-        *[f"- {r}" for r in roles],
-        "",
-        markdown_table(results_rows(summary), RESULT_HEADERS),
-        "",
-        note,
-        "",
-        "## Accuracy by difficulty",
-        "",
-        markdown_table(diff_rows, diff_headers),
-        "",
-        "## Pre-flight verdicts (opd diagnose, before training)",
-        "",
-        *[f"- {v}" for v in verdicts],
-        "",
-        "## Curves",
-        "",
-        *[f"![{title}]({fname}.png)" for fname, (_, title) in figs.items()],
-    ]
-    write_text_atomic(out_dir / "report.md", "\n".join(md) + "\n")
     sections = [
         Section(
             "Results",
-            [
-                html_paragraph(intro),
-                html_list(roles),
-                html_table(results_rows(summary), RESULT_HEADERS),
-                html_paragraph(note),
-            ],
+            [Paragraph(intro), Bullets(roles), Table(results_rows(summary), RESULT_HEADERS), Paragraph(note)],
         ),
-        Section("Accuracy by difficulty", [html_table(diff_rows, diff_headers)]),
-        Section("Pre-flight verdicts (opd diagnose, before training)", [html_list(verdicts)]),
-        Section("Curves", [html_figure(uri, title) for uri, title in figs.values()]),
+        Section("Accuracy by difficulty", [Table(diff_rows, diff_headers)]),
+        Section("Pre-flight verdicts (opd diagnose, before training)", [Bullets(verdicts)]),
+        Section("Curves", plots),
     ]
-    write_html_report(out_dir / "report.html", "opd demo report", sections)
+    write_report(out_dir / "report", "opd demo report", sections)
