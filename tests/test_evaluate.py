@@ -8,7 +8,8 @@ import torch
 
 from opd.data import PromptExample, PromptSet, load_prompts
 from opd.evaluate import evaluate_accuracy, sample_responses
-from opd.lab import evaluate_model, prompt_rows
+from opd.lab import prompt_rows
+from opd.lab.evaluate import evaluate_model
 from opd.models import load_model, load_tokenizer
 
 

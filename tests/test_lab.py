@@ -168,7 +168,8 @@ def _zoo_or_skip():
 def test_zoo_models_load_and_answer():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd.lab import evaluate_model, zoo
+    from opd.lab import zoo
+    from opd.lab.evaluate import evaluate_model
 
     paths = _zoo_or_skip()
     info = zoo.build_info()

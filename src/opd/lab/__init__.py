@@ -6,7 +6,7 @@
 * :func:`prompt_rows` — fixed prompt sets with answers (``lab:train``, ``lab:test``, ...);
 * :mod:`opd.lab.zoo` — tiny Qwen2 models trained on those solutions (``lab:student``,
   ``lab:teacher-a-plus``, ...), shipped inside the package and rebuilt by ``opd lab build``;
-* :func:`evaluate_model` — accuracy of a model on prompt rows, overall and per difficulty / ``n_ops``
+* :func:`opd.lab.evaluate.evaluate_model` — accuracy of a model on prompt rows, overall and per difficulty / ``n_ops``
   (a thin use of :mod:`opd.evaluate`, the evaluator training and ``opd diagnose`` use).
 
 All lab models share one byte-level tokenizer with the ChatML template (:func:`lab_tokenizer`).
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd.lab import world, zoo
-from opd.lab.evaluate import evaluate_model, generate_responses
 from opd.tiny import build_byte_tokenizer
 
 __all__ = [
@@ -28,8 +27,6 @@ __all__ = [
     "LabModel",
     "LabNameError",
     "LabPrompts",
-    "evaluate_model",
-    "generate_responses",
     "lab_tokenizer",
     "prompt_rows",
     "resolve",

@@ -22,7 +22,8 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from opd.lab import evaluate_model, lab_tokenizer, prompt_rows, world
+from opd.lab import lab_tokenizer, prompt_rows, world
+from opd.lab.evaluate import evaluate_model
 from opd.lab.train import ModelSpec, train_model
 from opd.lab.zoo import MODEL_NAMES, PACKAGE_ZOO, SPECS, weights_sha256
 from opd.models import save_model
