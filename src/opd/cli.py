@@ -1,5 +1,6 @@
 """Command line: ``opd <command>``. Each command builds a typed config and calls the same function the
-Python API exposes (``opd train`` → :func:`opd.methods.opd.train`)."""
+Python API exposes (``opd train`` → :func:`opd.methods.opd.train`). Training methods get their
+subcommands from the registry :data:`opd.methods.METHODS` (one line per method)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,33 @@ import os
 import sys
 
 from opd.config import ConfigError, OPDConfig, help_text, load_config
+from opd.methods import METHODS, Method
 from opd.rundir import RunInterrupted
 
-TRAIN_EPILOG = """\
+METHOD_EPILOG = """\
 Configuration keys (set in CONFIG.yaml or as key=value overrides, which win):
 {keys}
+"""
 
+TRAIN_EXAMPLES = """
 Examples:
   opd train configs/lab.yaml steps=50
   opd train student=lab:student teacher=lab:teacher-a-plus prompts=lab:train max_new_tokens=96 output_dir=runs/x
 """
 
 
-def _train_parser(sub) -> argparse.ArgumentParser:
+def _method_parser(sub, method: Method) -> argparse.ArgumentParser:
+    examples = TRAIN_EXAMPLES if method.config is OPDConfig else ""
     p = sub.add_parser(
-        "train",
-        help="run on-policy distillation",
-        description="Run on-policy distillation of a student toward a teacher on the student's own samples.",
-        epilog=TRAIN_EPILOG.format(keys=help_text(OPDConfig)),
+        method.command,
+        help=method.help,
+        description=method.description,
+        epilog=METHOD_EPILOG.format(keys=help_text(method.config)) + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(method=method)
     return p
 
 
@@ -49,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the full traceback of an error instead of one line (or set OPD_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _train_parser(sub)
+    for method in METHODS:
+        _method_parser(sub, method)
     from opd.diagnose import add_cli_parser as _diagnose_parser
 
     _diagnose_parser(sub)
@@ -77,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         format="[%(name)s] %(levelname)s %(message)s",
     )
     try:
-        if args.command == "train":
-            return _cmd_train(args)
+        if getattr(args, "method", None) is not None:
+            return _cmd_method(args, args.method)
         if args.command == "demo":
             from opd.demo import run_demo
 
@@ -128,15 +135,13 @@ def _debug(args) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("OPD_DEBUG", "") not in ("", "0")
 
 
-def _cmd_train(args) -> int:
-    from opd.methods.opd import train
-
+def _cmd_method(args, method: Method) -> int:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # no YAML file, only overrides
         overrides.insert(0, config)
         config = None
-    cfg = load_config(OPDConfig, config, overrides)
-    summary = train(cfg)
+    cfg = load_config(method.config, config, overrides)
+    summary = method.train(cfg)
     print(f"opd: done: {summary['steps_done']} steps, final model in {summary['final_model']}")
     return 0
 

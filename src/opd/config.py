@@ -1,7 +1,9 @@
 """Typed configuration for opd runs.
 
-One dataclass per command. Each field has a docstring (``field_docs`` extracts them for ``--help``).
-Configs come from YAML files plus ``key=value`` overrides (:func:`load_config`); cross-field rules are
+One flat dataclass per command, composed from shared parts (``ModelsConfig``, ``DataConfig``,
+``RolloutConfig``, ``OptimConfig``, ``RunConfig``) by inheritance, so YAML keys stay flat and each
+shared field is documented once. Each field has a docstring (``field_docs`` extracts them for
+``--help``). Configs come from YAML files plus ``key=value`` overrides (:func:`load_config`); cross-field rules are
 checked in ``__post_init__`` and raise :class:`ConfigError` with the fix. No runtime-derived values live
 in the user config.
 """
@@ -19,6 +21,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from opd.objectives import AGGREGATIONS, SUPPORTS, WEIGHTINGS
+from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
 from opd.textfiles import read_utf8
 
 
@@ -26,11 +29,17 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key, the value and the fix."""
 
 
-@dataclass
-class OPDConfig:
-    """On-policy distillation run. Defaults follow the study's reference recipe, scaled for small runs."""
+# --------------------------------------------------------------------------- parts shared by methods
+# A method's config is one flat dataclass (YAML keys and ``key=value`` overrides stay flat) that inherits
+# the parts it needs, so each shared field is declared and documented once. Field order in ``--help``:
+# the parts in the order of the class bases, reversed (models, data, rollout, optimiser, run), then the
+# method's own fields.
 
-    # --- models ---
+
+@dataclass
+class ModelsConfig:
+    """Student and teacher models, their dtypes and the devices they run on."""
+
     student: str = ""
     """Student model: a local directory, a hub id (online only), a .gguf file or ``lab:<name>``."""
     teacher: str = ""
@@ -43,8 +52,16 @@ class OPDConfig:
     """Teacher weights dtype: float32 or bfloat16."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code. Off unless you trust the source."""
+    device: str = "auto"
+    """Where the student trains and samples: auto (cuda if torch sees a GPU, else mps, else cpu), cpu, cuda, cuda:N or mps."""
+    teacher_device: str = ""
+    """Where the teacher scores (same choices as ``device``); empty = the student's device."""
 
-    # --- data ---
+
+@dataclass
+class DataConfig:
+    """Prompt sources and how prompts are rendered."""
+
     prompts: str = ""
     """Prompt source: .jsonl/.json/.parquet/.csv, a saved HF dataset directory, or ``lab:<split>``."""
     prompt_field: str = "auto"
@@ -60,7 +77,11 @@ class OPDConfig:
     max_prompt_tokens: int = 1024
     """Prompts longer than this many tokens are dropped (the count is logged)."""
 
-    # --- rollout ---
+
+@dataclass
+class RolloutConfig:
+    """How many on-policy samples each step draws, and how."""
+
     steps: int = 100
     """Number of optimizer steps (each on a fresh on-policy rollout batch)."""
     prompts_per_step: int = 8
@@ -79,28 +100,14 @@ class OPDConfig:
     """Top-k sampling for rollouts: must stay 0 in training (see top_p). Not the objective's ``top_k``."""
     rollout_batch_size: int = 0
     """Sequences (prompt x sample rows) per generate call (0 = the whole step at once)."""
+    rollout_backend: str = "hf"
+    """Sampling backend (``opd.rollout.make_backend``): hf (Hugging Face generate on the training model)."""
 
-    # --- objective ---
-    top_k: int = 16
-    """Objective support size: 0 = sampled-token reward; K > 0 = top-K objective; -1 = full-vocabulary reverse KL."""
-    support: str = "student"
-    """Top-K support: student, teacher, intersection, union or symmetric_difference."""
-    weighting: str = "student_p"
-    """Top-K weights: student_p, teacher_p or uniform."""
-    renormalize: bool = False
-    """Top-K: minimise the paper's Eq. 5 form, KL(p̄‖q̄) with p, q renormalised on the support (exact gradient), instead of the reference code's full-vocab log-ratio. Not with symmetric_difference. See docs/objectives.md."""
-    estimator: str = "k1"
-    """Sampled-token mode: which estimate of the per-token KL is logged as reward/mean, k1 (log q - log p) or k3 (low variance). Training always uses the k1 log-ratio as the advantage (k3 is not a valid advantage; docs/objectives.md)."""
-    teacher_temperature: float = 1.0
-    """Temperature applied to the teacher's logits when scoring."""
-    loss_aggregation: str = "token-mean"
-    """token-mean, seq-mean-token-sum or seq-mean-token-mean."""
-    metrics_top_k: int = 16
-    """k for the mechanism metrics (overlap ratio etc.), logged in every objective mode."""
-    metrics_position_chunk: int = 256
-    """Position-chunk size (tokens) for the per-position metrics."""
 
-    # --- optimisation ---
+@dataclass
+class OptimConfig:
+    """AdamW, its schedule and the micro-batching of forward/backward passes."""
+
     lr: float = 1e-6
     """AdamW learning rate (the study: 1e-6 for 1.5B+ models; tiny models need far more)."""
     lr_schedule: str = "constant"
@@ -115,16 +122,12 @@ class OPDConfig:
     """Clip the global gradient norm to this value (0 = off)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass; gradients are accumulated over the rollout batch."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch; ratio clipping matters only when > 1."""
-    clip_eps: float = 0.2
-    """PPO ratio clip epsilon."""
-    dual_clip: float = 3.0
-    """Dual-clip constant c for negative advantages."""
-    score_chunk_size: int = 256
-    """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
 
-    # --- run ---
+
+@dataclass
+class RunConfig:
+    """Output directory, seeding, checkpointing, periodic evaluation, alerts and logging."""
+
     output_dir: str = "runs/opd"
     """Where metrics.jsonl, checkpoints and the final model go."""
     seed: int = 0
@@ -159,6 +162,44 @@ class OPDConfig:
     """Show a progress bar."""
     threads: int = 0
     """torch CPU threads (0 = torch default)."""
+
+
+@dataclass
+class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig):
+    """On-policy distillation run. Defaults follow the study's reference recipe, scaled for small runs.
+
+    The shared parts (models, data, rollout, optimiser, run) are inherited; the fields below are OPD's own.
+    """
+
+    # --- objective ---
+    top_k: int = 16
+    """Objective support size: 0 = sampled-token reward; K > 0 = top-K objective; -1 = full-vocabulary reverse KL."""
+    support: str = "student"
+    """Top-K support: student, teacher, intersection, union or symmetric_difference."""
+    weighting: str = "student_p"
+    """Top-K weights: student_p, teacher_p or uniform."""
+    renormalize: bool = False
+    """Top-K: minimise the paper's Eq. 5 form, KL(p̄‖q̄) with p, q renormalised on the support (exact gradient), instead of the reference code's full-vocab log-ratio. Not with symmetric_difference. See docs/objectives.md."""
+    estimator: str = "k1"
+    """Sampled-token mode: which estimate of the per-token KL is logged as reward/mean, k1 (log q - log p) or k3 (low variance). Training always uses the k1 log-ratio as the advantage (k3 is not a valid advantage; docs/objectives.md)."""
+    teacher_temperature: float = 1.0
+    """Temperature applied to the teacher's logits when scoring."""
+    loss_aggregation: str = "token-mean"
+    """token-mean, seq-mean-token-sum or seq-mean-token-mean."""
+    metrics_top_k: int = 16
+    """k for the mechanism metrics (overlap ratio etc.), logged in every objective mode."""
+    metrics_position_chunk: int = 256
+    """Position-chunk size (tokens) for the per-position metrics."""
+
+    # --- policy-gradient update ---
+    ppo_epochs: int = 1
+    """Passes over each rollout batch; ratio clipping matters only when > 1."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon."""
+    dual_clip: float = 3.0
+    """Dual-clip constant c for negative advantages."""
+    score_chunk_size: int = 256
+    """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -237,6 +278,7 @@ class OPDConfig:
         if self.warmup_steps > self.steps:
             errs.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: lower warmup_steps")
         errs += _sampling_and_precision_errors(self)
+        errs += _device_and_backend_errors(self)
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -283,21 +325,43 @@ def _sampling_and_precision_errors(cfg: OPDConfig) -> list[str]:
     return errs
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+"""Device strings ``device`` / ``teacher_device`` accept (``opd.runtime`` checks availability)."""
+
+
+def _device_and_backend_errors(cfg: ModelsConfig | RolloutConfig) -> list[str]:
+    """Well-formed device strings (their availability is checked when the run starts: opd.runtime) and
+    a known rollout backend."""
+    errs = []
+    for key, allow_empty in (("device", False), ("teacher_device", True)):
+        value = getattr(cfg, key, None)
+        if value is None or (allow_empty and value == ""):
+            continue
+        if not DEVICE_PATTERN.fullmatch(value):
+            errs.append(
+                f"{key}={value!r}: choose auto, cpu, cuda, cuda:N or mps (auto = cuda, else mps, else cpu)"
+            )
+    backend = getattr(cfg, "rollout_backend", None)
+    if backend is not None and backend not in ROLLOUT_BACKENDS:
+        errs.append(f"rollout_backend={backend!r}: choose one of {', '.join(ROLLOUT_BACKENDS)}")
+    return errs
+
+
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name → docstring (the string literal right after each annotated field)."""
-    src = inspect.getsource(cls)
-    tree = ast.parse(src)
+    """Field name → docstring (the string literal right after each annotated field), inherited parts
+    included (a method's config reuses the docstrings of the shared parts it inherits)."""
     docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for prev, node in zip(body, body[1:]):
-        if (
-            isinstance(prev, ast.AnnAssign)
-            and isinstance(prev.target, ast.Name)
-            and isinstance(node, ast.Expr)
-            and isinstance(node.value, ast.Constant)
-            and isinstance(node.value.value, str)
-        ):
-            docs[prev.target.id] = " ".join(node.value.value.split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for prev, node in zip(body, body[1:]):
+            if (
+                isinstance(prev, ast.AnnAssign)
+                and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                docs[prev.target.id] = " ".join(node.value.value.split())
     return docs
 
 
