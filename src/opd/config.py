@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import inspect
 import re
+import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -352,7 +353,8 @@ def field_docs(cls: type) -> dict[str, str]:
     included (a method's config reuses the docstrings of the shared parts it inherits)."""
     docs: dict[str, str] = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        source = textwrap.dedent(inspect.getsource(klass))  # a class defined inside a function is indented
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
         for prev, node in zip(body, body[1:]):
             if (
                 isinstance(prev, ast.AnnAssign)
