@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import opd
 from opd import cli
-from opd.config import ConfigError, DataConfig, ModelsConfig, OPDConfig, RunConfig, field_docs
+from opd.config import ConfigError, DataConfig, ModelsConfig, OPDConfig, RunConfig, field_docs, part_errors
 from opd.methods import METHODS, method_for
 from opd.methods import opd as opd_method
 from opd.rollout import BACKENDS, HFGenerateBackend, RolloutBatch, make_backend, stop_token_ids
@@ -76,6 +76,10 @@ def test_config_parts_are_shared_and_keys_stay_flat():
     assert docs["student"] == field_docs(OPDConfig)["student"]
     assert docs["prompts"] and docs["output_dir"] and docs["label_smoothing"].startswith("Label smoothing")
     assert "top_k" not in docs
+    # ... and the parts' validation rules
+    assert part_errors(SketchConfig()) == []
+    errs = part_errors(SketchConfig(device="gpu", max_prompt_tokens=0, resume=True, overwrite=True))
+    assert [e.split(":")[0].split("=")[0] for e in errs] == ["device", "max_prompt_tokens", "resume"]
     flat = {f.name for f in dataclasses.fields(OPDConfig)}
     assert {"student", "lr", "prompts", "temperature", "output_dir", "top_k", "device"} <= flat
 

@@ -58,6 +58,24 @@ class ModelsConfig:
     teacher_device: str = ""
     """Where the teacher scores (same choices as ``device``); empty = the student's device."""
 
+    def _check(self) -> list[str]:
+        errs = []
+        for dt_key in ("student_dtype", "teacher_dtype"):
+            if getattr(self, dt_key) not in ("float32", "bfloat16", "float16"):
+                errs.append(f"{dt_key}={getattr(self, dt_key)!r}: choose float32 or bfloat16")
+        if self.student_dtype == "float16":
+            errs.append(
+                "student_dtype='float16': not supported for training (float16 gradients need loss scaling, "
+                "which opd does not implement). Fix: student_dtype=bfloat16 (or float32)"
+            )
+        for key, allow_empty in (("device", False), ("teacher_device", True)):
+            value = getattr(self, key)
+            if not (allow_empty and value == "") and not DEVICE_PATTERN.fullmatch(value):
+                errs.append(
+                    f"{key}={value!r}: choose auto, cpu, cuda, cuda:N or mps (auto = cuda, else mps, else cpu)"
+                )
+        return errs
+
 
 @dataclass
 class DataConfig:
@@ -78,13 +96,18 @@ class DataConfig:
     max_prompt_tokens: int = 1024
     """Prompts longer than this many tokens are dropped (the count is logged)."""
 
+    def _check(self) -> list[str]:
+        return (
+            [f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 1"]
+            if self.max_prompt_tokens < 1
+            else []
+        )
+
 
 @dataclass
 class RolloutConfig:
     """How many on-policy samples each step draws, and how."""
 
-    steps: int = 100
-    """Number of optimizer steps (each on a fresh on-policy rollout batch)."""
     prompts_per_step: int = 8
     """Prompts sampled per step."""
     rollouts_per_prompt: int = 4
@@ -104,11 +127,43 @@ class RolloutConfig:
     rollout_backend: str = "hf"
     """Sampling backend (``opd.rollout.make_backend``): hf (Hugging Face generate on the training model)."""
 
+    def _check(self) -> list[str]:
+        errs = []
+        for key in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        for key in ("rollout_top_k", "rollout_batch_size"):
+            if getattr(self, key) < 0:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        if self.temperature <= 0:
+            errs.append(
+                f"temperature={self.temperature}: OPD trains on sampled rollouts (greedy decoding gives "
+                "rollouts_per_prompt identical copies); use temperature=1.0 (the study's value). "
+                "eval_temperature=0 stays allowed for greedy evaluation"
+            )
+        if not 0 < self.top_p <= 1:
+            errs.append(f"top_p={self.top_p}: must be in (0, 1]")
+        truncated = [f"top_p={self.top_p}"] if self.top_p < 1 else []
+        truncated += [f"rollout_top_k={self.rollout_top_k}"] if self.rollout_top_k > 0 else []
+        if truncated:
+            errs.append(
+                f"{' and '.join(truncated)}: OPD scores the student's untruncated distribution at "
+                "`temperature`, so top-p / top-k rollouts would be off-policy for the objective. Fix: "
+                "top_p=1.0 and rollout_top_k=0 (the study's setting); for evaluation use eval_top_p"
+            )
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            errs.append(
+                f"rollout_backend={self.rollout_backend!r}: choose one of {', '.join(ROLLOUT_BACKENDS)}"
+            )
+        return errs
+
 
 @dataclass
 class OptimConfig:
-    """AdamW, its schedule and the micro-batching of forward/backward passes."""
+    """The number of steps, AdamW, its schedule and the micro-batching of forward/backward passes."""
 
+    steps: int = 100
+    """Number of optimizer steps (each on a fresh on-policy rollout batch)."""
     lr: float = 1e-6
     """AdamW learning rate (the study: 1e-6 for 1.5B+ models; tiny models need far more)."""
     lr_schedule: str = "constant"
@@ -123,6 +178,21 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 = off)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass; gradients are accumulated over the rollout batch."""
+
+    def _check(self) -> list[str]:
+        errs = []
+        for key in ("steps", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        if self.warmup_steps < 0:
+            errs.append(f"warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.lr <= 0:
+            errs.append(f"lr={self.lr}: must be > 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            errs.append(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
+        if self.warmup_steps > self.steps:
+            errs.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: lower warmup_steps")
+        return errs
 
 
 @dataclass
@@ -164,6 +234,30 @@ class RunConfig:
     threads: int = 0
     """torch CPU threads (0 = torch default)."""
 
+    def _check(self) -> list[str]:
+        errs = []
+        for key in ("save_every", "keep_checkpoints", "eval_every", "eval_limit", "threads"):
+            if getattr(self, key) < 0:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        if self.eval_temperature < 0:
+            errs.append(f"eval_temperature={self.eval_temperature}: must be >= 0 (0 = greedy)")
+        errs.extend(_alert_threshold_errors(self))
+        if self.keep_checkpoints < 1 and self.save_every > 0:
+            errs.append("keep_checkpoints must be >= 1 when save_every > 0")
+        if self.eval_every and not self.eval_prompts:
+            errs.append("eval_every > 0 needs eval_prompts (a prompt source with answers)")
+        if self.resume and self.overwrite:
+            errs.append("resume=true and overwrite=true: choose one (continue the run, or replace it)")
+        if not 0 < self.eval_top_p <= 1:
+            errs.append(
+                f"eval_top_p={self.eval_top_p}: must be in (0, 1]; 1.0 = off, the study evaluates at 0.95"
+            )
+        if self.eval_samples < 1:
+            errs.append(
+                f"eval_samples={self.eval_samples}: must be >= 1 (the study: 16, with eval_temperature=0.7)"
+            )
+        return errs
+
 
 @dataclass
 class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig):
@@ -204,7 +298,7 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
 
     def __post_init__(self) -> None:
         _coerce_types(self)
-        errs = []
+        errs = part_errors(self)  # the rules of the shared parts, then OPD's own
         if self.top_k < -1:
             errs.append(f"top_k={self.top_k}: use 0 (sampled-token), K > 0 (top-K) or -1 (full vocabulary)")
         if self.support not in SUPPORTS:
@@ -223,63 +317,13 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
                 "not renormalised on the support, so Eq. 5 is not defined there; set renormalize=false "
                 "or choose another support"
             )
-        if self.lr_schedule not in ("constant", "cosine"):
-            errs.append(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
-        for dt_key in ("student_dtype", "teacher_dtype"):
-            if getattr(self, dt_key) not in ("float32", "bfloat16", "float16"):
-                errs.append(f"{dt_key}={getattr(self, dt_key)!r}: choose float32 or bfloat16")
-        for key in (
-            "steps",
-            "prompts_per_step",
-            "rollouts_per_prompt",
-            "max_new_tokens",
-            "micro_batch_size",
-            "ppo_epochs",
-            "max_prompt_tokens",
-            "score_chunk_size",
-            "metrics_top_k",
-        ):
+        for key in ("ppo_epochs", "score_chunk_size", "metrics_top_k"):
             if getattr(self, key) < 1:
                 errs.append(f"{key}={getattr(self, key)}: must be >= 1")
-        for key in (
-            "save_every",
-            "keep_checkpoints",
-            "warmup_steps",
-            "eval_every",
-            "eval_limit",
-            "threads",
-            "rollout_top_k",
-            "rollout_batch_size",
-        ):
-            if getattr(self, key) < 0:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
-        if self.temperature <= 0:
-            errs.append(
-                f"temperature={self.temperature}: OPD trains on sampled rollouts (greedy decoding gives "
-                "rollouts_per_prompt identical copies); use temperature=1.0 (the study's value). "
-                "eval_temperature=0 stays allowed for greedy evaluation"
-            )
         if self.teacher_temperature <= 0:
             errs.append(f"teacher_temperature={self.teacher_temperature}: must be > 0; use 1.0")
-        if self.eval_temperature < 0:
-            errs.append(f"eval_temperature={self.eval_temperature}: must be >= 0 (0 = greedy)")
-        errs.extend(_alert_threshold_errors(self))
-        if not 0 < self.top_p <= 1:
-            errs.append(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.lr <= 0:
-            errs.append(f"lr={self.lr}: must be > 0")
         if self.clip_eps <= 0 or self.dual_clip <= 1:
             errs.append("clip_eps must be > 0 and dual_clip > 1")
-        if self.keep_checkpoints < 1 and self.save_every > 0:
-            errs.append("keep_checkpoints must be >= 1 when save_every > 0")
-        if self.eval_every and not self.eval_prompts:
-            errs.append("eval_every > 0 needs eval_prompts (a prompt source with answers)")
-        if self.resume and self.overwrite:
-            errs.append("resume=true and overwrite=true: choose one (continue the run, or replace it)")
-        if self.warmup_steps > self.steps:
-            errs.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: lower warmup_steps")
-        errs += _sampling_and_precision_errors(self)
-        errs += _device_and_backend_errors(self)
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -301,50 +345,21 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
 # --------------------------------------------------------------------------- helpers
 
 
-def _sampling_and_precision_errors(cfg: OPDConfig) -> list[str]:
-    """Rollout sampling the objective can score, and a student dtype training supports."""
-    errs = []
-    truncated = [f"top_p={cfg.top_p}"] if cfg.top_p < 1 else []
-    truncated += [f"rollout_top_k={cfg.rollout_top_k}"] if cfg.rollout_top_k > 0 else []
-    if truncated:
-        errs.append(
-            f"{' and '.join(truncated)}: OPD scores the student's untruncated distribution at `temperature`, "
-            "so top-p / top-k rollouts would be off-policy for the objective. Fix: top_p=1.0 and "
-            "rollout_top_k=0 (the study's setting); for evaluation use eval_top_p"
-        )
-    if cfg.student_dtype == "float16":
-        errs.append(
-            "student_dtype='float16': not supported for training (float16 gradients need loss scaling, which "
-            "opd does not implement). Fix: student_dtype=bfloat16 (or float32)"
-        )
-    if not 0 < cfg.eval_top_p <= 1:
-        errs.append(f"eval_top_p={cfg.eval_top_p}: must be in (0, 1]; 1.0 = off, the study evaluates at 0.95")
-    if cfg.eval_samples < 1:
-        errs.append(
-            f"eval_samples={cfg.eval_samples}: must be >= 1 (the study: 16, with eval_temperature=0.7)"
-        )
-    return errs
-
-
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 """Device strings ``device`` / ``teacher_device`` accept (``opd.runtime`` checks availability)."""
 
 
-def _device_and_backend_errors(cfg: ModelsConfig | RolloutConfig) -> list[str]:
-    """Well-formed device strings (their availability is checked when the run starts: opd.runtime) and
-    a known rollout backend."""
-    errs = []
-    for key, allow_empty in (("device", False), ("teacher_device", True)):
-        value = getattr(cfg, key, None)
-        if value is None or (allow_empty and value == ""):
-            continue
-        if not DEVICE_PATTERN.fullmatch(value):
-            errs.append(
-                f"{key}={value!r}: choose auto, cpu, cuda, cuda:N or mps (auto = cuda, else mps, else cpu)"
-            )
-    backend = getattr(cfg, "rollout_backend", None)
-    if backend is not None and backend not in ROLLOUT_BACKENDS:
-        errs.append(f"rollout_backend={backend!r}: choose one of {', '.join(ROLLOUT_BACKENDS)}")
+PARTS: tuple[type, ...] = (ModelsConfig, DataConfig, RolloutConfig, OptimConfig, RunConfig)
+"""The shared config parts, each with a ``_check() -> list[str]`` of its own rules."""
+
+
+def part_errors(cfg: Any) -> list[str]:
+    """The rule violations of every shared part ``cfg`` inherits (a method's ``__post_init__`` adds its
+    own rules and raises one ConfigError listing them all)."""
+    errs: list[str] = []
+    for part in PARTS:
+        if isinstance(cfg, part):
+            errs += part._check(cfg)
     return errs
 
 
@@ -367,7 +382,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _alert_threshold_errors(cfg: OPDConfig) -> list[str]:
+def _alert_threshold_errors(cfg: RunConfig) -> list[str]:
     """Validate ``cfg.alert_thresholds`` against ``opd.alerts.AlertConfig`` (keys with a did-you-mean
     hint, types, ranges) and store the type-coerced values; return the problems found."""
     import difflib
