@@ -120,6 +120,7 @@ def train_child(variant: str, V: int, T: int, B: int) -> dict:
     from opd.config import OPDConfig
     from opd.methods import opd as opd_method
     from opd.rollout import RolloutBatch
+    from opd.scoring import PolicyScorer
     from opd.tiny import build_byte_tokenizer, build_tiny_model
 
     torch.manual_seed(0)
@@ -140,14 +141,14 @@ def train_child(variant: str, V: int, T: int, B: int) -> dict:
 
     if variant == "full-old":
 
-        def old_full_vocab_loss(student, teacher, mb, mask, cfg, vocab_limit):
+        def old_full_vocab_loss(student, teacher, mb, mask, cfg):
             from opd.scoring import score_full_logits
 
             args = (mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T)
             with torch.no_grad():
-                t_chunks = list(score_full_logits(teacher, *args, chunk_size=cfg.score_chunk_size))
+                t_chunks = list(score_full_logits(teacher.model, *args, chunk_size=cfg.score_chunk_size))
             per_token = torch.zeros_like(mask)
-            s_iter = score_full_logits(student, *args, grad=True, chunk_size=cfg.score_chunk_size)
+            s_iter = score_full_logits(student.model, *args, grad=True, chunk_size=cfg.score_chunk_size)
             for (rows, cols, s_logits), (_, _, t_logits) in zip(s_iter, t_chunks, strict=True):
                 ones = torch.ones(1, s_logits.shape[0])
                 div = obj.full_vocab_divergence(s_logits[None], t_logits[None], ones, kind="reverse_kl")[0]
@@ -168,9 +169,12 @@ def train_child(variant: str, V: int, T: int, B: int) -> dict:
             truncated_B=torch.zeros(B, dtype=torch.bool),
         )
 
+    s_scorer = PolicyScorer(student, chunk_size=cfg.score_chunk_size, vocab_limit=V)
+    t_scorer = PolicyScorer(teacher, chunk_size=cfg.score_chunk_size, vocab_limit=V)
+
     def step(b: RolloutBatch) -> float:
-        scored = opd_method.score_batch(student, teacher, b, cfg, V)
-        loss, *_ = opd_method.update(student, teacher, b, scored, optimizer, cfg, V)
+        scored, _ = opd_method.score_batch(s_scorer, t_scorer, b, cfg)
+        loss, *_ = opd_method.update(s_scorer, t_scorer, b, scored, optimizer, cfg)
         return loss
 
     step(batch(PROMPT + 8))  # warm-up; allocates AdamW's state

@@ -70,20 +70,20 @@ def test_train_scores_the_student_at_the_rollout_temperature(tiny_pair, tmp_path
         opd_method._full_vocab_loss,
     )
 
-    def spy_score_batch(student, teacher, batch, cfg, vocab_limit):
-        out = real_score_batch(student, teacher, batch, cfg, vocab_limit)
-        ref = direct_logp_B_T_V(student, batch.input_ids_B_T, batch.attention_mask_B_T, T)
+    def spy_score_batch(student, teacher, batch, cfg):
+        out, times = real_score_batch(student, teacher, batch, cfg)
+        ref = direct_logp_B_T_V(student.model, batch.input_ids_B_T, batch.attention_mask_B_T, T)
         m = batch.response_mask_B_T.bool()
         want = ref.gather(-1, batch.input_ids_B_T[..., None])[..., 0]
-        torch.testing.assert_close(out["student"].token_logp_B_T[m].double(), want[m], atol=2e-5, rtol=0)
+        torch.testing.assert_close(out.student.token_logp_B_T[m].double(), want[m], atol=2e-5, rtol=0)
         top = ref.topk(cfg.metrics_top_k, dim=-1).values
-        torch.testing.assert_close(out["student"].topk_logp_B_T_K[m].double(), top[m], atol=2e-5, rtol=0)
+        torch.testing.assert_close(out.student.topk_logp_B_T_K[m].double(), top[m], atol=2e-5, rtol=0)
         if cfg.objective == "topk":
-            at_support = ref.gather(-1, out["support_ids"])
-            valid = out["valid"] & m[..., None]
-            torch.testing.assert_close(out["old_logp"][valid].double(), at_support[valid], atol=2e-5, rtol=0)
+            at_support = ref.gather(-1, out.support_ids_B_T_S)
+            valid = out.valid_B_T_S & m[..., None]
+            torch.testing.assert_close(out.old_logp[valid].double(), at_support[valid], atol=2e-5, rtol=0)
         checked["score"] += 1
-        return out
+        return out, times
 
     def spy_pg(new_logp, old_logp, *a, **k):
         # ppo_epochs=1: new and old log-probs come from the same weights at the same temperature
@@ -91,10 +91,12 @@ def test_train_scores_the_student_at_the_rollout_temperature(tiny_pair, tmp_path
         checked["ratio"] += 1
         return real_pg(new_logp, old_logp, *a, **k)
 
-    def spy_full(student, teacher, mb, mask, cfg, vocab_limit):
-        loss = real_full(student, teacher, mb, mask, cfg, vocab_limit)
-        logp = direct_logp_B_T_V(student, mb.input_ids_B_T, mb.attention_mask_B_T, T)
-        logq = direct_logp_B_T_V(teacher, mb.input_ids_B_T, mb.attention_mask_B_T, cfg.teacher_temperature)
+    def spy_full(student, teacher, mb, mask, cfg):
+        loss = real_full(student, teacher, mb, mask, cfg)
+        logp = direct_logp_B_T_V(student.model, mb.input_ids_B_T, mb.attention_mask_B_T, T)
+        logq = direct_logp_B_T_V(
+            teacher.model, mb.input_ids_B_T, mb.attention_mask_B_T, cfg.teacher_temperature
+        )
         kl_B_T = (logp.exp() * (logp - logq)).sum(-1)
         want = obj.aggregate(kl_B_T.float(), mask, cfg.loss_aggregation)
         torch.testing.assert_close(loss.detach(), want, atol=2e-5, rtol=1e-5)
@@ -114,10 +116,10 @@ def test_train_metrics_use_the_temperature_scored_student(tiny_pair, tmp_path, m
     seen = []
     real = opd_method.score_batch
 
-    def spy(student, teacher, batch, cfg, vocab_limit):
-        out = real(student, teacher, batch, cfg, vocab_limit)
-        p = direct_logp_B_T_V(student, batch.input_ids_B_T, batch.attention_mask_B_T, 0.7)
-        q = direct_logp_B_T_V(teacher, batch.input_ids_B_T, batch.attention_mask_B_T, 1.0)
+    def spy(student, teacher, batch, cfg):
+        out = real(student, teacher, batch, cfg)
+        p = direct_logp_B_T_V(student.model, batch.input_ids_B_T, batch.attention_mask_B_T, 0.7)
+        q = direct_logp_B_T_V(teacher.model, batch.input_ids_B_T, batch.attention_mask_B_T, 1.0)
         ids = batch.input_ids_B_T[..., None]
         m = batch.response_mask_B_T.double()
         seen.append(float(((p.gather(-1, ids) - q.gather(-1, ids))[..., 0] * m).sum() / m.sum()))

@@ -6,7 +6,9 @@ __all__ = ["__version__", "train"]
 
 
 def train(config):
-    """Run the training method named by ``config`` (see :func:`opd.methods.opd.train`)."""
-    from opd.methods.opd import train as _train
+    """Run the training method whose config type ``config`` is (:data:`opd.methods.METHODS`), e.g.
+    ``opd.train(OPDConfig(...))`` runs :func:`opd.methods.opd.train`. Returns the run summary."""
+    # imported here so that ``import opd`` stays light (no torch / transformers until a run starts)
+    from opd.methods import method_for
 
-    return _train(config)
+    return method_for(config).train(config)

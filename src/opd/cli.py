@@ -1,5 +1,6 @@
 """Command line: ``opd <command>``. Each command builds a typed config and calls the same function the
-Python API exposes (``opd train`` → :func:`opd.methods.opd.train`)."""
+Python API exposes (``opd train`` → :func:`opd.methods.opd.train`). Training methods get their
+subcommands from the registry :data:`opd.methods.METHODS` (one line per method)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from opd.diagnose import DiagnoseConfig, DiagnoseThresholds, diagnose
 from opd.lab import zoo
 from opd.lab.build import build as build_zoo
 from opd.lab.demo import run_demo
-from opd.methods.opd import train
+from opd.methods import METHODS, Method
 from opd.rundir import RunInterrupted
 
-TRAIN_EPILOG = """\
+METHOD_EPILOG = """\
 Configuration keys (set in CONFIG.yaml or as key=value overrides, which win):
 {keys}
+"""
 
+TRAIN_EXAMPLES = """
 Examples:
   opd train configs/lab.yaml steps=50
   opd train student=lab:student teacher=lab:teacher-a-plus prompts=lab:train max_new_tokens=96 output_dir=runs/x
@@ -55,6 +58,20 @@ def _config_parser(sub, name: str, epilog: str, **kw) -> argparse.ArgumentParser
     return p
 
 
+def _method_parser(sub, method: Method) -> argparse.ArgumentParser:
+    """A training method's subcommand (from :data:`opd.methods.METHODS`)."""
+    examples = TRAIN_EXAMPLES if method.config is OPDConfig else ""
+    p = _config_parser(
+        sub,
+        method.command,
+        METHOD_EPILOG.format(keys=help_text(method.config)) + examples,
+        help=method.help,
+        description=method.description,
+    )
+    p.set_defaults(method=method)
+    return p
+
+
 def _load(cls: type, args):
     """The config of a ``_config_parser`` command: the YAML file (if any) plus the key=value overrides."""
     config, overrides = args.config, list(args.overrides)
@@ -79,13 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the full traceback of an error instead of one line (or set OPD_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _config_parser(
-        sub,
-        "train",
-        TRAIN_EPILOG.format(keys=help_text(OPDConfig)),
-        help="run on-policy distillation",
-        description="Run on-policy distillation of a student toward a teacher on the student's own samples.",
-    )
+    for method in METHODS:
+        _method_parser(sub, method)
     _config_parser(
         sub,
         "diagnose",
@@ -119,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         format="[%(name)s] %(levelname)s %(message)s",
     )
     try:
-        if args.command == "train":
-            return _cmd_train(args)
+        if getattr(args, "method", None) is not None:
+            return _cmd_method(args, args.method)
         if args.command == "demo":
             run_demo(
                 smoke=args.smoke,
@@ -166,8 +178,8 @@ def _debug(args) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("OPD_DEBUG", "") not in ("", "0")
 
 
-def _cmd_train(args) -> int:
-    summary = train(_load(OPDConfig, args))
+def _cmd_method(args, method: Method) -> int:
+    summary = method.train(_load(method.config, args))
     print(f"opd: done: {summary['steps_done']} steps, final model in {summary['final_model']}")
     return 0
 

@@ -1,7 +1,9 @@
 """Typed configuration for opd runs.
 
-One dataclass per command. Each field has a docstring (``field_docs`` extracts them for ``--help``).
-Configs come from YAML files plus ``key=value`` overrides (:func:`load_config`); cross-field rules are
+One flat dataclass per command, composed from shared parts (``ModelsConfig``, ``DataConfig``,
+``RolloutConfig``, ``OptimConfig``, ``RunConfig``) by inheritance, so YAML keys stay flat and each
+shared field is documented once. Each field has a docstring (``field_docs`` extracts them for
+``--help``). Configs come from YAML files plus ``key=value`` overrides (:func:`load_config`); cross-field rules are
 checked in ``__post_init__`` and raise :class:`ConfigError` with the fix. No runtime-derived values live
 in the user config.
 """
@@ -21,27 +23,59 @@ import yaml
 
 from opd.errors import ConfigError
 from opd.objectives import AGGREGATIONS, SUPPORTS, WEIGHTINGS
+from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
 from opd.textfiles import read_utf8
+
+# --------------------------------------------------------------------------- parts shared by methods
+# A method's config is one flat dataclass (YAML keys and ``key=value`` overrides stay flat) that inherits
+# the parts it needs, so each shared field is declared and documented once. Field order in ``--help``:
+# the parts in the order of the class bases, reversed (models, data, rollout, optimiser, run), then the
+# method's own fields.
 
 
 @dataclass
 class ModelsConfig:
-    """The student and the teacher: the keys every command that loads the pair shares (``opd train``,
-    ``opd diagnose``)."""
+    """Student and teacher models, their dtypes and the devices they run on."""
 
     student: str = ""
     """Student model: a local directory, a hub id (online only), a .gguf file or ``lab:<name>``."""
     teacher: str = ""
     """Teacher model (same tokenizer as the student): a local directory, hub id, .gguf file or ``lab:<name>``."""
+    student_dtype: str = "float32"
+    """Student compute dtype: float32 or bfloat16. The weights stay float32 (AdamW master weights, saved as
+    float32); bfloat16 runs the forward passes under autocast. Logits, log-probs and losses are always float32.
+    float16 is not supported for training (it needs loss scaling): use bfloat16."""
     teacher_dtype: str = "float32"
-    """Teacher weights dtype: float32, bfloat16 or float16."""
+    """Teacher weights dtype: float32, bfloat16 or float16 (not trained; its log-probs are always float32)."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code. Off unless you trust the source."""
+    device: str = "auto"
+    """Where the student trains and samples: auto (cuda if torch sees a GPU, else mps, else cpu), cpu, cuda, cuda:N or mps."""
+    teacher_device: str = ""
+    """Where the teacher scores (same choices as ``device``); empty = the student's device."""
+
+    def _check(self) -> list[str]:
+        errs = []
+        for dt_key in ("student_dtype", "teacher_dtype"):
+            if getattr(self, dt_key) not in ("float32", "bfloat16", "float16"):
+                errs.append(f"{dt_key}={getattr(self, dt_key)!r}: choose float32 or bfloat16")
+        if self.student_dtype == "float16":
+            errs.append(
+                "student_dtype='float16': not supported for training (float16 gradients need loss scaling, "
+                "which opd does not implement). Fix: student_dtype=bfloat16 (or float32)"
+            )
+        for key, allow_empty in (("device", False), ("teacher_device", True)):
+            value = getattr(self, key)
+            if not (allow_empty and value == "") and not DEVICE_PATTERN.fullmatch(value):
+                errs.append(
+                    f"{key}={value!r}: choose auto, cpu, cuda, cuda:N or mps (auto = cuda, else mps, else cpu)"
+                )
+        return errs
 
 
 @dataclass
-class PromptsConfig:
-    """Where the prompts come from and how they are rendered (shared by ``opd train`` and ``opd diagnose``)."""
+class DataConfig:
+    """Prompt sources and how prompts are rendered."""
 
     prompts: str = ""
     """Prompt source: .jsonl/.json/.parquet/.csv, a saved HF dataset directory, or ``lab:<split>``."""
@@ -58,21 +92,18 @@ class PromptsConfig:
     max_prompt_tokens: int = 1024
     """Prompts longer than this many tokens are dropped (the count is logged)."""
 
+    def _check(self) -> list[str]:
+        return (
+            [f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 1"]
+            if self.max_prompt_tokens < 1
+            else []
+        )
+
 
 @dataclass
-class OPDConfig(PromptsConfig, ModelsConfig):
-    """On-policy distillation run. Defaults follow the study's reference recipe, scaled for small runs.
+class RolloutConfig:
+    """How many on-policy samples each step draws, and how."""
 
-    The models and prompts keys come first (:class:`ModelsConfig`, :class:`PromptsConfig`)."""
-
-    student_dtype: str = "float32"
-    """Student compute dtype: float32 or bfloat16. The weights stay float32 (AdamW master weights, saved as
-    float32); bfloat16 runs the forward passes under autocast. Logits, log-probs and losses are always float32.
-    float16 is not supported for training (it needs loss scaling): use bfloat16."""
-
-    # --- rollout ---
-    steps: int = 100
-    """Number of optimizer steps (each on a fresh on-policy rollout batch)."""
     prompts_per_step: int = 8
     """Prompts sampled per step."""
     rollouts_per_prompt: int = 4
@@ -89,28 +120,46 @@ class OPDConfig(PromptsConfig, ModelsConfig):
     """Top-k sampling for rollouts: must stay 0 in training (see top_p). Not the objective's ``top_k``."""
     rollout_batch_size: int = 0
     """Sequences (prompt x sample rows) per generate call (0 = the whole step at once)."""
+    rollout_backend: str = "hf"
+    """Sampling backend (``opd.rollout.make_backend``): hf (Hugging Face generate on the training model)."""
 
-    # --- objective ---
-    top_k: int = 16
-    """Objective support size: 0 = sampled-token reward; K > 0 = top-K objective; -1 = full-vocabulary reverse KL."""
-    support: str = "student"
-    """Top-K support: student, teacher, intersection, union or symmetric_difference."""
-    weighting: str = "student_p"
-    """Top-K weights: student_p, teacher_p or uniform."""
-    renormalize: bool = False
-    """Top-K: minimise the paper's Eq. 5 form, KL(p̄‖q̄) with p, q renormalised on the support (exact gradient), instead of the reference code's full-vocab log-ratio. Not with symmetric_difference. See docs/objectives.md."""
-    estimator: str = "k1"
-    """Sampled-token mode: which estimate of the per-token KL is logged as reward/mean, k1 (log q - log p) or k3 (low variance). Training always uses the k1 log-ratio as the advantage (k3 is not a valid advantage; docs/objectives.md)."""
-    teacher_temperature: float = 1.0
-    """Temperature applied to the teacher's logits when scoring."""
-    loss_aggregation: str = "token-mean"
-    """token-mean, seq-mean-token-sum or seq-mean-token-mean."""
-    metrics_top_k: int = 16
-    """k for the mechanism metrics (overlap ratio etc.), logged in every objective mode."""
-    metrics_position_chunk: int = 256
-    """Position-chunk size (tokens) for the per-position metrics."""
+    def _check(self) -> list[str]:
+        errs = []
+        for key in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        for key in ("rollout_top_k", "rollout_batch_size"):
+            if getattr(self, key) < 0:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        if self.temperature <= 0:
+            errs.append(
+                f"temperature={self.temperature}: OPD trains on sampled rollouts (greedy decoding gives "
+                "rollouts_per_prompt identical copies); use temperature=1.0 (the study's value). "
+                "eval_temperature=0 stays allowed for greedy evaluation"
+            )
+        if not 0 < self.top_p <= 1:
+            errs.append(f"top_p={self.top_p}: must be in (0, 1]")
+        truncated = [f"top_p={self.top_p}"] if self.top_p < 1 else []
+        truncated += [f"rollout_top_k={self.rollout_top_k}"] if self.rollout_top_k > 0 else []
+        if truncated:
+            errs.append(
+                f"{' and '.join(truncated)}: OPD scores the student's untruncated distribution at "
+                "`temperature`, so top-p / top-k rollouts would be off-policy for the objective. Fix: "
+                "top_p=1.0 and rollout_top_k=0 (the study's setting); for evaluation use eval_top_p"
+            )
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            errs.append(
+                f"rollout_backend={self.rollout_backend!r}: choose one of {', '.join(ROLLOUT_BACKENDS)}"
+            )
+        return errs
 
-    # --- optimisation ---
+
+@dataclass
+class OptimConfig:
+    """The number of steps, AdamW, its schedule and the micro-batching of forward/backward passes."""
+
+    steps: int = 100
+    """Number of optimizer steps (each on a fresh on-policy rollout batch)."""
     lr: float = 1e-6
     """AdamW learning rate (the study: 1e-6 for 1.5B+ models; tiny models need far more)."""
     lr_schedule: str = "constant"
@@ -125,16 +174,27 @@ class OPDConfig(PromptsConfig, ModelsConfig):
     """Clip the global gradient norm to this value (0 = off)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass; gradients are accumulated over the rollout batch."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch; ratio clipping matters only when > 1."""
-    clip_eps: float = 0.2
-    """PPO ratio clip epsilon."""
-    dual_clip: float = 3.0
-    """Dual-clip constant c for negative advantages."""
-    score_chunk_size: int = 256
-    """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
 
-    # --- run ---
+    def _check(self) -> list[str]:
+        errs = []
+        for key in ("steps", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        if self.warmup_steps < 0:
+            errs.append(f"warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.lr <= 0:
+            errs.append(f"lr={self.lr}: must be > 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            errs.append(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
+        if self.warmup_steps > self.steps:
+            errs.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: lower warmup_steps")
+        return errs
+
+
+@dataclass
+class RunConfig:
+    """Output directory, seeding, checkpointing, periodic evaluation, alerts and logging."""
+
     output_dir: str = "runs/opd"
     """Where metrics.jsonl, checkpoints and the final model go."""
     seed: int = 0
@@ -170,9 +230,71 @@ class OPDConfig(PromptsConfig, ModelsConfig):
     threads: int = 0
     """torch CPU threads (0 = torch default)."""
 
+    def _check(self) -> list[str]:
+        errs = []
+        for key in ("save_every", "keep_checkpoints", "eval_every", "eval_limit", "threads"):
+            if getattr(self, key) < 0:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        if self.eval_temperature < 0:
+            errs.append(f"eval_temperature={self.eval_temperature}: must be >= 0 (0 = greedy)")
+        errs.extend(_alert_threshold_errors(self))
+        if self.keep_checkpoints < 1 and self.save_every > 0:
+            errs.append("keep_checkpoints must be >= 1 when save_every > 0")
+        if self.eval_every and not self.eval_prompts:
+            errs.append("eval_every > 0 needs eval_prompts (a prompt source with answers)")
+        if self.resume and self.overwrite:
+            errs.append("resume=true and overwrite=true: choose one (continue the run, or replace it)")
+        if not 0 < self.eval_top_p <= 1:
+            errs.append(
+                f"eval_top_p={self.eval_top_p}: must be in (0, 1]; 1.0 = off, the study evaluates at 0.95"
+            )
+        if self.eval_samples < 1:
+            errs.append(
+                f"eval_samples={self.eval_samples}: must be >= 1 (the study: 16, with eval_temperature=0.7)"
+            )
+        return errs
+
+
+@dataclass
+class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig):
+    """On-policy distillation run. Defaults follow the study's reference recipe, scaled for small runs.
+
+    The shared parts (models, data, rollout, optimiser, run) are inherited; the fields below are OPD's own.
+    """
+
+    # --- objective ---
+    top_k: int = 16
+    """Objective support size: 0 = sampled-token reward; K > 0 = top-K objective; -1 = full-vocabulary reverse KL."""
+    support: str = "student"
+    """Top-K support: student, teacher, intersection, union or symmetric_difference."""
+    weighting: str = "student_p"
+    """Top-K weights: student_p, teacher_p or uniform."""
+    renormalize: bool = False
+    """Top-K: minimise the paper's Eq. 5 form, KL(p̄‖q̄) with p, q renormalised on the support (exact gradient), instead of the reference code's full-vocab log-ratio. Not with symmetric_difference. See docs/objectives.md."""
+    estimator: str = "k1"
+    """Sampled-token mode: which estimate of the per-token KL is logged as reward/mean, k1 (log q - log p) or k3 (low variance). Training always uses the k1 log-ratio as the advantage (k3 is not a valid advantage; docs/objectives.md)."""
+    teacher_temperature: float = 1.0
+    """Temperature applied to the teacher's logits when scoring."""
+    loss_aggregation: str = "token-mean"
+    """token-mean, seq-mean-token-sum or seq-mean-token-mean."""
+    metrics_top_k: int = 16
+    """k for the mechanism metrics (overlap ratio etc.), logged in every objective mode."""
+    metrics_position_chunk: int = 256
+    """Position-chunk size (tokens) for the per-position metrics."""
+
+    # --- policy-gradient update ---
+    ppo_epochs: int = 1
+    """Passes over each rollout batch; ratio clipping matters only when > 1."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon."""
+    dual_clip: float = 3.0
+    """Dual-clip constant c for negative advantages."""
+    score_chunk_size: int = 256
+    """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
+
     def __post_init__(self) -> None:
         _coerce_types(self)
-        errs = []
+        errs = part_errors(self)  # the rules of the shared parts, then OPD's own
         if self.top_k < -1:
             errs.append(f"top_k={self.top_k}: use 0 (sampled-token), K > 0 (top-K) or -1 (full vocabulary)")
         if self.support not in SUPPORTS:
@@ -191,62 +313,13 @@ class OPDConfig(PromptsConfig, ModelsConfig):
                 "not renormalised on the support, so Eq. 5 is not defined there; set renormalize=false "
                 "or choose another support"
             )
-        if self.lr_schedule not in ("constant", "cosine"):
-            errs.append(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
-        for dt_key in ("student_dtype", "teacher_dtype"):
-            if getattr(self, dt_key) not in ("float32", "bfloat16", "float16"):
-                errs.append(f"{dt_key}={getattr(self, dt_key)!r}: choose float32 or bfloat16")
-        for key in (
-            "steps",
-            "prompts_per_step",
-            "rollouts_per_prompt",
-            "max_new_tokens",
-            "micro_batch_size",
-            "ppo_epochs",
-            "max_prompt_tokens",
-            "score_chunk_size",
-            "metrics_top_k",
-        ):
+        for key in ("ppo_epochs", "score_chunk_size", "metrics_top_k"):
             if getattr(self, key) < 1:
                 errs.append(f"{key}={getattr(self, key)}: must be >= 1")
-        for key in (
-            "save_every",
-            "keep_checkpoints",
-            "warmup_steps",
-            "eval_every",
-            "eval_limit",
-            "threads",
-            "rollout_top_k",
-            "rollout_batch_size",
-        ):
-            if getattr(self, key) < 0:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
-        if self.temperature <= 0:
-            errs.append(
-                f"temperature={self.temperature}: OPD trains on sampled rollouts (greedy decoding gives "
-                "rollouts_per_prompt identical copies); use temperature=1.0 (the study's value). "
-                "eval_temperature=0 stays allowed for greedy evaluation"
-            )
         if self.teacher_temperature <= 0:
             errs.append(f"teacher_temperature={self.teacher_temperature}: must be > 0; use 1.0")
-        if self.eval_temperature < 0:
-            errs.append(f"eval_temperature={self.eval_temperature}: must be >= 0 (0 = greedy)")
-        errs.extend(_alert_threshold_errors(self))
-        if not 0 < self.top_p <= 1:
-            errs.append(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.lr <= 0:
-            errs.append(f"lr={self.lr}: must be > 0")
         if self.clip_eps <= 0 or self.dual_clip <= 1:
             errs.append("clip_eps must be > 0 and dual_clip > 1")
-        if self.keep_checkpoints < 1 and self.save_every > 0:
-            errs.append("keep_checkpoints must be >= 1 when save_every > 0")
-        if self.eval_every and not self.eval_prompts:
-            errs.append("eval_every > 0 needs eval_prompts (a prompt source with answers)")
-        if self.resume and self.overwrite:
-            errs.append("resume=true and overwrite=true: choose one (continue the run, or replace it)")
-        if self.warmup_steps > self.steps:
-            errs.append(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}: lower warmup_steps")
-        errs += _sampling_and_precision_errors(self)
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -268,39 +341,31 @@ class OPDConfig(PromptsConfig, ModelsConfig):
 # --------------------------------------------------------------------------- helpers
 
 
-def _sampling_and_precision_errors(cfg: OPDConfig) -> list[str]:
-    """Rollout sampling the objective can score, and a student dtype training supports."""
-    errs = []
-    truncated = [f"top_p={cfg.top_p}"] if cfg.top_p < 1 else []
-    truncated += [f"rollout_top_k={cfg.rollout_top_k}"] if cfg.rollout_top_k > 0 else []
-    if truncated:
-        errs.append(
-            f"{' and '.join(truncated)}: OPD scores the student's untruncated distribution at `temperature`, "
-            "so top-p / top-k rollouts would be off-policy for the objective. Fix: top_p=1.0 and "
-            "rollout_top_k=0 (the study's setting); for evaluation use eval_top_p"
-        )
-    if cfg.student_dtype == "float16":
-        errs.append(
-            "student_dtype='float16': not supported for training (float16 gradients need loss scaling, which "
-            "opd does not implement). Fix: student_dtype=bfloat16 (or float32)"
-        )
-    if not 0 < cfg.eval_top_p <= 1:
-        errs.append(f"eval_top_p={cfg.eval_top_p}: must be in (0, 1]; 1.0 = off, the study evaluates at 0.95")
-    if cfg.eval_samples < 1:
-        errs.append(
-            f"eval_samples={cfg.eval_samples}: must be >= 1 (the study: 16, with eval_temperature=0.7)"
-        )
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+"""Device strings ``device`` / ``teacher_device`` accept (``opd.runtime`` checks availability)."""
+
+
+PARTS: tuple[type, ...] = (ModelsConfig, DataConfig, RolloutConfig, OptimConfig, RunConfig)
+"""The shared config parts, each with a ``_check() -> list[str]`` of its own rules."""
+
+
+def part_errors(cfg: Any) -> list[str]:
+    """The rule violations of every shared part ``cfg`` inherits (a method's ``__post_init__`` adds its
+    own rules and raises one ConfigError listing them all)."""
+    errs: list[str] = []
+    for part in PARTS:
+        if isinstance(cfg, part):
+            errs += part._check(cfg)
     return errs
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name → docstring (the string literal right after each annotated field), base classes included."""
+    """Field name → docstring (the string literal right after each annotated field), inherited parts
+    included (a method's config reuses the docstrings of the shared parts it inherits)."""
     docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = textwrap.dedent(inspect.getsource(klass))  # a class defined inside a function is indented
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
         for prev, node in zip(body, body[1:]):
             if (
                 isinstance(prev, ast.AnnAssign)
@@ -313,7 +378,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _alert_threshold_errors(cfg: OPDConfig) -> list[str]:
+def _alert_threshold_errors(cfg: RunConfig) -> list[str]:
     """Validate ``cfg.alert_thresholds`` against ``opd.alerts.AlertConfig`` (keys with a did-you-mean
     hint, types, ranges) and store the type-coerced values; return the problems found."""
     import difflib

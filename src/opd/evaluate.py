@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opd.grading import grade
-from opd.rollout import HFGenerateBackend, stop_token_ids
+from opd.rollout import make_backend, stop_token_ids
 from opd.tracking import progress as progress_bar
 
 __all__ = ["Generations", "evaluate_accuracy", "grade_responses", "sample_responses"]
@@ -67,7 +67,9 @@ def sample_responses(
     when greedy); the call starting at prompt ``i`` uses seed ``seed + i`` (``None``: unseeded).
     """
     stops = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
-    backend = HFGenerateBackend(model, tokenizer, stops, batch_size=batch_size, vocab_limit=vocab_limit)
+    backend = make_backend(
+        "hf", model, tokenizer, stop_ids=stops, batch_size=batch_size, vocab_limit=vocab_limit
+    )
     per_call = max(1, batch_size // (1 if temperature == 0 else n))
     out = Generations([], [])
     with progress_bar(total=len(prompt_ids) * n, desc=desc, enabled=progress, unit="seq") as bar:

@@ -46,6 +46,17 @@ class RolloutBatch:
     def response_lengths_B(self) -> torch.Tensor:
         return self.response_mask_B_T.sum(-1).long()
 
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """This batch with every tensor on ``device`` (the scoring model's device)."""
+        return RolloutBatch(
+            self.input_ids_B_T.to(device),
+            self.attention_mask_B_T.to(device),
+            self.response_mask_B_T.to(device),
+            self.prompt_len,
+            self.prompt_index_B.to(device),
+            self.truncated_B.to(device),
+        )
+
     def select(self, rows: torch.Tensor | slice) -> RolloutBatch:
         """Rows of this batch (micro-batching)."""
         return RolloutBatch(
@@ -60,7 +71,8 @@ class RolloutBatch:
 
 @runtime_checkable
 class RolloutBackend(Protocol):
-    """What a sampler must provide. HF ``generate`` is the default; vLLM can implement the same."""
+    """What a sampler must provide. HF ``generate`` is the default; vLLM can implement the same.
+    Build one with :func:`make_backend`."""
 
     def generate(
         self,
@@ -249,6 +261,40 @@ class HFGenerateBackend:
             input_ids=ids_B_L.to(device), attention_mask=mask_B_L.to(device), generation_config=gen_config
         )
         return out[:, width:].cpu()
+
+
+BACKENDS = ("hf",)
+"""Names :func:`make_backend` knows (the ``rollout_backend`` config field)."""
+
+
+def make_backend(
+    name: str,
+    model,
+    tokenizer,
+    *,
+    stop_ids: list[int] | None = None,
+    batch_size: int | None = None,
+    vocab_limit: int | None = None,
+) -> RolloutBackend:
+    """The rollout backend called ``name``, sampling from ``model`` — the one way methods build a sampler.
+
+    ``stop_ids``: default :func:`stop_token_ids` of ``tokenizer``; ``batch_size``: sequences per generate
+    call (None = all at once); ``vocab_limit``: never sample ids at or above it (default: the tokenizer's
+    vocabulary). The loop calls ``backend.sync_weights(model)`` after every optimiser step.
+
+    A new backend (e.g. vLLM) is a class implementing :class:`RolloutBackend` plus one branch here and
+    its name in :data:`BACKENDS`; a backend holding its own copy of the weights must copy them in
+    ``sync_weights``, or it samples from a stale policy.
+    """
+    if name == "hf":
+        return HFGenerateBackend(
+            model,
+            tokenizer,
+            stop_token_ids(tokenizer) if stop_ids is None else stop_ids,
+            batch_size=batch_size,
+            vocab_limit=vocab_limit,
+        )
+    raise ValueError(f"rollout_backend={name!r}: unknown backend; choose one of {', '.join(BACKENDS)}")
 
 
 def _check_generate_args(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, vocab_limit) -> None:

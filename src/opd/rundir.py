@@ -58,6 +58,8 @@ RESUME_MAY_CHANGE = frozenset(
         "output_dir",
         "progress",
         "threads",
+        "device",
+        "teacher_device",
         "alerts",
         "stop_on_alert",
         "alert_thresholds",
@@ -69,7 +71,8 @@ RESUME_MAY_CHANGE = frozenset(
     }
 )
 """OPDConfig keys that may differ between a run and its resumption: the length of the run, checkpoint
-cadence, where it lives, logging, alerts and periodic evaluation (which samples from its own seeded
+cadence, where it lives and which devices it runs on (a CPU run may continue on a GPU; floating-point
+results then differ by rounding), logging, alerts and periodic evaluation (which samples from its own seeded
 generator, so it never changes the training trajectory). Every other key (models, dtypes, data and
 prompt rendering, batch shape, objective, optimiser, seed) defines the run and is refused on resume.
 With ``lr_schedule=cosine`` a changed ``steps`` re-stretches the decay over the new length."""

@@ -26,6 +26,12 @@ once, in this module.
 - ``grad=True``: keep the autograd graph (the update pass); chunks are recomputed in backward
   (activation checkpointing) so memory stays O(B·chunk·V).
 
+``PolicyScorer(model, temperature=..., chunk_size=..., vocab_limit=..., compute_dtype=...)`` is the same
+computation as a ``torch.nn.Module``: ``forward(input_ids_B_T, attention_mask_B_T, response_mask_B_T,
+given_ids_B_T_K=None, *, top_k=0, entropy=False)`` returns ``score``'s ``ScoreOutput`` (with grad when
+grad is enabled), so a DDP/FSDP wrapper around it sees the whole pass; ``forward(..., teacher=...,
+divergence=...)`` returns ``full_vocab_pair``'s ``div_B_T``.
+
 ``full_vocab_pair(student, teacher, ..., divergence, *, temperature, teacher_temperature, ...) -> div_B_T``
 streams a full-vocabulary divergence between two models the same way (both heads and the divergence
 per chunk, checkpointed), so the exact-KL objective never holds an N×V tensor either.
@@ -69,7 +75,8 @@ What this module deliberately leaves out:
 - no micro-batching of the backbone: the caller sizes B×T; only the vocab-sized part is chunked;
 - it calls the decoder and ``lm_head`` submodules directly (not ``model.forward``), so wrappers whose
   bookkeeping lives in the top-level forward (DDP's gradient-sync preparation, an FSDP root unit holding
-  ``lm_head``) need the unwrapped module or a matching setup;
+  ``lm_head``) must wrap :class:`PolicyScorer` — whose ``forward`` is backbone + chunked head — rather
+  than the bare model;
 - no sequence packing (one sequence per row), no KV cache, no multimodal inputs.
 """
 
@@ -148,7 +155,13 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
 def _final_hidden(
     model: torch.nn.Module, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor
 ) -> torch.Tensor:
-    """Final hidden state h_B_T_H of the backbone, with left-padding-consistent position ids."""
+    """Final hidden state h_B_T_H of the backbone, with left-padding-consistent position ids.
+
+    The inputs go to the device of the model's input embeddings (a teacher may live on another device
+    than the batch); the hidden state stays there.
+    """
+    device = model.get_input_embeddings().weight.device
+    input_ids_B_T, attention_mask_B_T = input_ids_B_T.to(device), attention_mask_B_T.to(device)
     out = _backbone(model)(
         input_ids=input_ids_B_T,
         attention_mask=attention_mask_B_T,
@@ -581,3 +594,86 @@ def full_vocab_pair(
                 pieces.append(_pair_chunk(*args))
         div_N = torch.cat(pieces).float()
     return _scatter(div_N, rows_N, tgt_N, B, T).to(input_ids_B_T.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The module a distributed wrapper wraps
+
+
+class PolicyScorer(torch.nn.Module):
+    """``score`` / ``full_vocab_pair`` of one model as a ``torch.nn.Module`` (a DDP/FSDP wrapper wraps this).
+
+    The per-model settings are fixed at construction: ``temperature`` (logits / τ), ``chunk_size``,
+    ``vocab_limit`` and ``compute_dtype`` (as in :func:`score`). ``forward`` keeps the autograd graph
+    exactly when grad is enabled (``torch.is_grad_enabled()``), so the loop's update passes differentiate
+    through it and its no-grad scoring passes run under ``torch.no_grad()``. The wrapped model is the
+    submodule ``model``, so ``parameters()`` are its parameters.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        temperature: float = 1.0,
+        chunk_size: int = 256,
+        vocab_limit: int | None = None,
+        compute_dtype: str | torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.vocab_limit = vocab_limit
+        self.compute_dtype = compute_dtype
+
+    def forward(
+        self,
+        input_ids_B_T: torch.Tensor,
+        attention_mask_B_T: torch.Tensor,
+        response_mask_B_T: torch.Tensor,
+        given_ids_B_T_K: torch.Tensor | None = None,
+        *,
+        top_k: int = 0,
+        entropy: bool = False,
+        teacher: torch.nn.Module | None = None,
+        divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        teacher_temperature: float = 1.0,
+    ) -> ScoreOutput | torch.Tensor:
+        """``score(self.model, ...)`` → ScoreOutput; with ``teacher`` and ``divergence``: the streamed
+        full-vocabulary ``divergence(student_logits, teacher_logits)`` per position (``div_B_T``, the
+        teacher at ``teacher_temperature``, no grad to it) as :func:`full_vocab_pair` computes it."""
+        grad = torch.is_grad_enabled()
+        if teacher is not None or divergence is not None:
+            if teacher is None or divergence is None or given_ids_B_T_K is not None or top_k or entropy:
+                raise ValueError(
+                    "PolicyScorer.forward: the full-vocabulary pair needs both teacher= and divergence= and "
+                    "no given_ids_B_T_K / top_k / entropy. Fix: call it with exactly those two."
+                )
+            return full_vocab_pair(
+                self.model,
+                teacher,
+                input_ids_B_T,
+                attention_mask_B_T,
+                response_mask_B_T,
+                divergence,
+                temperature=self.temperature,
+                teacher_temperature=teacher_temperature,
+                vocab_limit=self.vocab_limit,
+                chunk_size=self.chunk_size,
+                grad=grad,
+                compute_dtype=self.compute_dtype,
+            )
+        return score(
+            self.model,
+            input_ids_B_T,
+            attention_mask_B_T,
+            response_mask_B_T,
+            temperature=self.temperature,
+            top_k=top_k,
+            given_ids_B_T_K=given_ids_B_T_K,
+            entropy=entropy,
+            chunk_size=self.chunk_size,
+            vocab_limit=self.vocab_limit,
+            grad=grad,
+            compute_dtype=self.compute_dtype,
+        )

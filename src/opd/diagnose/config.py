@@ -1,5 +1,5 @@
 """``DiagnoseConfig``: one pre-flight diagnosis. The models and prompts keys are ``opd train``'s
-(:class:`opd.config.ModelsConfig`, :class:`opd.config.PromptsConfig`, documented once there); the rest
+(:class:`opd.config.ModelsConfig`, :class:`opd.config.DataConfig`, documented once there); the rest
 are the diagnosis's own. Loaded like every opd config: YAML file plus ``key=value`` overrides
 (:func:`opd.config.load_config`)."""
 
@@ -9,7 +9,7 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 
-from opd.config import ModelsConfig, PromptsConfig, _coerce_types, load_yaml_text
+from opd.config import DataConfig, ModelsConfig, _coerce_types, load_yaml_text
 from opd.diagnose.verdict import DiagnoseThresholds
 from opd.errors import ConfigError
 
@@ -17,7 +17,7 @@ __all__ = ["DiagnoseConfig"]
 
 
 @dataclass
-class DiagnoseConfig(PromptsConfig, ModelsConfig):
+class DiagnoseConfig(DataConfig, ModelsConfig):
     """One pre-flight diagnosis of a (student, teacher, prompts) triple; answers in the prompts enable
     condition (ii). Same conventions as ``OPDConfig``."""
 

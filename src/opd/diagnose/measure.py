@@ -26,7 +26,7 @@ from opd.diagnose.config import DiagnoseConfig
 from opd.diagnose.verdict import Evidence
 from opd.evaluate import evaluate_accuracy, grade_responses, sample_responses
 from opd.metrics import mechanism_metrics, mechanism_tensors, position_profile
-from opd.rollout import HFGenerateBackend, RolloutBatch, stop_token_ids
+from opd.rollout import RolloutBatch, make_backend, stop_token_ids
 from opd.scoring import ScoreOutput, score
 from opd.tracking import progress
 
@@ -183,9 +183,7 @@ def template_check(
 def sample_rollouts(student, tokenizer, prompt_ids: list[list[int]], cfg: DiagnoseConfig, vocab_limit: int):
     """``rollouts_per_prompt`` student samples per prompt at ``temperature``: one call of the training
     loop's backend (``generate`` calls of at most ``batch_size`` rows), seeded with ``cfg.seed``."""
-    backend = HFGenerateBackend(
-        student, tokenizer, stop_token_ids(tokenizer), batch_size=cfg.batch_size, vocab_limit=vocab_limit
-    )
+    backend = make_backend("hf", student, tokenizer, batch_size=cfg.batch_size, vocab_limit=vocab_limit)
     with progress(total=1, desc="rollouts", enabled=cfg.progress, unit="batch") as bar:
         batch = backend.generate(
             prompt_ids,

@@ -33,6 +33,7 @@ from opd.models import (
 from opd.report import write_text_atomic
 from opd.rollout import stop_token_ids
 from opd.rundir import locked_run_dir
+from opd.runtime import Runtime
 
 log = logging.getLogger("opd.diagnose")
 
@@ -82,8 +83,16 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
     # -- 1. models (tiny ones run single-threaded unless threads is set)
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     teacher_tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    student = load_model(cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code)
-    teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    runtime = Runtime.from_config(cfg)  # device / teacher_device, as in opd train
+    student = load_model(
+        cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code, device=runtime.device
+    )
+    teacher = load_model(
+        cfg.teacher,
+        dtype=cfg.teacher_dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        device=runtime.teacher_device,
+    )
     student.eval()
     teacher.eval()
     n_params = max(sum(p.numel() for p in m.parameters()) for m in (student, teacher))

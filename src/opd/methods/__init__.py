@@ -1,1 +1,60 @@
-"""Training methods, one file each: each exposes ``train(config)``."""
+"""Training methods, one file each (``methods/<name>.py``), each exposing ``train(config)``.
+
+:data:`METHODS` is the registry the CLI and :func:`opd.train` read: one :class:`Method` per method, with
+its subcommand, its config dataclass and its ``train``. Adding a method (say SFT) is one file and one
+line:
+
+1. ``methods/sft.py``: a config dataclass that inherits the shared parts it needs from :mod:`opd.config`
+   (``ModelsConfig``, ``DataConfig``, ``OptimConfig``, ``RunConfig``; keys stay flat) plus its own
+   fields, and ``train(cfg)`` that reads top to bottom on the frame in :mod:`opd.methods.common`;
+2. here: ``Method("sft", SFTConfig, sft.train, "supervised fine-tuning", "...")`` in :data:`METHODS`.
+
+``opd sft key=value ...`` and ``opd.train(SFTConfig(...))`` then work, with ``--help`` listing its keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from opd.config import OPDConfig
+from opd.methods import opd
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method as the CLI and ``opd.train`` see it."""
+
+    command: str
+    """Its ``opd <command>`` subcommand."""
+    config: type
+    """Its config dataclass (``opd.train`` dispatches on the config's type)."""
+    train: Callable[[Any], dict[str, Any]]
+    """``train(config) -> summary``."""
+    help: str
+    """One line for ``opd --help``."""
+    description: str
+    """The subcommand's ``--help`` description."""
+
+
+METHODS: tuple[Method, ...] = (
+    Method(
+        "train",
+        OPDConfig,
+        opd.train,
+        "run on-policy distillation",
+        "Run on-policy distillation of a student toward a teacher on the student's own samples.",
+    ),
+)
+
+
+def method_for(config: Any) -> Method:
+    """The method whose config type ``config`` is (ValueError naming the known types otherwise)."""
+    for method in METHODS:
+        if type(config) is method.config:
+            return method
+    known = ", ".join(f"{m.config.__name__} (opd {m.command})" for m in METHODS)
+    raise ValueError(
+        f"config of type {type(config).__name__}: no training method takes it; pass one of: {known}"
+    )

@@ -1,0 +1,260 @@
+"""The frame every training method shares — not a base class: plain functions a method's ``train``
+calls in the order it reads best (STYLE.md §7: duplication over abstraction in the loop itself).
+
+- :func:`open_run` — check and lock the run directory (:mod:`opd.rundir`), arm the stop signals;
+- :func:`seed_everything`, :func:`make_optimizer`, :func:`make_scheduler`;
+- :func:`load_models` — student + teacher on the :class:`opd.runtime.Runtime`'s devices, tokenizer
+  compatibility checked first, the prompt-length cap both contexts allow;
+- :func:`load_prompt_sets` — training and evaluation prompts with the length cap (drops are logged);
+- :func:`evaluate_during_training`, :func:`make_alert_monitor`;
+- :func:`write_config`, :func:`finish_interrupted`, :func:`finish_completed` (``summary.json``,
+  the atomic ``final/`` save).
+
+Metrics rows go through :class:`opd.tracking.MetricsLogger` (``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from opd import evaluate
+from opd.alerts import AlertConfig, AlertMonitor
+from opd.config import to_dict
+from opd.data import PromptSet, load_prompts
+from opd.models import (
+    CompatReport,
+    check_compatibility,
+    load_model,
+    load_tokenizer,
+    prompt_token_cap,
+    same_model_warning,
+    save_model,
+)
+from opd.precision import compute_context
+from opd.rundir import RunDir, RunInterrupted, StopSignals, locked_run_dir, prepare_train_dir
+from opd.runtime import Runtime
+
+log = logging.getLogger("opd")
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+@contextlib.contextmanager
+def open_run(cfg: Any) -> Iterator[tuple[RunDir, StopSignals]]:
+    """Lock ``cfg.output_dir`` for this run and apply the non-empty-directory rules (:mod:`opd.rundir`:
+    one run per directory, a non-empty one only with ``resume``/``overwrite``, never an input's
+    directory); SIGINT/SIGTERM are caught for the run (``stop.arm()`` once training starts)."""
+    models = {"student": getattr(cfg, "student", ""), "teacher": getattr(cfg, "teacher", "")}
+    data = {"prompts": getattr(cfg, "prompts", ""), "eval_prompts": getattr(cfg, "eval_prompts", "")}
+    with locked_run_dir(cfg.output_dir, models=models, data=data) as run, StopSignals() as stop:
+        prepare_train_dir(run, to_dict(cfg), to_dict(type(cfg)()), resume=cfg.resume, overwrite=cfg.overwrite)
+        yield run, stop
+
+
+def write_config(out_dir: Path, cfg: Any) -> None:
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+
+# --------------------------------------------------------------------------- seeding and optimisation
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (``lr``, ``adam_betas``, ``weight_decay``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant or cosine decay to 0 at ``cfg.steps``. Stepped once per step."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            span = max(1, cfg.steps - cfg.warmup_steps)
+            progress_ = min(1.0, (step - cfg.warmup_steps) / span)
+            return 0.5 * (1.0 + math.cos(math.pi * progress_))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- models and prompts
+
+
+@dataclass
+class Models:
+    """A student/teacher pair on their devices, the student's tokenizer and what the pair allows."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: Any
+    compat: CompatReport
+    max_prompt_tokens: int
+    max_prompt_tokens_why: str | None
+
+
+def load_models(cfg: Any, runtime: Runtime) -> Models:
+    """Tokenizers and models (compatibility first, so a mismatch fails before any work). The student
+    loads in float32 (master weights; ``student_dtype`` is its compute dtype, :mod:`opd.precision`) on
+    ``runtime.device``, the teacher in ``teacher_dtype`` on ``runtime.teacher_device``, frozen."""
+    trust = cfg.trust_remote_code
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=trust)
+    teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=trust)
+    student = load_model(cfg.student, dtype="float32", trust_remote_code=trust, device=runtime.device)
+    teacher = load_model(
+        cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=trust, device=runtime.teacher_device
+    )
+    compat = check_compatibility(tokenizer, teacher_tokenizer, student, teacher)
+    for w in compat.warnings + [same_model_warning(cfg.student, cfg.teacher, student, teacher)]:
+        if w:
+            log.warning(w)
+    for note in compat.notes:
+        log.info(note)
+    # prompt + response must fit both models' context (positions past it are silently extrapolated)
+    cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, teacher)
+    if why:
+        log.info("max_prompt_tokens=%d (%s)", cap, why)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    student.eval()
+    return Models(student, teacher, tokenizer, compat, cap, why)
+
+
+def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet, PromptSet | None]:
+    """The training prompts and (when ``eval_every``) the evaluation prompts, rendered with the student's
+    tokenizer; prompts over the length cap are dropped and counted (``data.load_prompts`` logs it).
+    ``eval_limit`` takes a seeded random subset, not the first rows."""
+
+    def prompt_set(source: str, **kw: Any) -> PromptSet:
+        return load_prompts(
+            source,
+            models.tokenizer,
+            prompt_field=cfg.prompt_field,
+            answer_field=cfg.answer_field,
+            prompt_template=cfg.prompt_template,
+            use_chat_template=cfg.use_chat_template,
+            chat_template_kwargs=cfg.chat_template_kwargs,
+            max_prompt_tokens=models.max_prompt_tokens,
+            max_prompt_tokens_why=models.max_prompt_tokens_why,
+            **kw,
+        )
+
+    prompts = prompt_set(cfg.prompts)
+    eval_set = None
+    if cfg.eval_every:
+        eval_set = prompt_set(
+            cfg.eval_prompts, limit=cfg.eval_limit or None, seed=cfg.seed if cfg.eval_limit else None
+        )
+    return prompts, eval_set
+
+
+# --------------------------------------------------------------------------- during the run
+
+
+def evaluate_during_training(model, tokenizer, eval_set, cfg: Any) -> dict[str, float]:
+    """avg@n accuracy (n = eval_samples; 1 when greedy) at eval_temperature / eval_top_p, and pass@n."""
+    with compute_context(model, cfg.student_dtype):
+        res = evaluate.evaluate_accuracy(
+            model,
+            tokenizer,
+            eval_set,
+            temperature=cfg.eval_temperature,
+            top_p=cfg.eval_top_p,
+            n=cfg.eval_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            progress=False,
+        )
+    return {"eval/accuracy": res["accuracy"], "eval/pass@n": res["pass@n"], "eval/samples": res["n"]}
+
+
+def make_alert_monitor(cfg: Any) -> AlertMonitor | None:
+    if not cfg.alerts:
+        return None
+    return AlertMonitor(AlertConfig(**{**cfg.alert_thresholds, "stop_on_alert": cfg.stop_on_alert}))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    n = mask.sum()
+    return float((x * mask).sum() / n) if n > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- the end of a run
+
+
+def finish_interrupted(
+    out_dir: Path,
+    signal: str,
+    checkpoint: str,
+    *,
+    steps_done: int,
+    skipped_steps: int,
+    loop_time: float,
+    history: list[dict[str, Any]],
+) -> None:
+    """Write ``summary.json`` for a run stopped by a signal (no final model) and raise RunInterrupted."""
+    summary = {
+        "output_dir": str(out_dir),
+        "final_model": None,
+        "steps_done": steps_done,
+        "skipped_steps": skipped_steps,
+        "loop_time_s": loop_time,
+        "interrupted": signal,
+        "checkpoint": checkpoint,
+        "resume": "rerun with resume=true and the same output_dir to continue",
+        "last": history[-1] if history else {},
+    }
+    _write_summary(out_dir, summary)
+    raise RunInterrupted(signal, summary)
+
+
+def finish_completed(
+    out_dir: Path,
+    model,
+    tokenizer,
+    *,
+    steps_done: int,
+    skipped_steps: int,
+    loop_time: float,
+    run_t0: float,
+    stopped_by_alert: int | None,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Save ``final/`` atomically (float32 master weights + tokenizer), write and return the summary."""
+    final_dir = out_dir / "final"
+    save_model(model, tokenizer, final_dir)  # atomic (temporary sibling, then rename); the float32 masters
+    summary = {
+        "output_dir": str(out_dir),
+        "final_model": str(final_dir),
+        "steps_done": steps_done,
+        "skipped_steps": skipped_steps,
+        "loop_time_s": loop_time,
+        "wall_time_s": time.perf_counter() - run_t0,
+        "stopped_by_alert": stopped_by_alert,
+        "last": history[-1] if history else {},
+    }
+    _write_summary(out_dir, summary)
+    return summary
+
+
+def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
