@@ -333,6 +333,7 @@ def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k, temperatur
     from opd.diagnose.measure import sample_rollouts, score_rollouts
     from opd.methods.opd import score_batch
     from opd.models import load_model, load_tokenizer
+    from opd.scoring import PolicyScorer
 
     student_dir, teacher_dir, _ = tiny_pair
     tok = load_tokenizer(str(student_dir))
@@ -360,7 +361,11 @@ def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k, temperatur
         temperature=dcfg.temperature,
         micro_batch_size=5,
     )
-    loop = score_batch(student, teacher, batch, ocfg, len(tok))["token_reward"]
+    scorers = [
+        PolicyScorer(m, temperature=t, chunk_size=ocfg.score_chunk_size, vocab_limit=len(tok))
+        for m, t in ((student, ocfg.temperature), (teacher, ocfg.teacher_temperature))
+    ]
+    loop = score_batch(*scorers, batch, ocfg)[0].token_reward_B_T
     ours = topk_B_T if top_k else sampled_B_T
     assert bool((ours != 0).any())
     torch.testing.assert_close(ours, loop, rtol=0, atol=1e-6)
