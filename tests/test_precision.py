@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from opd_configs import make_cfg
 from transformers import AutoModelForCausalLM
 
 from opd import objectives as obj
@@ -21,28 +22,6 @@ from opd.methods import opd as opd_method
 from opd.scoring import full_vocab_pair, left_pad_position_ids, score
 from opd.tiny import build_byte_tokenizer, build_tiny_model
 from opd.tracking import read_metrics
-
-
-def make_cfg(tiny_pair, tmp_path, **kw):
-    student, teacher, prompts = tiny_pair
-    base = dict(
-        student=str(student),
-        teacher=str(teacher),
-        prompts=str(prompts),
-        output_dir=str(tmp_path / "run"),
-        steps=2,
-        prompts_per_step=2,
-        rollouts_per_prompt=2,
-        max_new_tokens=6,
-        micro_batch_size=3,
-        lr=1e-3,
-        weight_decay=0.0,
-        progress=False,
-        seed=0,
-        alerts=False,
-    )
-    base.update(kw)
-    return OPDConfig(**base)
 
 
 def direct_logp_B_T_V(model, ids_B_T, attn_B_T, temperature):

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from opd_configs import make_cfg
 
 import opd
 from opd import cli
@@ -19,27 +20,6 @@ from opd.rollout import BACKENDS, HFGenerateBackend, RolloutBatch, make_backend,
 from opd.runtime import Runtime, resolve_device
 from opd.scoring import PolicyScorer, full_vocab_pair, score
 from opd.tiny import build_byte_tokenizer, build_tiny_model
-
-
-def make_cfg(tiny_pair, tmp_path, **kw):
-    student, teacher, prompts = tiny_pair
-    base = dict(
-        student=str(student),
-        teacher=str(teacher),
-        prompts=str(prompts),
-        output_dir=str(tmp_path / "run"),
-        steps=2,
-        prompts_per_step=2,
-        rollouts_per_prompt=2,
-        max_new_tokens=6,
-        micro_batch_size=3,
-        lr=1e-3,
-        progress=False,
-        alerts=False,
-    )
-    base.update(kw)
-    return OPDConfig(**base)
-
 
 # ----------------------------------------------------------------------------------- methods and config
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from opd_configs import make_cfg
 from transformers import AutoModelForCausalLM
 
-from opd.config import OPDConfig
 from opd.methods import opd as opd_method
 from opd.objectives import SUPPORTS, WEIGHTINGS
 from opd.tracking import read_metrics
@@ -31,28 +31,6 @@ REQUIRED = [
     "throughput/tokens_per_s",
     "skipped_steps",
 ]
-
-
-def make_cfg(tiny_pair, tmp_path, **kw):
-    student, teacher, prompts = tiny_pair
-    base = dict(
-        student=str(student),
-        teacher=str(teacher),
-        prompts=str(prompts),
-        output_dir=str(tmp_path / "run"),
-        steps=2,
-        prompts_per_step=2,
-        rollouts_per_prompt=2,
-        max_new_tokens=6,
-        micro_batch_size=3,
-        lr=1e-3,
-        weight_decay=0.0,
-        progress=False,
-        seed=0,
-        alerts=False,
-    )
-    base.update(kw)
-    return OPDConfig(**base)
 
 
 def weights(path):
