@@ -43,6 +43,7 @@ import torch
 from opd import objectives as obj
 from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import OPDConfig
+from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler
 from opd.methods.common import (
     evaluate_during_training,
@@ -342,6 +343,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     )
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
+    cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
     metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
     monitor = make_alert_monitor(cfg)
 
@@ -357,6 +359,8 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             sampler.load_state_dict(state["sampler"])
             if monitor is not None and "alerts" in state:
                 monitor.load_state_dict(state["alerts"])
+            if state.get("cost"):
+                cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
     run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
     metrics_log.truncate_after(start_step)
@@ -384,6 +388,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
                 "sampler": sampler.state_dict(),
                 "skipped_steps": skipped_total,
                 "alerts": monitor.state_dict() if monitor is not None else None,
+                "cost": cost.state_dict(),
             },
         )
 
@@ -399,6 +404,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             cfg,
             runtime,
             step,
+            cost=cost,
         )
         skipped_total += row.pop("_skipped")
         row["skipped_steps"] = skipped_total
@@ -466,6 +472,8 @@ def opd_step(
     cfg: OPDConfig,
     runtime: Runtime,
     step: int,
+    *,
+    cost: CostMeter,
 ) -> dict[str, Any]:
     """One OPD step (rollout → scoring → rewards → update → weight sync → metrics). Returns the metrics row.
 
@@ -511,6 +519,17 @@ def opd_step(
         position_chunk=cfg.metrics_position_chunk,
     )
     n_tokens = int(mask.sum())
+    seq_tokens = int(batch.attention_mask_B_T.sum())
+    extra_student_pass = cfg.objective == "topk" and cfg.support not in ("student", "intersection")
+    cost.add(
+        student_prefill_tokens=seq_tokens - int(batch.response_lengths_B.sum()),
+        student_generated_tokens=batch.response_lengths_B,
+        student_forward_tokens=seq_tokens * (2 if extra_student_pass else 1),
+        # full vocabulary: the teacher is run again on each micro-batch of each update pass
+        teacher_forward_tokens=seq_tokens * (1 + (cfg.ppo_epochs if cfg.objective == "full" else 0)),
+        student_train_tokens=seq_tokens * cfg.ppo_epochs,
+        student_loss_tokens=n_tokens * cfg.ppo_epochs,
+    )
     step_time = time.perf_counter() - t_step
     row: dict[str, Any] = {
         "step": step,
@@ -528,6 +547,8 @@ def opd_step(
         "time/update": t_update,
         "time/step": step_time,
         "throughput/tokens_per_s": n_tokens / step_time if step_time > 0 else 0.0,
+        **cost.row(),
+        "memory/peak_mb": peak_memory_mb(runtime.device),
         "_skipped": skipped,
     }
     return row

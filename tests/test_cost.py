@@ -1,0 +1,50 @@
+"""The compute-cost accounting: the FLOP rule, resume continuity and what an OPD step records."""
+
+import pytest
+import torch
+
+from opd.cost import COUNTERS, CostMeter, count_parameters, model_bytes
+from opd.methods import opd as opd_method
+from opd.tracking import read_metrics
+from opd_configs import make_cfg
+
+
+def test_flop_rule_is_2n_forward_6n_trained():
+    m = CostMeter(student_params=10, teacher_params=100)
+    m.add(
+        student_generated_tokens=3, student_prefill_tokens=2, student_forward_tokens=5, student_train_tokens=7
+    )
+    m.add(teacher_forward_tokens=4, teacher_generated_tokens=torch.tensor([1, 2]))
+    assert m.student_flops() == 2 * 10 * (3 + 2 + 5) + 6 * 10 * 7
+    assert m.teacher_flops() == 2 * 100 * (4 + 3)
+    assert m.row()["cost/flops"] == m.student_flops() + m.teacher_flops()
+    with pytest.raises(KeyError, match="unknown cost counter"):
+        m.add(student_tokens=1)
+
+
+def test_state_dict_round_trip():
+    m = CostMeter(5, 6)
+    m.add(student_loss_tokens=9)
+    n = CostMeter(0)
+    n.load_state_dict(m.state_dict())
+    assert n == m and set(n.counts) == set(COUNTERS)
+
+
+def test_parameter_count_and_bytes():
+    lin = torch.nn.Linear(3, 2)
+    assert count_parameters(lin) == 8 and count_parameters(None) == 0
+    assert model_bytes(lin) == 8 * 4
+
+
+def test_opd_run_counts_its_tokens(tiny_pair, tmp_path):
+    cfg = make_cfg(tiny_pair, tmp_path, steps=2)
+    opd_method.train(cfg)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    a, b = rows[0], rows[1]
+    # cumulative and increasing; loss tokens = response tokens (ppo_epochs=1)
+    assert b["cost/student_loss_tokens"] > a["cost/student_loss_tokens"] > 0
+    assert a["cost/student_generated_tokens"] == a["cost/student_loss_tokens"]
+    assert (
+        a["cost/teacher_forward_tokens"] == a["cost/student_train_tokens"] == a["cost/student_forward_tokens"]
+    )
+    assert a["cost/flops"] > 0 and a["memory/peak_mb"] > 0
