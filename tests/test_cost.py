@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from opd_configs import make_cfg
 
 from opd.cost import COUNTERS, CostMeter, count_parameters, model_bytes
 from opd.methods import opd as opd_method
 from opd.tracking import read_metrics
-from opd_configs import make_cfg
 
 
 def test_flop_rule_is_2n_forward_6n_trained():
