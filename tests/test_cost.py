@@ -48,3 +48,16 @@ def test_opd_run_counts_its_tokens(tiny_pair, tmp_path):
         a["cost/teacher_forward_tokens"] == a["cost/student_train_tokens"] == a["cost/student_forward_tokens"]
     )
     assert a["cost/flops"] > 0 and a["memory/peak_mb"] > 0
+
+
+def test_budget_stops_the_run_at_the_first_step_that_reaches_it(tiny_pair, tmp_path):
+    full = opd_method.train(make_cfg(tiny_pair, tmp_path / "a", steps=4))
+    rows = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
+    budget = rows[1]["cost/student_loss_tokens"]  # reached exactly at step 2
+    res = opd_method.train(
+        make_cfg(tiny_pair, tmp_path / "b", steps=4, budget_unit="student_loss_tokens", budget=budget)
+    )
+    assert full["stopped_by_budget"] is None and res["stopped_by_budget"] == 2
+    assert res["cost"]["cost/student_loss_tokens"] == budget
+    with pytest.raises(Exception, match="budget_unit"):
+        make_cfg(tiny_pair, tmp_path, budget_unit="tokens", budget=1)

@@ -229,9 +229,18 @@ class RunConfig:
     """Show a progress bar."""
     threads: int = 0
     """torch CPU threads (0 = torch default)."""
+    budget_unit: str = "none"
+    """Stop the run when a compute budget is spent: none, student_loss_tokens (response tokens trained on,
+    per optimiser pass) or flops (the estimate of ``opd.cost``); ``steps`` stays the upper bound."""
+    budget: float = 0.0
+    """The budget in ``budget_unit``: the run stops after the first step at which the cumulative count reaches it."""
 
     def _check(self) -> list[str]:
         errs = []
+        if self.budget_unit not in BUDGET_UNITS:
+            errs.append(f"budget_unit={self.budget_unit!r}: choose one of {', '.join(BUDGET_UNITS)}")
+        elif self.budget_unit != "none" and self.budget <= 0:
+            errs.append(f"budget={self.budget} with budget_unit={self.budget_unit}: give a budget > 0")
         for key in ("save_every", "keep_checkpoints", "eval_every", "eval_limit", "threads"):
             if getattr(self, key) < 0:
                 errs.append(f"{key}={getattr(self, key)}: must be >= 0")
@@ -340,6 +349,9 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
 
 # --------------------------------------------------------------------------- helpers
 
+
+BUDGET_UNITS = ("none", "student_loss_tokens", "flops")
+"""Units of ``budget`` (``RunConfig.budget_unit``)."""
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 """Device strings ``device`` / ``teacher_device`` accept (``opd.runtime`` checks availability)."""

@@ -32,6 +32,7 @@ import torch
 from opd import evaluate
 from opd.alerts import AlertConfig, AlertMonitor
 from opd.config import to_dict
+from opd.cost import CostMeter
 from opd.data import PromptSet, load_prompts
 from opd.models import (
     CompatReport,
@@ -193,6 +194,16 @@ def make_alert_monitor(cfg: Any) -> AlertMonitor | None:
     return AlertMonitor(AlertConfig(**{**cfg.alert_thresholds, "stop_on_alert": cfg.stop_on_alert}))
 
 
+def budget_spent(cfg: Any, cost: CostMeter) -> bool:
+    """True once the run's compute budget (``budget_unit`` / ``budget``) is reached; every method checks it
+    after each step and stops there (so methods compared at equal budget overshoot by at most one step,
+    and the summary records the exact amount spent)."""
+    if cfg.budget_unit == "none":
+        return False
+    spent = cost.flops() if cfg.budget_unit == "flops" else cost.counts[cfg.budget_unit]
+    return spent >= cfg.budget
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     n = mask.sum()
     return float((x * mask).sum() / n) if n > 0 else 0.0
@@ -238,6 +249,8 @@ def finish_completed(
     run_t0: float,
     stopped_by_alert: int | None,
     history: list[dict[str, Any]],
+    cost: CostMeter | None = None,
+    stopped_by_budget: int | None = None,
 ) -> dict[str, Any]:
     """Save ``final/`` atomically (float32 master weights + tokenizer), write and return the summary."""
     final_dir = out_dir / "final"
@@ -250,6 +263,8 @@ def finish_completed(
         "loop_time_s": loop_time,
         "wall_time_s": time.perf_counter() - run_t0,
         "stopped_by_alert": stopped_by_alert,
+        "stopped_by_budget": stopped_by_budget,
+        "cost": cost.row() if cost is not None else None,
         "last": history[-1] if history else {},
     }
     _write_summary(out_dir, summary)

@@ -46,6 +46,7 @@ from opd.config import OPDConfig
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler
 from opd.methods.common import (
+    budget_spent,
     evaluate_during_training,
     finish_completed,
     finish_interrupted,
@@ -370,7 +371,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
     history: list[dict[str, Any]] = []
     run_t0 = time.perf_counter()
-    stopped_by_alert = None
+    stopped_by_alert = stopped_by_budget = None
     bar = progress(total=cfg.steps, initial=start_step, desc="opd", enabled=cfg.progress, unit="step")
     interrupted = None
     stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
@@ -435,6 +436,10 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             stopped_by_alert = step
             bar.write(f"[opd] stop_on_alert: stopping after step {step}")
             break
+        if budget_spent(cfg, cost):
+            stopped_by_budget = step
+            bar.write(f"[opd] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
+            break
     bar.close()
     metrics_log.close()
     loop_time = time.perf_counter() - run_t0
@@ -458,6 +463,8 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         run_t0=run_t0,
         stopped_by_alert=stopped_by_alert,
         history=history,
+        cost=cost,
+        stopped_by_budget=stopped_by_budget,
     )
 
 
