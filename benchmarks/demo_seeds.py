@@ -1,6 +1,6 @@
 """The demo over several seeds: mean and spread of each teacher's outcome (the numbers in docs/lab.md).
 
-    python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/demo-seeds      # runs `opd demo` per seed
+    python benchmarks/demo_seeds.py --seeds 0 1 2 --output-dir runs/demo-seeds      # runs `opd demo` per seed
     python benchmarks/demo_seeds.py --from runs/demo-seeds/seed-0 runs/...    # only aggregates
 
 Spread is (min, max) over seeds. The zoo is fixed; a seed changes OPD's sampling and data order.
@@ -41,7 +41,7 @@ def aggregate(summaries: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    ap.add_argument("--out", default="runs/demo-seeds")
+    ap.add_argument("--output-dir", default="runs/demo-seeds")
     ap.add_argument("--from", dest="existing", nargs="*", default=None, help="demo output dirs to aggregate")
     args = ap.parse_args()
     if args.existing:
@@ -51,8 +51,8 @@ def main() -> None:
 
         dirs = []
         for s in args.seeds:
-            d = Path(args.out) / f"seed-{s}"
-            run_demo(out=str(d), seed=s, progress=False)
+            d = Path(args.output_dir) / f"seed-{s}"
+            run_demo(output_dir=str(d), seed=s, progress=False)
             dirs.append(d)
     summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
     print(aggregate(summaries))

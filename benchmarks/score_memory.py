@@ -23,8 +23,8 @@ sequences, AdamW already stepped once so its state exists): no-grad scoring of b
 then the update's forward + backward + optimizer step. Student float32 (hidden 64, 1 layer), teacher
 bf16 (hidden 64, 2 layers), V = 32,768, T = 1,024 (128 prompt + 896 response tokens).
 
-- topk:     ``top_k=16`` (student support, student_p weights), the default objective;
-- full:     ``top_k=-1``, the exact full-vocabulary KL, streamed (``opd.scoring.full_vocab_pair``);
+- topk:     ``objective=topk support_size=16`` (student support, student_p weights), the default objective;
+- full:     ``objective=full``, the exact full-vocabulary KL, streamed (``opd.scoring.full_vocab_pair``);
 - full-old: the former full-vocabulary loss, kept here only to show what streaming saves: every teacher
   chunk in a list and every student chunk's logits alive in the graph until backward (O(B·T·V)).
 
@@ -136,7 +136,8 @@ def train_child(variant: str, V: int, T: int, B: int) -> dict:
     student = build_tiny_model(tok, num_layers=1, seed=0, **kw).eval()
     teacher = build_tiny_model(tok, num_layers=2, seed=1, **kw).to(torch.bfloat16).eval()
     teacher.requires_grad_(False)
-    cfg = OPDConfig(top_k=16 if variant == "topk" else -1, micro_batch_size=B, score_chunk_size=CHUNK)
+    objective = "topk" if variant == "topk" else "full"
+    cfg = OPDConfig(objective=objective, support_size=16, micro_batch_size=B, score_chunk_size=CHUNK)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
 
     if variant == "full-old":
@@ -266,7 +267,7 @@ def score_table(args) -> None:
 
     B = args.batch
     print(
-        f"B={B}, prompt={PROMPT}, response=T-{PROMPT}, top_k={TOP_K}, chunk_size={CHUNK}, hidden={HIDDEN}, "
+        f"B={B}, prompt={PROMPT}, response=T-{PROMPT}, support_size={TOP_K}, chunk_size={CHUNK}, hidden={HIDDEN}, "
         f"bf16 model, float32 log-probs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats} runs per cell"
     )

@@ -1,6 +1,6 @@
 """Time per phase of an OPD step on tiny models, and the overhead outside the four phases.
 
-    python benchmarks/step_breakdown.py [--steps 12] [--top-k 16]
+    python benchmarks/step_breakdown.py [--steps 12] [--support-size 16]
 
 Overhead = loop time − Σ (rollout + score_student + score_teacher + update), i.e. everything the loop
 does besides the model work: metrics, logging, data sampling, Python glue. Target: ≤ 15 % of the step.
@@ -25,7 +25,7 @@ PHASES = ["time/rollout", "time/score_student", "time/score_teacher", "time/upda
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--top-k", type=int, default=16)
+    ap.add_argument("--support-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -42,7 +42,8 @@ def main() -> None:
             rollouts_per_prompt=4,
             max_new_tokens=args.max_new_tokens,
             micro_batch_size=16,
-            top_k=args.top_k,
+            objective="topk",
+            support_size=args.support_size,
             lr=1e-4,
             output_dir=str(root / "run"),
             progress=False,
@@ -55,7 +56,9 @@ def main() -> None:
     loop_per_step = summary["loop_time_s"] / args.steps
     step_inner = statistics.mean(r["time/step"] for r in rows)
     phases = sum(per_phase.values())
-    print(f"steps measured: {n}, top_k={args.top_k}, max_new_tokens={args.max_new_tokens}, 32 rollouts/step")
+    print(
+        f"steps measured: {n}, support_size={args.support_size}, max_new_tokens={args.max_new_tokens}, 32 rollouts/step"
+    )
     print(f"{'phase':<22}{'s/step':>10}{'share':>9}")
     for k, v in per_phase.items():
         print(f"{k:<22}{v:>10.4f}{v / loop_per_step:>9.1%}")

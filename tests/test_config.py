@@ -6,7 +6,8 @@ from opd.config import ConfigError, OPDConfig, field_docs, load_config, parse_ov
 
 def test_defaults_follow_the_paper():
     cfg = OPDConfig()
-    assert (cfg.top_k, cfg.support, cfg.weighting, cfg.loss_aggregation) == (
+    assert (cfg.objective, cfg.support_size, cfg.support, cfg.weighting, cfg.loss_aggregation) == (
+        "topk",
         16,
         "student",
         "student_p",
@@ -15,8 +16,6 @@ def test_defaults_follow_the_paper():
     assert cfg.temperature == 1.0 and cfg.top_p == 1.0 and cfg.teacher_temperature == 1.0
     assert cfg.clip_eps == 0.2 and cfg.dual_clip == 3.0 and cfg.grad_clip == 1.0
     assert cfg.trust_remote_code is False
-    assert cfg.objective == "topk"
-    assert OPDConfig(top_k=0).objective == "sampled" and OPDConfig(top_k=-1).objective == "full"
 
 
 def test_every_field_has_a_docstring():
@@ -46,7 +45,8 @@ def test_yaml_plus_overrides(tmp_path):
         ("support=overlap", "support='overlap'"),
         ("weighting=none", "weighting"),
         ("loss_aggregation=mean", "loss_aggregation"),
-        ("top_k=-3", "top_k=-3"),
+        ("objective=top_k", "objective='top_k'"),
+        ("support_size=0", "support_size=0"),
         ("steps=0", "steps=0"),
         ("lr=0", "lr=0"),
         ("top_p=1.5", "top_p"),
@@ -72,8 +72,23 @@ def test_renormalize_with_symmetric_difference_is_refused_with_the_fix():
 
 
 def test_unknown_key_suggests_the_right_one():
-    with pytest.raises(ConfigError, match="did you mean 'top_k'"):
-        load_config(OPDConfig, None, ["topk=4"])
+    with pytest.raises(ConfigError, match="did you mean 'support_size'"):
+        load_config(OPDConfig, None, ["support_sizes=4"])
+
+
+@pytest.mark.parametrize(
+    "old, fix",
+    [
+        ("top_k=16", "objective=topk support_size=K"),
+        ("rollout_top_k=0", "use sample_top_k"),
+        ("out_dir=runs/x", "use output_dir"),
+    ],
+)
+def test_a_renamed_key_names_its_replacement(old, fix):
+    with pytest.raises(ConfigError) as e:
+        load_config(OPDConfig, None, [old])
+    assert "was renamed" in str(e.value) and fix in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_override_syntax():
@@ -101,7 +116,7 @@ def test_help_lists_every_key(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     out = capsys.readouterr().out
-    assert "train" in out and "demo" in out and "top_k (" in out
+    assert "train" in out and "demo" in out and "support_size (" in out
 
 
 def test_cli_reports_config_errors(capsys):

@@ -12,7 +12,7 @@ from report_tables import check_demo_report
 def test_demo_smoke(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "opd.cli", "demo", "--smoke", "--no-progress", "--out", str(out)],
+        [sys.executable, "-m", "opd.cli", "demo", "--smoke", "--no-progress", "--output-dir", str(out)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -324,10 +324,12 @@ def _check_outputs(out, result):
     return on_disk, md, html
 
 
-@pytest.mark.parametrize("top_k, temperature", [(0, 1.0), (4, 1.0), (0, 0.7), (4, 0.7)])
-def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k, temperature):
+@pytest.mark.parametrize(
+    "objective, temperature", [("sampled", 1.0), ("topk", 1.0), ("sampled", 0.7), ("topk", 0.7)]
+)
+def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, objective, temperature):
     """diagnose's per-token reward on a rollout batch equals the training loop's ``token_reward`` for the
-    same settings (sampled-token for top_k=0, student-support top-K with student_p weights for K > 0, the
+    same settings (objective=sampled, or student-support top-K with student_p weights and K = 4, the
     student scored at the rollout temperature), although the two score in different micro-batch sizes."""
     from opd.config import OPDConfig
     from opd.diagnose.measure import sample_rollouts, score_rollouts
@@ -355,7 +357,8 @@ def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k, temperatur
     ocfg = OPDConfig(
         student=str(student_dir),
         teacher=str(teacher_dir),
-        top_k=top_k,
+        objective=objective,
+        support_size=4,
         metrics_top_k=4,
         teacher_temperature=dcfg.teacher_temperature,
         temperature=dcfg.temperature,
@@ -366,7 +369,7 @@ def test_rewards_in_lockstep_with_the_training_loop(tiny_pair, top_k, temperatur
         for m, t in ((student, ocfg.temperature), (teacher, ocfg.teacher_temperature))
     ]
     loop = score_batch(*scorers, batch, ocfg)[0].token_reward_B_T
-    ours = topk_B_T if top_k else sampled_B_T
+    ours = topk_B_T if objective == "topk" else sampled_B_T
     assert bool((ours != 0).any())
     torch.testing.assert_close(ours, loop, rtol=0, atol=1e-6)
 

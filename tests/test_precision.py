@@ -37,8 +37,8 @@ def direct_logp_B_T_V(model, ids_B_T, attn_B_T, temperature):
 # ----------------------------------------------------------------------------------------- temperature
 
 
-@pytest.mark.parametrize("top_k", [0, 4, -1])
-def test_train_scores_the_student_at_the_rollout_temperature(tiny_pair, tmp_path, monkeypatch, top_k):
+@pytest.mark.parametrize("objective", ["sampled", "topk", "full"])
+def test_train_scores_the_student_at_the_rollout_temperature(tiny_pair, tmp_path, monkeypatch, objective):
     """Through train(): rewards' and metrics' student log-probs equal a direct forward at logits / 0.7,
     and the update's first-epoch log-probs equal the old ones (PPO ratio exactly 1)."""
     T = 0.7
@@ -85,9 +85,13 @@ def test_train_scores_the_student_at_the_rollout_temperature(tiny_pair, tmp_path
     monkeypatch.setattr(opd_method, "score_batch", spy_score_batch)
     monkeypatch.setattr(obj, "policy_gradient_loss", spy_pg)
     monkeypatch.setattr(opd_method, "_full_vocab_loss", spy_full)
-    opd_method.train(make_cfg(tiny_pair, tmp_path, top_k=top_k, temperature=T, teacher_temperature=1.3))
+    opd_method.train(
+        make_cfg(
+            tiny_pair, tmp_path, objective=objective, support_size=4, temperature=T, teacher_temperature=1.3
+        )
+    )
     assert checked["score"] == 2
-    assert (checked["full"] if top_k < 0 else checked["ratio"]) >= 2
+    assert (checked["full"] if objective == "full" else checked["ratio"]) >= 2
 
 
 def test_train_metrics_use_the_temperature_scored_student(tiny_pair, tmp_path, monkeypatch):
@@ -105,7 +109,9 @@ def test_train_metrics_use_the_temperature_scored_student(tiny_pair, tmp_path, m
         return out
 
     monkeypatch.setattr(opd_method, "score_batch", spy)
-    opd_method.train(make_cfg(tiny_pair, tmp_path, top_k=4, temperature=0.7, steps=1))
+    opd_method.train(
+        make_cfg(tiny_pair, tmp_path, objective="topk", support_size=4, temperature=0.7, steps=1)
+    )
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert row["kl/sampled"] == pytest.approx(seen[0], abs=1e-5)
 
@@ -114,7 +120,7 @@ def test_train_metrics_use_the_temperature_scored_student(tiny_pair, tmp_path, m
     "kw, match",
     [
         (dict(top_p=0.9), r"top_p=0\.9.*Fix: top_p=1\.0"),
-        (dict(rollout_top_k=20), r"rollout_top_k=20.*rollout_top_k=0"),
+        (dict(sample_top_k=20), r"sample_top_k=20.*sample_top_k=0"),
         (dict(temperature=0.0), r"temperature=0\.0: OPD trains on sampled rollouts.*temperature=1\.0"),
         (dict(student_dtype="float16"), r"student_dtype='float16'.*bfloat16"),
         (dict(eval_top_p=0.0), r"eval_top_p=0\.0"),

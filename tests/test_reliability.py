@@ -235,7 +235,16 @@ def test_resume_of_a_finished_run_without_checkpoints_is_refused(tmp_path):
 
 def test_resume_may_change_names_real_fields():
     assert set(OPDConfig.__dataclass_fields__) >= RESUME_MAY_CHANGE
-    for key in ("student", "teacher", "prompts", "top_k", "seed", "prompts_per_step", "lr"):
+    for key in (
+        "student",
+        "teacher",
+        "prompts",
+        "objective",
+        "support_size",
+        "seed",
+        "prompts_per_step",
+        "lr",
+    ):
         assert key not in RESUME_MAY_CHANGE
 
 
@@ -343,3 +352,19 @@ def test_malicious_pickles_are_refused_in_one_line(tmp_path, capsys):
         from opd.models import load_model
 
         load_model(student)
+
+
+def test_resume_reads_a_run_saved_with_the_old_key_names(tmp_path):
+    """A run saved before ``top_k`` / ``rollout_top_k`` were renamed resumes with today's names, and a
+    real change of objective is still refused."""
+    out = tmp_path / "run"
+    opd_method.train(cfg(out, steps=2, save_every=1, objective="topk", support_size=4))
+    saved = json.loads((out / "config.json").read_text())
+    old = {k: v for k, v in saved.items() if k not in ("objective", "support_size", "sample_top_k")}
+    old.update(top_k=4, rollout_top_k=0)
+    (out / "config.json").write_text(json.dumps(old))
+    res = opd_method.train(cfg(out, steps=3, save_every=1, objective="topk", support_size=4, resume=True))
+    assert res["steps_done"] == 3
+    (out / "config.json").write_text(json.dumps({**old, "top_k": 0}))
+    with pytest.raises(RunDirError, match="objective: 'sampled' -> 'topk'"):
+        opd_method.train(cfg(out, steps=4, save_every=1, objective="topk", support_size=4, resume=True))

@@ -48,7 +48,7 @@ def demo_summary() -> dict:
         )
     verdicts = {t: {"verdict": r["verdict"], "reasons": ["a reason"]} for t, r in zip(TEACHERS, results)}
     return {
-        "settings": {"steps": 3, "top_k": 16},
+        "settings": {"steps": 3, "support_size": 16},
         "seed": 0,
         "smoke": True,
         "zoo": zoo,

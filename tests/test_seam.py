@@ -55,13 +55,13 @@ def test_config_parts_are_shared_and_keys_stay_flat():
     docs = field_docs(SketchConfig)
     assert docs["student"] == field_docs(OPDConfig)["student"]
     assert docs["prompts"] and docs["output_dir"] and docs["label_smoothing"].startswith("Label smoothing")
-    assert "top_k" not in docs
+    assert "objective" not in docs
     # ... and the parts' validation rules
     assert part_errors(SketchConfig()) == []
     errs = part_errors(SketchConfig(device="gpu", max_prompt_tokens=0, resume=True, overwrite=True))
     assert [e.split(":")[0].split("=")[0] for e in errs] == ["device", "max_prompt_tokens", "resume"]
     flat = {f.name for f in dataclasses.fields(OPDConfig)}
-    assert {"student", "lr", "prompts", "temperature", "output_dir", "top_k", "device"} <= flat
+    assert {"student", "lr", "prompts", "temperature", "output_dir", "objective", "device"} <= flat
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -300,7 +300,7 @@ def test_score_batch_returns_a_scored_batch_and_separate_timings(tiny_pair, tmp_
         return scored, times
 
     monkeypatch.setattr(opd_method, "score_batch", spy)
-    opd_method.train(make_cfg(tiny_pair, tmp_path, steps=1, top_k=4))
+    opd_method.train(make_cfg(tiny_pair, tmp_path, steps=1, objective="topk", support_size=4))
     ((scored, times),) = seen
     assert isinstance(scored, opd_method.ScoredBatch)
     assert set(times) == {"time/score_student", "time/score_teacher"} and all(v >= 0 for v in times.values())

@@ -45,14 +45,20 @@ def changed(a, b):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(top_k=0),
-        dict(top_k=0, estimator="k3"),
-        dict(top_k=-1),
-        dict(top_k=4, renormalize=True),
-        dict(top_k=4, ppo_epochs=2, loss_aggregation="seq-mean-token-sum"),
-        dict(top_k=4, lr_schedule="cosine", warmup_steps=1, loss_aggregation="seq-mean-token-mean"),
+        dict(objective="sampled"),
+        dict(objective="sampled", estimator="k3"),
+        dict(objective="full"),
+        dict(objective="topk", support_size=4, renormalize=True),
+        dict(objective="topk", support_size=4, ppo_epochs=2, loss_aggregation="seq-mean-token-sum"),
+        dict(
+            objective="topk",
+            support_size=4,
+            lr_schedule="cosine",
+            warmup_steps=1,
+            loss_aggregation="seq-mean-token-mean",
+        ),
     ]
-    + [dict(top_k=4, support=s, weighting=w) for s in SUPPORTS for w in WEIGHTINGS],
+    + [dict(objective="topk", support_size=4, support=s, weighting=w) for s in SUPPORTS for w in WEIGHTINGS],
     ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
 )
 def test_every_objective_learns(tiny_pair, tmp_path, kw):
@@ -70,10 +76,10 @@ def test_every_objective_learns(tiny_pair, tmp_path, kw):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_done"] == 2
 
 
-@pytest.mark.parametrize("top_k", [0, 4, -1])
-def test_identical_models_learn_nothing(tiny_pair, tmp_path, top_k):
+@pytest.mark.parametrize("objective", ["sampled", "topk", "full"])
+def test_identical_models_learn_nothing(tiny_pair, tmp_path, objective):
     student = tiny_pair[0]
-    cfg = make_cfg(tiny_pair, tmp_path, teacher=str(student), top_k=top_k)
+    cfg = make_cfg(tiny_pair, tmp_path, teacher=str(student), objective=objective, support_size=4)
     summary = opd_method.train(cfg)
     for r in read_metrics(tmp_path / "run" / "metrics.jsonl"):
         assert r["reward/mean"] == 0 and r["loss/pg"] == 0 and r["kl/sampled"] == 0
@@ -159,7 +165,7 @@ def test_cli_train_two_steps(tiny_pair, tmp_path):
     )
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "opd.cli", "train", str(cfg), f"output_dir={out}", "top_k=0"],
+        [sys.executable, "-m", "opd.cli", "train", str(cfg), f"output_dir={out}", "objective=sampled"],
         capture_output=True,
         text=True,
         timeout=300,

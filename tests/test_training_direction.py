@@ -98,9 +98,11 @@ def lab_cfg(lab_prompts, out, **kw):
     return OPDConfig(**base)
 
 
-DIRECTION_CASES = [dict(top_k=0), dict(top_k=-1), dict(top_k=4, renormalize=True)] + [
-    dict(top_k=4, support=s) for s in SUPPORTS
-]
+DIRECTION_CASES = [
+    dict(objective="sampled"),
+    dict(objective="full"),
+    dict(objective="topk", support_size=4, renormalize=True),
+] + [dict(objective="topk", support_size=4, support=s) for s in SUPPORTS]
 
 
 @pytest.mark.parametrize("kw", DIRECTION_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
@@ -126,7 +128,7 @@ def test_estimator_only_changes_what_is_logged(tiny_pair, tmp_path):
             prompts_per_step=2,
             rollouts_per_prompt=2,
             max_new_tokens=6,
-            top_k=0,
+            objective="sampled",
             estimator=est,
             lr=1e-3,
             alerts=False,
@@ -162,10 +164,10 @@ class _RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-@pytest.mark.parametrize("top_k", [0, 4, -1], ids=["sampled", "topk", "full"])
+@pytest.mark.parametrize("objective", ["sampled", "topk", "full"])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_gradient_is_the_same_for_every_micro_batch_size(
-    tiny_pair, tmp_path, monkeypatch, aggregation, top_k
+    tiny_pair, tmp_path, monkeypatch, aggregation, objective
 ):
     student, teacher, prompts = tiny_pair
     monkeypatch.setattr(torch.optim, "AdamW", _RecordingSGD)
@@ -183,7 +185,8 @@ def test_gradient_is_the_same_for_every_micro_batch_size(
             max_new_tokens=8,
             micro_batch_size=mbs,
             loss_aggregation=aggregation,
-            top_k=top_k,
+            objective=objective,
+            support_size=4,
             grad_clip=0.0,  # clipping would hide a wrongly scaled gradient
             lr=1e-3,
             alerts=False,
@@ -196,7 +199,7 @@ def test_gradient_is_the_same_for_every_micro_batch_size(
         for a, b in zip(grads[1], grads[mbs]):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (
                 aggregation,
-                top_k,
+                objective,
                 mbs,
                 float((a - b).abs().max()),
             )

@@ -109,14 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = sub.add_parser("demo", help="the main job: OPD end to end on CPU-sized models, with a report")
     d.add_argument("--smoke", action="store_true", help="a reduced, fast version (CI)")
-    d.add_argument("--out", default=None, help="output directory (default runs/demo-<time>)")
+    d.add_argument("--output-dir", default=None, help="output directory (default runs/demo-<time>)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--steps", type=int, default=None, help="OPD steps per run (default: the demo's own)")
     d.add_argument("--no-progress", action="store_true")
     lab = sub.add_parser("lab", help="the model organism: build the zoo, list it")
     lab_sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND")
     b = lab_sub.add_parser("build", help="train the lab zoo from scratch (fixed seeds)")
-    b.add_argument("--out", default=None, help="where to write the zoo (default: the package's zoo folder)")
+    b.add_argument(
+        "--output-dir", default=None, help="where to write the zoo (default: the package's zoo folder)"
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--only", nargs="*", default=None, help="build only these models")
     lab_sub.add_parser("list", help="list zoo models and lab prompt sets")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             run_demo(
                 smoke=args.smoke,
-                out=args.out,
+                output_dir=args.output_dir,
                 seed=args.seed,
                 steps=args.steps,
                 progress=not args.no_progress,
@@ -199,7 +201,7 @@ def _cmd_diagnose(args) -> int:
 
 def _cmd_lab(args, parser) -> int:
     if args.lab_command == "build":
-        build_zoo(out_dir=args.out, seed=args.seed, only=args.only)
+        build_zoo(output_dir=args.output_dir, seed=args.seed, only=args.only)
         return 0
     if args.lab_command == "list":
         for name in zoo.MODEL_NAMES:

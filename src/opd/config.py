@@ -116,8 +116,8 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling for rollouts: must stay 1.0 in training (truncated sampling is not the distribution
     the objective scores); use eval_top_p for evaluation."""
-    rollout_top_k: int = 0
-    """Top-k sampling for rollouts: must stay 0 in training (see top_p). Not the objective's ``top_k``."""
+    sample_top_k: int = 0
+    """Top-k filtering of rollout sampling: must stay 0 (off) in training (see top_p). Not the objective's ``support_size``."""
     rollout_batch_size: int = 0
     """Sequences (prompt x sample rows) per generate call (0 = the whole step at once)."""
     rollout_backend: str = "hf"
@@ -128,7 +128,7 @@ class RolloutConfig:
         for key in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens"):
             if getattr(self, key) < 1:
                 errs.append(f"{key}={getattr(self, key)}: must be >= 1")
-        for key in ("rollout_top_k", "rollout_batch_size"):
+        for key in ("sample_top_k", "rollout_batch_size"):
             if getattr(self, key) < 0:
                 errs.append(f"{key}={getattr(self, key)}: must be >= 0")
         if self.temperature <= 0:
@@ -140,12 +140,12 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             errs.append(f"top_p={self.top_p}: must be in (0, 1]")
         truncated = [f"top_p={self.top_p}"] if self.top_p < 1 else []
-        truncated += [f"rollout_top_k={self.rollout_top_k}"] if self.rollout_top_k > 0 else []
+        truncated += [f"sample_top_k={self.sample_top_k}"] if self.sample_top_k > 0 else []
         if truncated:
             errs.append(
                 f"{' and '.join(truncated)}: OPD scores the student's untruncated distribution at "
                 "`temperature`, so top-p / top-k rollouts would be off-policy for the objective. Fix: "
-                "top_p=1.0 and rollout_top_k=0 (the study's setting); for evaluation use eval_top_p"
+                "top_p=1.0 and sample_top_k=0 (the study's setting); for evaluation use eval_top_p"
             )
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             errs.append(
@@ -272,8 +272,11 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
     """
 
     # --- objective ---
-    top_k: int = 16
-    """Objective support size: 0 = sampled-token reward; K > 0 = top-K objective; -1 = full-vocabulary reverse KL."""
+    objective: str = "topk"
+    """The OPD objective: sampled (the sampled token's log-ratio as reward), topk (the reverse KL on a top-K
+    support of ``support_size`` tokens; see support / weighting) or full (the exact full-vocabulary reverse KL)."""
+    support_size: int = 16
+    """K of the top-K objective (objective=topk only)."""
     support: str = "student"
     """Top-K support: student, teacher, intersection, union or symmetric_difference."""
     weighting: str = "student_p"
@@ -304,8 +307,10 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
     def __post_init__(self) -> None:
         _coerce_types(self)
         errs = part_errors(self)  # the rules of the shared parts, then OPD's own
-        if self.top_k < -1:
-            errs.append(f"top_k={self.top_k}: use 0 (sampled-token), K > 0 (top-K) or -1 (full vocabulary)")
+        if self.objective not in OBJECTIVES:
+            errs.append(f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.support_size < 1:
+            errs.append(f"support_size={self.support_size}: must be >= 1 (K of the top-K objective)")
         if self.support not in SUPPORTS:
             errs.append(f"support={self.support!r}: choose one of {', '.join(SUPPORTS)}")
         if self.weighting not in WEIGHTINGS:
@@ -316,7 +321,7 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
             )
         if self.estimator not in ("k1", "k3"):
             errs.append(f"estimator={self.estimator!r}: choose k1 or k3")
-        if self.renormalize and self.support == "symmetric_difference" and self.top_k > 0:
+        if self.renormalize and self.support == "symmetric_difference" and self.objective == "topk":
             errs.append(
                 "renormalize=true with support=symmetric_difference: its weights are raw probabilities, "
                 "not renormalised on the support, so Eq. 5 is not defined there; set renormalize=false "
@@ -341,13 +346,36 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
                 f"key=value, e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train"
             )
 
-    @property
-    def objective(self) -> str:
-        """'sampled', 'topk' or 'full' (derived from ``top_k``)."""
-        return "sampled" if self.top_k == 0 else ("full" if self.top_k < 0 else "topk")
-
 
 # --------------------------------------------------------------------------- helpers
+
+
+OBJECTIVES = ("sampled", "topk", "full")
+"""Values of ``OPDConfig.objective``."""
+
+RENAMED_KEYS: dict[str, str] = {
+    "top_k": "objective + support_size (top_k=K>0 -> objective=topk support_size=K; top_k=0 -> "
+    "objective=sampled; top_k=-1 -> objective=full)",
+    "rollout_top_k": "sample_top_k",
+    "out_dir": "output_dir",
+    "out": "output_dir",
+}
+"""Keys of earlier versions → what replaced them (named in the error for an old key)."""
+
+
+def translate_old_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config of an earlier version (``config.json`` of a run being resumed) in today's keys:
+    ``top_k`` → ``objective`` + ``support_size``, ``rollout_top_k`` → ``sample_top_k``. New keys win."""
+    out = dict(values)
+    if "top_k" in out:
+        k = out.pop("top_k")
+        if isinstance(k, int) and "objective" not in out:
+            out["objective"] = "sampled" if k == 0 else ("full" if k < 0 else "topk")
+            if k > 0:
+                out.setdefault("support_size", k)
+    if "rollout_top_k" in out:
+        out.setdefault("sample_top_k", out.pop("rollout_top_k"))
+    return out
 
 
 BUDGET_UNITS = ("none", "student_loss_tokens", "flops")
@@ -530,6 +558,9 @@ def build_config(cls: type, values: dict[str, Any], command: str = "train"):
     ``opd <command> --help`` that lists the keys)."""
     names = {f.name for f in fields(cls)}
     unknown = [k for k in values if k not in names]
+    renamed = [k for k in unknown if k in RENAMED_KEYS and RENAMED_KEYS[k].split()[0] in names]
+    if renamed:
+        raise ConfigError("; ".join(f"config key {k!r} was renamed: use {RENAMED_KEYS[k]}" for k in renamed))
     if unknown:
         import difflib
 

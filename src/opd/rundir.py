@@ -34,6 +34,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from opd.config import translate_old_keys
 from opd.lab import LabModel, LabNameError, resolve
 
 try:
@@ -413,7 +414,8 @@ def prepare_train_dir(
                 f"resume=true: {str(saved_path)!r} is not readable JSON, so the run cannot be checked; "
                 "restore it or start a new run (another output_dir, or overwrite=true)"
             ) from None
-        diffs = config_changes(saved, config, defaults)
+        # a run saved by an earlier version: its renamed keys (top_k, rollout_top_k) in today's names
+        diffs = config_changes(translate_old_keys(saved), config, defaults)
         if diffs:
             raise RunDirError(
                 f"resume=true: output_dir {str(run.path)!r} holds a run with different settings that define "

@@ -38,7 +38,7 @@ class DiagnoseConfig(DataConfig, ModelsConfig):
     """Temperature applied to the teacher's logits when scoring (as in ``opd train``)."""
     metrics_top_k: int = 16
     """k of the overlap metrics (TopK of each model at every position) and K of the top-K reward
-    (student support, student_p weights: what ``opd train`` optimises with ``top_k=K``)."""
+    (student support, student_p weights: what ``opd train`` optimises with ``objective=topk support_size=K``)."""
     prefix_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     """Continuation test: cut each prompt's first rollout after these fractions of its response tokens."""
     eval_temperature: float = 0.0

@@ -249,9 +249,9 @@ def token_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards ``(sampled_B_T, topk_B_T)`` of the scored rollouts, from :mod:`opd.objectives`:
 
-    - sampled-token ``r_t = log q_t(ŷ_t) − log p_t(ŷ_t)`` (k1; what ``top_k=0`` optimises);
+    - sampled-token ``r_t = log q_t(ŷ_t) − log p_t(ŷ_t)`` (k1; what ``objective=sampled`` optimises);
     - top-K ``Σ_{v∈TopK(p_t)} p̄_t(v)(log q_t(v) − log p_t(v))`` (student support, ``student_p`` weights,
-      K = the scored width: what ``top_k=K`` optimises).
+      K = the scored width: what ``objective=topk support_size=K`` optimises).
 
     Both are 0 where ``mask_B_T`` is 0; they equal the training loop's ``token_reward`` for the same
     batch and settings (tests/test_diagnose.py holds them in lockstep).

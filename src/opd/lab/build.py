@@ -71,7 +71,7 @@ def _chain_cost(name: str, specs: dict[str, ModelSpec], names: list[str]) -> flo
 
 
 def build(
-    out_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
     *,
     seed: int = 0,
     only: list[str] | None = None,
@@ -80,10 +80,10 @@ def build(
     evaluate: bool = True,
     specs: dict[str, ModelSpec] | None = None,
 ) -> dict:
-    """Train the zoo from scratch into ``out_dir`` (default: the package's zoo) and write build_info.json.
+    """Train the zoo from scratch into ``output_dir`` (default: the package's zoo) and write build_info.json.
 
     ``only`` restricts the build to some names (a model that continues another, e.g. ``student-plus``,
-    reads that one from ``out_dir``, which must then hold it or be built in the same call). ``workers``
+    reads that one from ``output_dir``, which must then hold it or be built in the same call). ``workers``
     parallel processes (default: min(cpu count, 4)) train one model each, single-threaded. ``specs``
     replaces :data:`SPECS` (tests build reduced models). Returns the build info.
     """
@@ -92,7 +92,7 @@ def build(
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise ValueError(f"unknown lab model(s) {unknown}; available: {', '.join(specs)}")
-    out = Path(out_dir) if out_dir is not None else PACKAGE_ZOO
+    out = Path(output_dir) if output_dir is not None else PACKAGE_ZOO
     out.mkdir(parents=True, exist_ok=True)
     for n in names:
         dep = specs[n].init_from
@@ -155,11 +155,11 @@ def build(
 
 
 def main_build(argv: list[str] | None = None) -> int:
-    """``opd lab build [--out DIR] [--seed N] [--only NAME ...]`` (for launchers without the main CLI)."""
+    """``opd lab build [--output-dir DIR] [--seed N] [--only NAME ...]`` (for launchers without the main CLI)."""
     p = argparse.ArgumentParser(prog="opd lab build", description=build.__doc__)
-    p.add_argument("--out", default=None, help="output directory (default: the package's zoo)")
+    p.add_argument("--output-dir", default=None, help="output directory (default: the package's zoo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=None, help=f"subset of {', '.join(MODEL_NAMES)}")
     a = p.parse_args(argv)
-    build(a.out, seed=a.seed, only=a.only)
+    build(a.output_dir, seed=a.seed, only=a.only)
     return 0

@@ -63,7 +63,7 @@ class DemoSettings:
     rollouts_per_prompt: int = 4
     max_new_tokens: int = 64  # lab responses are at most 53 tokens
     lr: float = 3e-4
-    top_k: int = 16
+    support_size: int = 16
     micro_batch_size: int = 64
     eval_every: int = 25
     eval_limit: int = 100  # test prompts evaluated during training (a fixed random subset)
@@ -107,29 +107,31 @@ def _eval(model_name: str, test_set, settings: DemoSettings, progress: bool) -> 
 def run_demo(
     *,
     smoke: bool = False,
-    out: str | None = None,
+    output_dir: str | None = None,
     seed: int = 0,
     steps: int | None = None,
     progress: bool = True,
     settings: DemoSettings | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the summary (also written to ``<out>/summary.json``).
+    """Run the demo; returns the summary (also written to ``<output_dir>/summary.json``).
 
-    ``out`` must be a new or empty directory (it is locked for the demo's duration)."""
+    ``output_dir`` must be a new or empty directory (it is locked for the demo's duration)."""
 
-    out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    with locked_run_dir(out, key="--out") as run:
+    output_dir = output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    with locked_run_dir(output_dir, key="--output-dir") as run:
         if run.entries():
             raise RunDirError(
-                f"--out {out!r} is not empty: choose a new directory for the demo, or delete it"
+                f"--output-dir {output_dir!r} is not empty: choose a new directory for the demo, or delete it"
             )
-        return _run_demo(smoke=smoke, out=out, seed=seed, steps=steps, progress=progress, settings=settings)
+        return _run_demo(
+            smoke=smoke, output_dir=output_dir, seed=seed, steps=steps, progress=progress, settings=settings
+        )
 
 
 def _run_demo(
     *,
     smoke: bool,
-    out: str,
+    output_dir: str,
     seed: int,
     steps: int | None,
     progress: bool,
@@ -142,7 +144,7 @@ def _run_demo(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     resolve("lab:student", kind="model").require_built()  # a clear error if the zoo is not built
-    out_dir = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     log = functools.partial(print, flush=True)
@@ -184,7 +186,8 @@ def _run_demo(
             max_new_tokens=settings.max_new_tokens,
             lr=settings.lr,
             weight_decay=0.0,
-            top_k=settings.top_k,
+            objective="topk",
+            support_size=settings.support_size,
             micro_batch_size=settings.micro_batch_size,
             eval_every=settings.eval_every,
             eval_prompts="lab:test",
@@ -368,7 +371,7 @@ def write_demo_report(
     ]
     intro = (
         f"Seed {summary['seed']}, {summary['settings']['steps']} OPD steps per teacher (student top-K, "
-        f"K = {summary['settings']['top_k']}, student_p weights), total wall time "
+        f"K = {summary['settings']['support_size']}, student_p weights), total wall time "
         f"{summary['wall_time_s'] / 60:.1f} min."
     )
     note = "Gap recovered = (after − before) / (teacher − before) on the lab test set, greedy decoding."

@@ -114,7 +114,7 @@ def score_batch(
     ``time/score_student`` / ``time/score_teacher`` (seconds). Done in micro-batches to bound memory.
     """
     mask = batch.response_mask_B_T.float()
-    width = max(cfg.metrics_top_k, cfg.top_k if cfg.objective == "topk" else 0)
+    width = max(cfg.metrics_top_k, cfg.support_size if cfg.objective == "topk" else 0)
     parts_s, parts_t = [], []
     t_student = t_teacher = 0.0
     B = batch.input_ids_B_T.shape[0]
@@ -154,7 +154,7 @@ def score_batch(
             advantages=obj.sampled_token_rewards(s_out.token_logp_B_T, t_out.token_logp_B_T, mask, "k1"),
         )
     elif cfg.objective == "topk":
-        K = cfg.top_k
+        K = cfg.support_size
         s_ids, s_lp = s_out.topk_ids_B_T_K[..., :K], s_out.topk_logp_B_T_K[..., :K]
         t_ids, t_lp = t_out.topk_ids_B_T_K[..., :K], t_out.topk_logp_B_T_K[..., :K]
         s_at_t = None
@@ -496,7 +496,7 @@ def opd_step(
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            top_k=cfg.rollout_top_k,
+            top_k=cfg.sample_top_k,
             seed=None,
         )
     batch = batch.to(runtime.device)  # the student's device; the teacher scorer moves its own inputs
