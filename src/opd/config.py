@@ -53,6 +53,17 @@ class ModelsConfig:
     """Where the student trains and samples: auto (cuda if torch sees a GPU, else mps, else cpu), cpu, cuda, cuda:N or mps."""
     teacher_device: str = ""
     """Where the teacher scores (same choices as ``device``); empty = the student's device."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's activations in the backward pass instead of keeping them (less memory, ~30% more compute)."""
+    lora_r: int = 0
+    """LoRA rank for the student (0 = train all weights). Needs ``pip install opd[peft]``; ``final/`` holds the
+    merged model and ``final/adapter`` the adapter."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: all-linear (every linear layer but the output head) or a comma-separated list of module names, e.g. q_proj,v_proj."""
 
     def _check(self) -> list[str]:
         errs = []
@@ -64,6 +75,12 @@ class ModelsConfig:
                 "student_dtype='float16': not supported for training (float16 gradients need loss scaling, "
                 "which opd does not implement). Fix: student_dtype=bfloat16 (or float32)"
             )
+        if self.lora_r < 0:
+            errs.append(f"lora_r={self.lora_r}: must be >= 0 (0 = no LoRA, train all weights)")
+        if self.lora_r and self.lora_alpha <= 0:
+            errs.append(f"lora_alpha={self.lora_alpha}: must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            errs.append(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
         for key, allow_empty in (("device", False), ("teacher_device", True)):
             value = getattr(self, key)
             if not (allow_empty and value == "") and not DEVICE_PATTERN.fullmatch(value):
@@ -229,6 +246,9 @@ class RunConfig:
     """Show a progress bar."""
     threads: int = 0
     """torch CPU threads (0 = torch default)."""
+    report_to: str = "none"
+    """Experiment tracking besides metrics.jsonl: none, or a comma-separated list of tensorboard, wandb, trackio
+    (each an optional install, imported only when chosen); the same metric names as metrics.jsonl."""
     budget_unit: str = "none"
     """Stop the run when a compute budget is spent: none, student_loss_tokens (response tokens trained on,
     per optimiser pass) or flops (the estimate of ``opd.cost``); ``steps`` stays the upper bound."""
@@ -237,6 +257,11 @@ class RunConfig:
 
     def _check(self) -> list[str]:
         errs = []
+        unknown = [b for b in tracking_backends(self.report_to) if b not in TRACKERS]
+        if unknown:
+            errs.append(
+                f"report_to={self.report_to!r}: unknown {', '.join(unknown)}; choose none or from {', '.join(TRACKERS)}"
+            )
         if self.budget_unit not in BUDGET_UNITS:
             errs.append(f"budget_unit={self.budget_unit!r}: choose one of {', '.join(BUDGET_UNITS)}")
         elif self.budget_unit != "none" and self.budget <= 0:
@@ -376,6 +401,16 @@ def translate_old_keys(values: dict[str, Any]) -> dict[str, Any]:
     if "rollout_top_k" in out:
         out.setdefault("sample_top_k", out.pop("rollout_top_k"))
     return out
+
+
+TRACKERS = ("tensorboard", "wandb", "trackio")
+"""Experiment trackers ``report_to`` accepts (besides ``none``)."""
+
+
+def tracking_backends(report_to: str) -> tuple[str, ...]:
+    """``"tensorboard, wandb"`` → ``("tensorboard", "wandb")``; ``none`` / empty → ``()``."""
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    return () if names in ([], ["none"]) else tuple(names)
 
 
 BUDGET_UNITS = ("none", "student_loss_tokens", "flops")

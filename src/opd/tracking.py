@@ -19,27 +19,52 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLogger:
-    """Append-only JSONL writer. ``truncate_after(step)`` drops lines of steps after a resumed checkpoint."""
+    """Append-only JSONL writer (``metrics.jsonl``, always), mirrored to the experiment trackers named in
+    ``backends`` (``tensorboard`` → ``<run>/tb``, ``wandb``, ``trackio``) under the same metric names.
+    Each tracker is imported only when chosen; a missing one is a one-line error naming its install.
+    ``truncate_after(step)`` drops lines of steps after a resumed checkpoint."""
 
-    def __init__(self, path: str | Path, *, backends: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        backends: tuple[str, ...] = (),
+        config: dict[str, Any] | None = None,
+        project: str = "opd",
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
         self._wandb = None
+        self._trackio = None
+        run_name = self.path.parent.name
         if "tensorboard" in backends:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.path.parent / "tb"))
-            except ImportError as e:  # pragma: no cover - optional
-                raise RuntimeError("tensorboard logging needs `pip install tensorboard`") from e
+                from torch.utils.tensorboard import SummaryWriter  # optional extra
+            except ImportError:
+                raise RuntimeError(
+                    "report_to=tensorboard needs the tensorboard package: pip install 'opd[tensorboard]'"
+                ) from None
+            self._tb = SummaryWriter(str(self.path.parent / "tb"))
         if "wandb" in backends:
             try:
-                import wandb  # type: ignore
-
-                self._wandb = wandb
-            except ImportError as e:  # pragma: no cover - optional
-                raise RuntimeError("wandb logging needs `pip install opd[wandb]`") from e
+                import wandb  # type: ignore  # optional extra
+            except ImportError:
+                raise RuntimeError(
+                    "report_to=wandb needs the wandb package: pip install 'opd[wandb]'"
+                ) from None
+            self._wandb = wandb
+            if wandb.run is None:
+                wandb.init(project=project, name=run_name, config=config, dir=str(self.path.parent))
+        if "trackio" in backends:
+            try:
+                import trackio  # type: ignore  # optional extra
+            except ImportError:
+                raise RuntimeError(
+                    "report_to=trackio needs the trackio package: pip install 'opd[trackio]'"
+                ) from None
+            self._trackio = trackio
+            trackio.init(project=project, name=run_name, config=config)
 
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -65,12 +90,19 @@ class MetricsLogger:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._wandb is not None and self._wandb.run is not None:
-            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            self._wandb.log(scalars, step=step)
+        if self._trackio is not None:
+            self._trackio.log(scalars, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._trackio is not None:
+            self._trackio.finish()
+        if self._wandb is not None and self._wandb.run is not None:
+            self._wandb.finish()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -19,7 +19,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from opd.alerts import AlertConfig, AlertMonitor
 from opd.config import to_dict
 from opd.cost import CostMeter
 from opd.data import PromptSet, load_prompts
+from opd.errors import ConfigError
 from opd.models import (
     CompatReport,
     check_compatibility,
@@ -112,6 +115,9 @@ class Models:
     compat: CompatReport
     max_prompt_tokens: int
     max_prompt_tokens_why: str | None
+    lora: Any = None
+    """The peft ``PeftModel`` around the student when ``lora_r > 0`` (``student`` is then its base model with
+    the adapters injected: every pass and the optimiser see only what trains); None otherwise."""
 
 
 def load_models(cfg: Any, runtime: Runtime) -> Models:
@@ -125,6 +131,14 @@ def load_models(cfg: Any, runtime: Runtime) -> Models:
     teacher = load_model(
         cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=trust, device=runtime.teacher_device
     )
+    lora = add_lora(student, cfg) if getattr(cfg, "lora_r", 0) else None
+    if getattr(cfg, "gradient_checkpointing", False):
+        # transformers 5.25 renamed it activation_checkpointing_enable (the old name warns)
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     compat = check_compatibility(tokenizer, teacher_tokenizer, student, teacher)
     for w in compat.warnings + [same_model_warning(cfg.student, cfg.teacher, student, teacher)]:
         if w:
@@ -138,7 +152,43 @@ def load_models(cfg: Any, runtime: Runtime) -> Models:
     teacher.eval()
     teacher.requires_grad_(False)
     student.eval()
-    return Models(student, teacher, tokenizer, compat, cap, why)
+    return Models(student, teacher, tokenizer, compat, cap, why, lora)
+
+
+def add_lora(student: torch.nn.Module, cfg: Any) -> Any:
+    """Inject LoRA adapters (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``) into
+    ``student`` in place with peft and freeze everything else; returns the ``PeftModel`` (for saving the
+    adapter). The student module keeps its class, so scoring, sampling and checkpoints are unchanged."""
+    try:
+        from peft import LoraConfig, get_peft_model  # optional extra
+    except ImportError:
+        raise ConfigError(
+            f"lora_r={cfg.lora_r} needs the peft package: pip install 'opd[peft]' (or set lora_r=0)"
+        ) from None
+    targets = cfg.lora_target_modules.strip()
+    target_modules = (
+        targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    )
+    lora_cfg = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target_modules
+    )
+    try:
+        peft_model = get_peft_model(student, lora_cfg)
+    except ValueError as e:
+        raise ConfigError(
+            f"lora_target_modules={cfg.lora_target_modules!r}: {str(e).splitlines()[0]} "
+            "Fix: all-linear, or names of the student's linear layers (e.g. q_proj,v_proj)"
+        ) from None
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in student.parameters())
+    log.info(
+        "LoRA r=%d: %d of %d student parameters train (%.2f%%)",
+        cfg.lora_r,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    return peft_model
 
 
 def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet, PromptSet | None]:
@@ -251,10 +301,24 @@ def finish_completed(
     history: list[dict[str, Any]],
     cost: CostMeter | None = None,
     stopped_by_budget: int | None = None,
+    lora: Any = None,
 ) -> dict[str, Any]:
-    """Save ``final/`` atomically (float32 master weights + tokenizer), write and return the summary."""
+    """Save ``final/`` atomically (float32 master weights + tokenizer), write and return the summary.
+
+    With LoRA (``lora``: the PeftModel): ``final/`` holds the merged model (loads like any model) and
+    ``final/adapter`` the adapter alone (``PeftModel.from_pretrained(base, final/adapter)``)."""
     final_dir = out_dir / "final"
-    save_model(model, tokenizer, final_dir)  # atomic (temporary sibling, then rename); the float32 masters
+    if lora is not None:
+        adapter_tmp = out_dir / ".tmp-adapter"
+        shutil.rmtree(adapter_tmp, ignore_errors=True)
+        lora.save_pretrained(adapter_tmp)  # before merging: merging removes the adapter layers
+        model = lora.merge_and_unload()
+        save_model(model, tokenizer, final_dir)
+        os.replace(adapter_tmp, final_dir / "adapter")
+    else:
+        save_model(
+            model, tokenizer, final_dir
+        )  # atomic (temporary sibling, then rename); the float32 masters
     summary = {
         "output_dir": str(out_dir),
         "final_model": str(final_dir),

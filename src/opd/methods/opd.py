@@ -42,7 +42,7 @@ import torch
 
 from opd import objectives as obj
 from opd.checkpoint import load_newest_checkpoint, save_checkpoint
-from opd.config import OPDConfig
+from opd.config import OPDConfig, to_dict, tracking_backends
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler
 from opd.methods.common import (
@@ -345,7 +345,9 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
+    metrics_log = MetricsLogger(
+        out_dir / "metrics.jsonl", backends=tracking_backends(cfg.report_to), config=to_dict(cfg)
+    )
     monitor = make_alert_monitor(cfg)
 
     start_step, skipped_total = 0, 0
@@ -465,6 +467,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         history=history,
         cost=cost,
         stopped_by_budget=stopped_by_budget,
+        lora=models.lora,
     )
 
 
