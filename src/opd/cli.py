@@ -182,7 +182,8 @@ def _debug(args) -> bool:
 
 def _cmd_method(args, method: Method) -> int:
     summary = method.train(_load(method.config, args))
-    print(f"opd: done: {summary['steps_done']} steps, final model in {summary['final_model']}")
+    if summary.get("rank", 0) == 0:  # multi-process: rank 0 reports (it wrote the final model)
+        print(f"opd: done: {summary['steps_done']} steps, final model in {summary['final_model']}")
     return 0
 
 

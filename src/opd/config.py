@@ -139,6 +139,10 @@ class RolloutConfig:
     """Sequences (prompt x sample rows) per generate call (0 = the whole step at once)."""
     rollout_backend: str = "hf"
     """Sampling backend (``opd.rollout.make_backend``): hf (Hugging Face generate on the training model)."""
+    rollout_seeding: str = "stream"
+    """stream: one random stream per process, prompts batched together (fastest). per_prompt: each prompt's
+    samples come from a seed of (seed, step, its place in the step's batch), so a run samples the same
+    rollouts at any number of processes or rollout_batch_size (one generate call per prompt: slower)."""
 
     def _check(self) -> list[str]:
         errs = []
@@ -164,6 +168,8 @@ class RolloutConfig:
                 "`temperature`, so top-p / top-k rollouts would be off-policy for the objective. Fix: "
                 "top_p=1.0 and sample_top_k=0 (the study's setting); for evaluation use eval_top_p"
             )
+        if self.rollout_seeding not in ("stream", "per_prompt"):
+            errs.append(f"rollout_seeding={self.rollout_seeding!r}: choose stream or per_prompt")
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             errs.append(
                 f"rollout_backend={self.rollout_backend!r}: choose one of {', '.join(ROLLOUT_BACKENDS)}"

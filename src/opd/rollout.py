@@ -84,8 +84,10 @@ class RolloutBackend(Protocol):
         top_p: float,
         top_k: int,
         seed: int | None,
+        prompt_seeds: Sequence[int] | None = None,
     ) -> RolloutBatch:
-        """Sample ``n`` responses per prompt; the layout is the module CONTRACT."""
+        """Sample ``n`` responses per prompt; the layout is the module CONTRACT. ``prompt_seeds`` (one
+        per prompt): each prompt's samples depend only on the prompt and its seed, not on the batch."""
         ...
 
     def sync_weights(self, model) -> None:
@@ -182,12 +184,18 @@ class HFGenerateBackend:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        prompt_seeds: Sequence[int] | None = None,
     ) -> RolloutBatch:
         """Sample ``n`` responses per prompt (module CONTRACT). ``top_k = 0``: no top-k filtering.
 
         With ``seed`` set, the global torch RNG is forked: the same seed gives the same samples (for the
-        same ``batch_size``), and the caller's RNG state is left untouched.
+        same ``batch_size``), and the caller's RNG state is left untouched. With ``prompt_seeds`` (one
+        per prompt) each prompt's ``n`` rows are generated in their own call under their own seed, so a
+        prompt's samples are the same whatever else is in the batch (e.g. at any number of processes);
+        the caller's RNG state is left untouched.
         """
+        if prompt_seeds is not None and len(prompt_seeds) != len(prompt_ids):
+            raise ValueError(f"prompt_seeds: {len(prompt_seeds)} seeds for {len(prompt_ids)} prompts")
         _check_generate_args(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, self.vocab_limit)
         greedy = temperature == 0
         # Greedy decoding gives n identical samples: decode each prompt once, copy it n times.
@@ -205,13 +213,20 @@ class HFGenerateBackend:
             self.model.eval()
             # A bare config on the model, so nothing of the checkpoint's generation_config leaks in.
             self.model.generation_config = type(saved_gen_config)()
-            with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
-                if seed is not None:
-                    torch.manual_seed(seed)
-                responses = [
-                    self._generate_rows(rows[i : i + step], gen_config, device)
-                    for i in range(0, len(rows), step)
-                ]
+            if prompt_seeds is not None and not greedy:
+                responses = []
+                for p, prompt_seed in enumerate(prompt_seeds):
+                    with torch.random.fork_rng(devices=fork_devices):
+                        torch.manual_seed(prompt_seed)
+                        responses.append(self._generate_rows(rows[p * n : (p + 1) * n], gen_config, device))
+            else:
+                with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    responses = [
+                        self._generate_rows(rows[i : i + step], gen_config, device)
+                        for i in range(0, len(rows), step)
+                    ]
         finally:
             self.model.generation_config = saved_gen_config
             for module, training in modes:

@@ -11,16 +11,24 @@ Every method moves each model to its device once at load time; tensors follow th
 batch goes to the student's device, the teacher's scoring inputs to the teacher's, its outputs back).
 The dtype policy (float32 student master weights, autocast compute) is :mod:`opd.precision`'s.
 
-Left out for now: multi-process (``torchrun`` / accelerate) setup. When it arrives it belongs here —
-rank, world size and the per-rank device — and the scoring module (``opd.scoring.PolicyScorer``) is
-the ``torch.nn.Module`` a DDP/FSDP wrapper wraps.
+Multi-process data parallel. Under ``torchrun`` (or ``accelerate launch``, which sets the same
+``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables) :meth:`Runtime.from_config` joins the process group
+(NCCL on CUDA, gloo on CPU) and gives each process its device (``cuda:LOCAL_RANK`` for ``device=auto`` or
+``cuda``). The collective helpers below are what a method needs for data parallelism: gradients summed
+across processes once per optimiser step (:meth:`Runtime.all_reduce_grads`, the reduction DDP performs,
+after local gradient accumulation), global counts (:meth:`Runtime.sum`), and one metrics row agreed by
+all processes (:meth:`Runtime.reduce_row`). In one process they are no-ops. FSDP is not supported yet.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from opd.config import DEVICE_PATTERN, ConfigError
 
@@ -63,19 +71,140 @@ class Runtime:
 
     device: torch.device
     teacher_device: torch.device
+    rank: int = 0
+    """This process's rank (0 in a single-process run)."""
+    world_size: int = 1
+    """Number of data-parallel processes."""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes metrics, checkpoints and the final model."""
+        return self.rank == 0
 
     @classmethod
     def from_config(cls, cfg) -> Runtime:
-        """Resolve ``cfg.device`` and ``cfg.teacher_device`` (empty = the student's device)."""
+        """Resolve ``cfg.device`` and ``cfg.teacher_device`` (empty = the student's device); under a
+        multi-process launcher (``WORLD_SIZE`` > 1) join the process group first."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            device = resolve_device(cfg.device, "device")
+            teacher = resolve_device(cfg.teacher_device, "teacher_device") if cfg.teacher_device else device
+            return cls(device=device, teacher_device=teacher)
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         device = resolve_device(cfg.device, "device")
-        teacher = resolve_device(cfg.teacher_device, "teacher_device") if cfg.teacher_device else device
-        return cls(device=device, teacher_device=teacher)
+        if device.type == "cuda" and cfg.device in ("auto", "cuda"):
+            device = torch.device("cuda", local_rank)  # one GPU per process
+            torch.cuda.set_device(device)
+        if cfg.teacher_device and cfg.teacher_device not in ("auto", "cuda", cfg.device):
+            raise ConfigError(
+                f"teacher_device={cfg.teacher_device!r} with {world_size} processes: each process keeps its "
+                "teacher on its own device; leave teacher_device empty"
+            )
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(device=device, teacher_device=device, rank=rank, world_size=world_size)
 
     def describe(self) -> str:
         """One line for the log: where the student and the teacher run."""
-        if self.teacher_device == self.device:
-            return f"device {self.device}"
-        return f"student on {self.device}, teacher on {self.teacher_device}"
+        where = (
+            f"device {self.device}"
+            if self.teacher_device == self.device
+            else f"student on {self.device}, teacher on {self.teacher_device}"
+        )
+        return where if self.world_size == 1 else f"{where}, {self.world_size} processes (rank {self.rank})"
+
+    # ----------------------------------------------------------------- collectives (no-ops in one process)
+
+    def shard(self, items: list) -> list:
+        """This process's contiguous share of ``items`` (sizes differ by at most one)."""
+        if self.world_size == 1:
+            return list(items)
+        base, extra = divmod(len(items), self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return list(items[lo : lo + base + (1 if self.rank < extra else 0)])
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Element-wise sum of ``values`` over the processes (float64)."""
+        if self.world_size == 1 or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, t.tolist()))
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if ``flag`` is True on any."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` over the processes, in one flat all-reduce. A parameter without
+        a gradient on this process (it had no loss tokens) contributes zeros."""
+        if self.world_size == 1:
+            return
+        params = list(params)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+    def reduce_row(
+        self,
+        row: dict[str, Any],
+        *,
+        weight: float = 1.0,
+        sums: Iterable[str] = (),
+        maxima: Iterable[str] = (),
+    ) -> dict:
+        """One metrics row for all processes: numbers averaged over the processes weighted by ``weight``
+        (e.g. this process's response tokens, so token means stay token means), except the keys in
+        ``sums`` (summed) and ``maxima`` (max); non-numbers are rank 0's."""
+        if self.world_size == 1:
+            return row
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        keys = sorted(numeric)
+        vals = torch.tensor([float(numeric[k]) for k in keys], dtype=torch.float64, device=self._comm_device)
+        w = torch.tensor([float(weight)], dtype=torch.float64, device=self._comm_device)
+        packed = torch.cat([vals * w, vals, w])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        weighted, total, w_sum = packed[: len(keys)], packed[len(keys) : 2 * len(keys)], packed[-1]
+        top = vals.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        sums, maxima = set(sums), set(maxima)
+        out = dict(row)
+        for i, k in enumerate(keys):
+            if k == "step":
+                continue
+            if k in maxima:
+                value = top[i].item()
+            elif k in sums:
+                value = total[i].item()
+            else:
+                value = (weighted[i] / w_sum).item() if w_sum > 0 else (total[i] / self.world_size).item()
+            out[k] = int(value) if isinstance(row[k], int) and k in sums | maxima else float(value)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (multi-process runs; no barrier, so a failed process does not wait)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

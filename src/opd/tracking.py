@@ -105,6 +105,19 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class NullMetricsLogger:
+    """What processes other than rank 0 log into: nothing (the same methods as :class:`MetricsLogger`)."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     for line in Path(path).read_text().splitlines():

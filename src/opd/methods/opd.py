@@ -45,6 +45,7 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import OPDConfig, to_dict, tracking_backends
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler
+from opd.errors import ConfigError
 from opd.methods.common import (
     budget_spent,
     evaluate_during_training,
@@ -64,21 +65,32 @@ from opd.metrics import mechanism_metrics
 from opd.models import check_finite_logp
 from opd.precision import compute_context
 from opd.rollout import RolloutBackend, RolloutBatch, make_backend
+from opd.rundir import RunInterrupted, StopSignals
 from opd.runtime import Runtime
 from opd.scoring import PolicyScorer, ScoreOutput
-from opd.tracking import MetricsLogger, progress
+from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 log = logging.getLogger("opd")
 
 
-def micro_batch_weight(mask_mb_B_T: torch.Tensor, mask_all_B_T: torch.Tensor, aggregation: str) -> float:
+def micro_batch_weight(
+    mask_mb_B_T: torch.Tensor, mask_all_B_T: torch.Tensor, aggregation: str, total: float | None = None
+) -> float:
     """Scale of a micro-batch's aggregated loss so that the accumulated sum equals the aggregate over
-    the whole rollout batch (token-mean: by token count; seq-mean-*: by the number of non-empty rows)."""
+    the whole rollout batch (token-mean: by token count; seq-mean-*: by the number of non-empty rows).
+    ``total``: the denominator over all processes (:func:`loss_denominator` summed); default this batch's."""
+    if total is None:
+        total = loss_denominator(mask_all_B_T, aggregation)
+    if total <= 0:
+        return 0.0
+    return loss_denominator(mask_mb_B_T, aggregation) / total
+
+
+def loss_denominator(mask_B_T: torch.Tensor, aggregation: str) -> float:
+    """What the batch loss is normalised by: response tokens (token-mean) or non-empty rows (seq-mean-*)."""
     if aggregation == "token-mean":
-        total = mask_all_B_T.sum()
-        return float(mask_mb_B_T.sum() / total) if total > 0 else 0.0
-    total = (mask_all_B_T.sum(-1) > 0).sum()
-    return float((mask_mb_B_T.sum(-1) > 0).sum() / total) if total > 0 else 0.0
+        return float(mask_B_T.sum())
+    return float((mask_B_T.sum(-1) > 0).sum())
 
 
 # --------------------------------------------------------------------------- scoring + rewards
@@ -217,10 +229,17 @@ def update(
     scored: ScoredBatch,
     optimizer: torch.optim.Optimizer,
     cfg: OPDConfig,
+    runtime: Runtime | None = None,
 ):
     """``ppo_epochs`` optimizer updates over the rollout batch, every grad-carrying student pass through
-    the ``student`` scorer (the module a DDP/FSDP wrapper wraps). Returns (loss, grad_norm, skipped, stats)."""
+    the ``student`` scorer. With several processes the loss is normalised by the global token (or row)
+    count and the accumulated gradients are summed across processes before clipping, so the update is
+    the one a single process would make on the union of the batches. Returns (loss, grad_norm, skipped,
+    stats); ``loss`` is this process's share of the global loss (the shares sum to it)."""
     mask_all = scored.mask_B_T
+    total = loss_denominator(mask_all, cfg.loss_aggregation)
+    if runtime is not None:
+        total = runtime.sum({"n": total})["n"]
     B = batch.input_ids_B_T.shape[0]
     params = [p for p in student.parameters() if p.requires_grad]
     losses, norms, skipped, clip_fracs = [], [], 0, []
@@ -234,7 +253,7 @@ def update(
             mask = mask_all[sl]
             if mask.sum() == 0:
                 continue
-            w = micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
+            w = micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
             if cfg.objective == "full":
                 loss = _full_vocab_loss(student, teacher, mb, mask, cfg)
                 stats = {}
@@ -256,6 +275,8 @@ def update(
             total_loss += float(loss.detach()) * w
             if "clip_frac" in stats:
                 clip_fracs.append(stats["clip_frac"])
+        if runtime is not None:
+            runtime.all_reduce_grads(params)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(norm):
@@ -306,16 +327,30 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     """
     cfg.check_runnable()
     runtime = Runtime.from_config(cfg)
-    with open_run(cfg) as (run, stop):
-        return _train(cfg, runtime, run, stop)
+    try:
+        if runtime.world_size > cfg.prompts_per_step:
+            raise ConfigError(
+                f"prompts_per_step={cfg.prompts_per_step} with {runtime.world_size} processes: each process "
+                f"needs at least one prompt per step; set prompts_per_step >= {runtime.world_size}"
+            )
+        if runtime.is_main:  # rank 0 checks and locks the run directory; the others wait for it
+            with open_run(cfg) as (run, stop):
+                runtime.barrier()
+                return _train(cfg, runtime, run, stop)
+        runtime.barrier()
+        with StopSignals() as stop:
+            return _train(cfg, runtime, None, stop)
+    finally:
+        runtime.close()
 
 
 def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    log.info("%s", runtime.describe())
+    seed_everything(cfg.seed)  # the same on every process: any random init (LoRA) must agree
+    if runtime.is_main:
+        log.info("%s", runtime.describe())
 
     models = load_models(cfg, runtime)
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
@@ -345,8 +380,12 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
-    metrics_log = MetricsLogger(
-        out_dir / "metrics.jsonl", backends=tracking_backends(cfg.report_to), config=to_dict(cfg)
+    metrics_log = (
+        MetricsLogger(
+            out_dir / "metrics.jsonl", backends=tracking_backends(cfg.report_to), config=to_dict(cfg)
+        )
+        if runtime.is_main
+        else NullMetricsLogger()
     )
     monitor = make_alert_monitor(cfg)
 
@@ -365,21 +404,31 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             if state.get("cost"):
                 cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
-    run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
-    metrics_log.truncate_after(start_step)
-    write_config(out_dir, cfg)
+    if runtime.world_size > 1:  # each process its own sampling stream (after any restored RNG state)
+        seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
+    if runtime.is_main:
+        run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
+        metrics_log.truncate_after(start_step)
+        write_config(out_dir, cfg)
 
-    if eval_set is not None and start_step == 0:  # the starting point of the accuracy curve
+    if (
+        eval_set is not None and start_step == 0 and runtime.is_main
+    ):  # the starting point of the accuracy curve
         metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
     history: list[dict[str, Any]] = []
     run_t0 = time.perf_counter()
     stopped_by_alert = stopped_by_budget = None
-    bar = progress(total=cfg.steps, initial=start_step, desc="opd", enabled=cfg.progress, unit="step")
+    bar = progress(
+        total=cfg.steps, initial=start_step, desc="opd", enabled=cfg.progress and runtime.is_main, unit="step"
+    )
     interrupted = None
     stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
 
     def checkpoint(step: int) -> Path:
-        return save_checkpoint(
+        if not runtime.is_main:  # rank 0 writes; the others wait until it is complete
+            runtime.barrier()
+            return out_dir / "checkpoints"
+        path = save_checkpoint(
             out_dir,
             step,
             model=student,
@@ -394,6 +443,8 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
                 "cost": cost.state_dict(),
             },
         )
+        runtime.barrier()
+        return path
 
     for step in range(start_step + 1, cfg.steps + 1):
         row = opd_step(
@@ -411,7 +462,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         )
         skipped_total += row.pop("_skipped")
         row["skipped_steps"] = skipped_total
-        if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if eval_set is not None and runtime.is_main and (step % cfg.eval_every == 0 or step == cfg.steps):
             row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
         if monitor is not None:
             for name, msg in monitor.update(step, row).items():
@@ -428,10 +479,11 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         saved = None
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             saved = checkpoint(step)
-        if stop.requested and step < cfg.steps:
-            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
+        if runtime.any(stop.requested is not None) and step < cfg.steps:
+            signal_name = stop.requested or "SIGTERM"  # another process got it
+            interrupted = {"signal": signal_name, "checkpoint": str(saved or checkpoint(step))}
             bar.write(
-                f"[opd] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
+                f"[opd] {signal_name}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
             )
             break
         if monitor is not None and monitor.should_stop:
@@ -445,7 +497,13 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     bar.close()
     metrics_log.close()
     loop_time = time.perf_counter() - run_t0
+    if not runtime.is_main:  # rank 0 writes the summary and the final model
+        runtime.barrier()
+        if interrupted is not None:
+            raise RunInterrupted(interrupted["signal"], {})
+        return {"rank": runtime.rank, "steps_done": history[-1]["step"] if history else start_step}
     if interrupted is not None:
+        runtime.barrier()
         finish_interrupted(
             out_dir,
             interrupted["signal"],
@@ -455,7 +513,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             loop_time=loop_time,
             history=history,
         )
-    return finish_completed(
+    summary = finish_completed(
         out_dir,
         student,
         tokenizer,
@@ -469,6 +527,8 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         stopped_by_budget=stopped_by_budget,
         lora=models.lora,
     )
+    runtime.barrier()
+    return summary
 
 
 def opd_step(
@@ -490,17 +550,22 @@ def opd_step(
     ``student`` / ``teacher``: the scorers (``student.model`` is the trained model the backend samples).
     """
     t_step = time.perf_counter()
-    idx = sampler.next_batch(cfg.prompts_per_step)
+    idx = sampler.next_batch(cfg.prompts_per_step)  # the step's global batch, the same on every process
+    slots = runtime.shard(list(range(len(idx))))  # this process's share
+    prompt_seeds = (
+        [prompt_seed(cfg.seed, step, j) for j in slots] if cfg.rollout_seeding == "per_prompt" else None
+    )
     t0 = time.perf_counter()
     with compute_context(student.model, cfg.student_dtype):
         batch = backend.generate(
-            [prompts.examples[i].input_ids for i in idx],
+            [prompts.examples[idx[j]].input_ids for j in slots],
             n=cfg.rollouts_per_prompt,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.sample_top_k,
             seed=None,
+            prompt_seeds=prompt_seeds,
         )
     batch = batch.to(runtime.device)  # the student's device; the teacher scorer moves its own inputs
     t_rollout = time.perf_counter() - t0
@@ -510,7 +575,7 @@ def opd_step(
 
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
-    loss, grad_norm, skipped, upd_stats = update(student, teacher, batch, scored, optimizer, cfg)
+    loss, grad_norm, skipped, upd_stats = update(student, teacher, batch, scored, optimizer, cfg, runtime)
     scheduler.step()
     # rollouts are drawn only at the start of a step, so one sync after the step's optimiser update(s)
     # is "after every optimiser step" as far as sampling can tell (HF: a no-op, it shares the module)
@@ -531,15 +596,16 @@ def opd_step(
     n_tokens = int(mask.sum())
     seq_tokens = int(batch.attention_mask_B_T.sum())
     extra_student_pass = cfg.objective == "topk" and cfg.support not in ("student", "intersection")
-    cost.add(
+    spent = dict(
         student_prefill_tokens=seq_tokens - int(batch.response_lengths_B.sum()),
-        student_generated_tokens=batch.response_lengths_B,
+        student_generated_tokens=int(batch.response_lengths_B.sum()),
         student_forward_tokens=seq_tokens * (2 if extra_student_pass else 1),
         # full vocabulary: the teacher is run again on each micro-batch of each update pass
         teacher_forward_tokens=seq_tokens * (1 + (cfg.ppo_epochs if cfg.objective == "full" else 0)),
         student_train_tokens=seq_tokens * cfg.ppo_epochs,
         student_loss_tokens=n_tokens * cfg.ppo_epochs,
     )
+    cost.add(**runtime.sum(spent))  # the counts of all processes: the same meter everywhere
     step_time = time.perf_counter() - t_step
     row: dict[str, Any] = {
         "step": step,
@@ -561,4 +627,15 @@ def opd_step(
         "memory/peak_mb": peak_memory_mb(runtime.device),
         "_skipped": skipped,
     }
-    return row
+    cost_keys = {k for k in row if k.startswith("cost/")}  # already global
+    return runtime.reduce_row(
+        row,
+        weight=n_tokens,  # token means (reward, KL, mechanism metrics) stay token means over all processes
+        sums={"loss/pg"},
+        maxima={"memory/peak_mb", "_skipped", "time/step"} | cost_keys,
+    )
+
+
+def prompt_seed(seed: int, step: int, slot: int) -> int:
+    """The sampling seed of the prompt in place ``slot`` of step ``step``'s batch (``rollout_seeding=per_prompt``)."""
+    return (seed * 1_000_003 + step) * 100_003 + slot
