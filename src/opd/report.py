@@ -206,6 +206,7 @@ def html_list(items: Iterable[str]) -> str:
 
 def new_figure(width: float = 6.4, height: float = 3.6):
     """A matplotlib ``Figure`` bound to the Agg canvas (no pyplot state, no display needed)."""
+    # lazy: matplotlib is slow to import and only a report with plots needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
@@ -28,14 +30,14 @@ class MetricsLogger:
         self._wandb = None
         if "tensorboard" in backends:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional extra: only when asked for
 
                 self._tb = SummaryWriter(str(self.path.parent / "tb"))
             except ImportError as e:  # pragma: no cover - optional
                 raise RuntimeError("tensorboard logging needs `pip install tensorboard`") from e
         if "wandb" in backends:
             try:
-                import wandb  # type: ignore
+                import wandb  # type: ignore  # optional extra: only when asked for
 
                 self._wandb = wandb
             except ImportError as e:  # pragma: no cover - optional
@@ -83,8 +85,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def progress(iterable=None, *, total=None, desc="", enabled=True, initial=0, unit="it"):
     """A tqdm bar (to stderr), or a no-op wrapper when disabled."""
-    from tqdm.auto import tqdm
-
     return tqdm(
         iterable,
         total=total,
