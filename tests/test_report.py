@@ -92,18 +92,16 @@ def test_write_html_report_is_self_contained(tmp_path):
 
 
 def test_blocks_render_to_markdown_and_html_from_the_same_data():
-    from opd.report import html_blocks, markdown_blocks
-
-    blocks = [("p", "a < b"), ("list", ["x", "y"]), ("pre", "code"), ("table", [[1, 0.5]], ["n", "v"])]
-    blocks.append(("plot", "fig"))
-    md = "\n".join(markdown_blocks(blocks))
+    blocks = [Paragraph("a < b"), Bullets(["x", "y"]), Preformatted("code"), Table([[1, 0.5]], ["n", "v"])]
+    blocks.append(Plot("data:image/png;base64,AA==", "caption"))
+    md = render_markdown("T", [Section("S", blocks)])
     assert "a < b" in md and "- x\n- y" in md and "```\ncode\n```" in md and "| 1 | 0.5 |" in md
-    html = "".join(html_blocks(blocks, {"fig": ("caption", "data:image/png;base64,AA==")}))
+    assert "caption" not in md  # a plot without a file is left to the HTML report
+    html = "".join(render_html_block(b) for b in blocks)
     assert "a &lt; b" in html and "<li>y</li>" in html and "<pre>code</pre>" in html
     assert '<td class="num">0.5</td>' in html and "<figcaption>caption</figcaption>" in html
-    assert "<figure>" not in "".join(html_blocks(blocks))  # a plot without a figure is left out
-    with pytest.raises(ValueError, match="unknown block kind 'img'"):
-        markdown_blocks([("img", "x")])
+    with pytest.raises(TypeError, match="expected one of Paragraph"):
+        render_html_block(("p", "x"))
 
 
 def test_write_report_renders_markdown_and_html_from_the_same_blocks(tmp_path):

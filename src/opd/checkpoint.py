@@ -25,11 +25,14 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from opd.models import save_model
 
@@ -132,8 +135,6 @@ def load_checkpoint(
     restore_rng: bool = True,
 ) -> dict[str, Any]:
     """Restore model/optimizer/scheduler/RNG in place from ``path``; returns ``state.json``."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / COMPLETE_MARKER).exists():
         raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker); delete it")
@@ -187,8 +188,6 @@ def unsafe_pickle_error(path: str | Path, err: BaseException) -> UnsafeFileError
 
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)``; an unsafe pickle raises :class:`UnsafeFileError`."""
-    import warnings
-
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
             warnings.simplefilter("ignore")
@@ -204,8 +203,6 @@ def verify_checkpoint(path: str | Path) -> str | None:
     that ``model/`` holds at least one safetensors file whose header parses and covers the file, and
     that ``state.json`` and ``rng.json`` parse. Tensors are not loaded.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     marker = path / COMPLETE_MARKER
     if not marker.is_file():

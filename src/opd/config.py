@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import re
 import textwrap
@@ -21,6 +22,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from opd.alerts import AlertConfig
 from opd.errors import ConfigError
 from opd.objectives import AGGREGATIONS, SUPPORTS, WEIGHTINGS
 from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
@@ -462,10 +464,6 @@ def field_docs(cls: type) -> dict[str, str]:
 def _alert_threshold_errors(cfg: RunConfig) -> list[str]:
     """Validate ``cfg.alert_thresholds`` against ``opd.alerts.AlertConfig`` (keys with a did-you-mean
     hint, types, ranges) and store the type-coerced values; return the problems found."""
-    import difflib
-
-    from opd.alerts import AlertConfig
-
     hints = get_type_hints(AlertConfig)
     names = [f.name for f in fields(AlertConfig) if f.name != "stop_on_alert"]
     errs: list[str] = []
@@ -603,8 +601,6 @@ def build_config(cls: type, values: dict[str, Any], command: str = "train"):
     if renamed:
         raise ConfigError("; ".join(f"config key {k!r} was renamed: use {RENAMED_KEYS[k]}" for k in renamed))
     if unknown:
-        import difflib
-
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, names, n=1)

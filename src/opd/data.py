@@ -43,6 +43,7 @@ only the rows visited are validated and counted as dropped.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -51,6 +52,11 @@ from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import jinja2
+import pyarrow.parquet as pq
+from jinja2 import meta
+from jinja2.ext import loopcontrols
 
 from opd.lab import LabPrompts
 from opd.lab import resolve as resolve_lab
@@ -135,8 +141,6 @@ def read_rows(source: str | Path) -> list[dict]:
         elif suffix == ".json":
             rows = _read_json(path)
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
             rows = pq.read_table(path).to_pylist()
         elif suffix == ".csv":
             rows = [dict(r) for r in csv.DictReader(io.StringIO(read_utf8(path), newline=""))]
@@ -156,7 +160,7 @@ def read_rows(source: str | Path) -> list[dict]:
 
 def _read_hf_dir(path: Path) -> list[dict]:
     try:
-        import datasets
+        import datasets  # optional extra (opd[datasets]), slow to import: only for a save_to_disk directory
     except ImportError as e:
         raise ImportError(
             f"prompt source {str(path)!r} is a directory, read as a Hugging Face dataset saved with "
@@ -422,10 +426,6 @@ _TEMPLATE_BUILTINS = frozenset(
 def template_variables(chat_template: str | dict | None) -> set[str] | None:
     """Names a jinja chat template reads from its context (jinja2 ``meta.find_undeclared_variables``),
     over every named template when ``chat_template`` is a dict; None when it cannot be parsed."""
-    import jinja2
-    from jinja2 import meta
-    from jinja2.ext import loopcontrols
-
     if not chat_template:
         return None
     sources = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
@@ -447,8 +447,6 @@ def warn_unread_template_kwargs(tokenizer, chat_template_kwargs: dict) -> list[s
         return []
     unread = [k for k in chat_template_kwargs if k not in names]
     if unread:
-        import difflib
-
         readable = sorted(names - _TEMPLATE_BUILTINS)
         close = {k: difflib.get_close_matches(str(k), readable, n=1) for k in unread}
         hints = "; ".join(f"did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c)

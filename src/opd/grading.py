@@ -320,7 +320,7 @@ def _parse_whole(answer: str, timeout: int | None):
     E_{2}`` parses as ``2/3`` that way) plus the raw string; either would compare equal to a different
     answer with the same fragment or be meaningless.
     """
-    from math_verify import LatexExtractionConfig, parse
+    from math_verify import LatexExtractionConfig, parse  # lazy: ~1 s to import (sympy), symbolic path only
 
     parsed = parse(
         "\\boxed{" + answer + "}",
@@ -333,14 +333,14 @@ def _parse_whole(answer: str, timeout: int | None):
 
 
 def _is_constant(x) -> bool:
-    import sympy
+    import sympy  # lazy: ~1 s to import (sympy), symbolic path only
 
     return isinstance(x, sympy.Expr) and bool(x.is_number)
 
 
 def _all_constant(x) -> bool:
     """``x`` is a constant, or a tuple / set / interval / union / matrix with only constants inside."""
-    import sympy
+    import sympy  # lazy: ~1 s to import (sympy), symbolic path only
 
     if _is_constant(x):
         return True
@@ -355,7 +355,7 @@ def _all_constant(x) -> bool:
 
 def _constants_close(a, b) -> bool:
     """Two constant sympy expressions equal: exactly, or to ``NUMERIC_REL_TOL`` relative at 30 digits."""
-    import sympy
+    import sympy  # lazy: ~1 s to import (sympy), symbolic path only
 
     if a == b:
         return True
@@ -373,7 +373,7 @@ def _structure_equal(a, b) -> bool | None:
     """Compare constants, and tuples / finite sets / intervals / unions / matrices of constants, with
     :func:`_constants_close`. None when either side holds a free symbol or the two types differ: then
     math-verify's ``verify`` decides (it also knows that an open interval and a pair are alike)."""
-    import sympy
+    import sympy  # lazy: ~1 s to import (sympy), symbolic path only
 
     if _is_constant(a) and _is_constant(b):
         return _constants_close(a, b)
@@ -412,7 +412,7 @@ def _math_verify_equal(pred: str, truth: str) -> bool:
     """The symbolic verdict on ``pred`` vs ``truth`` (step 4 of the module docstring); False on any error,
     an unparseable side, or a timeout."""
     try:
-        from math_verify import verify
+        from math_verify import verify  # lazy: ~1 s to import (sympy), symbolic path only
         from math_verify.errors import TimeoutException
         from math_verify.utils import timeout as with_timeout
     except ImportError:  # pragma: no cover - math-verify is a hard dependency

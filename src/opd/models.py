@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.lab import LabModel
 from opd.lab import resolve as resolve_lab
@@ -89,8 +90,6 @@ def load_model(
     safetensors. ``trust_remote_code`` runs the checkpoint's own Python code; leave it off unless you
     trust the source.
     """
-    from transformers import AutoModelForCausalLM
-
     torch_dtype = resolve_dtype(dtype)
     source, gguf_name, local = _resolve_source(name_or_path, gguf_file, what="model")
     kwargs: dict = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -101,7 +100,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except pickle.UnpicklingError as err:  # a .bin that torch's safe loader refused
-        from opd.checkpoint import unsafe_pickle_error
+        from opd.checkpoint import unsafe_pickle_error  # import cycle: opd.checkpoint imports this module
 
         bins = sorted(p.name for p in Path(source).glob("*.bin")) if local else []
         raise unsafe_pickle_error(Path(source) / bins[0] if len(bins) == 1 else source, err) from None
@@ -249,8 +248,6 @@ def load_tokenizer(
     name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, gguf_file: str | None = None
 ):
     """Load the tokenizer of a checkpoint (same sources as ``load_model``; GGUF reads its metadata)."""
-    from transformers import AutoTokenizer
-
     source, gguf_name, local = _resolve_source(name_or_path, gguf_file, what="tokenizer")
     kwargs: dict = dict(trust_remote_code=trust_remote_code)
     if gguf_name is not None:
@@ -329,7 +326,7 @@ def _gguf_kwargs(gguf_name: str) -> dict:
     """Ask for dequantised dense weights. transformers >= 5.24 otherwise keeps GGUF blocks packed in
     ``GgufLinear`` modules whenever the ``kernels`` package is installed, and those are not trainable."""
     try:
-        from transformers import GgufConfig
+        from transformers import GgufConfig  # version-dependent: not in every transformers 5.x
     except ImportError:  # older transformers 5.x always dequantises
         return {"gguf_file": gguf_name}
     return {"gguf_file": gguf_name, "quantization_config": GgufConfig(dequantize=True)}

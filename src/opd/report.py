@@ -11,12 +11,11 @@ Building blocks (each returns a string):
 - :func:`html_figure`, :func:`html_paragraph`, :func:`html_pre`, :func:`html_list` — HTML blocks;
 - :func:`write_html_report` — a page from ``(title, blocks)`` sections;
 - :func:`new_figure` — a matplotlib ``Figure`` that needs no GUI backend (safe in threads and tests);
-- :func:`markdown_blocks` / :func:`html_blocks` — one list of neutral blocks rendered to both formats:
-  ``("p", text)``, ``("list", [text])``, ``("pre", text)``, ``("table", rows, headers)``,
-  ``("plot", key)`` (HTML only: the figure stored under ``key``), so the two reports cannot drift.
 - :func:`write_report` — the same sections as ``<stem>.md`` and ``<stem>.html``, from typed blocks
   (:class:`Paragraph`, :class:`Bullets`, :class:`Preformatted`, :class:`Table`, :class:`Plot`) that
-  :func:`render_markdown` and :func:`render_html_block` render the same way in both formats.
+  :func:`render_markdown` and :func:`render_html_block` render the same way in both formats, so the two
+  reports cannot drift. A report whose HTML needs an extra (a styled badge) renders the same sections
+  with :func:`render_markdown` and :func:`write_html_report`, each with its own ``intro``.
 
 Cells are formatted by :func:`format_cell`: floats with 4 significant digits, ``None`` as an em dash.
 All text is HTML-escaped except blocks produced by the ``html_*`` helpers, which are passed through.
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Block",
     "Bullets",
     "Paragraph",
     "Plot",
@@ -50,9 +50,7 @@ __all__ = [
     "html_list",
     "html_paragraph",
     "html_pre",
-    "html_blocks",
     "html_table",
-    "markdown_blocks",
     "markdown_table",
     "new_figure",
     "render_html_block",
@@ -208,6 +206,7 @@ def html_list(items: Iterable[str]) -> str:
 
 def new_figure(width: float = 6.4, height: float = 3.6):
     """A matplotlib ``Figure`` bound to the Agg canvas (no pyplot state, no display needed)."""
+    # lazy: matplotlib is slow to import and only a report with plots needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -275,45 +274,6 @@ def write_html_report(
         parts.extend(render_html_block(b) for b in blocks)
     parts.append("</body></html>")
     return write_text_atomic(path, "\n".join(parts) + "\n")
-
-
-def markdown_blocks(blocks: Iterable[tuple]) -> list[str]:
-    """Markdown lines of neutral blocks (module docstring); ``plot`` blocks are left to the HTML report."""
-    lines: list[str] = []
-    for b in blocks:
-        if b[0] == "p":
-            lines += [b[1], ""]
-        elif b[0] == "list":
-            lines += [f"- {x}" for x in b[1]] + [""]
-        elif b[0] == "pre":
-            lines += ["```", b[1], "```", ""]
-        elif b[0] == "table":
-            lines += [markdown_table(b[1], b[2])]
-        elif b[0] != "plot":
-            raise ValueError(f"markdown_blocks: unknown block kind {b[0]!r}; use p, list, pre, table or plot")
-    return lines
-
-
-def html_blocks(blocks: Iterable[tuple], figures: dict[str, tuple[str, str]] | None = None) -> list[str]:
-    """HTML blocks of neutral blocks; ``("plot", key)`` becomes the figure ``figures[key] = (caption,
-    data URI)``, and is skipped when ``figures`` has no such key."""
-    figures = figures or {}
-    out: list[str] = []
-    for b in blocks:
-        if b[0] == "p":
-            out.append(html_paragraph(b[1]))
-        elif b[0] == "list":
-            out.append(html_list(b[1]))
-        elif b[0] == "pre":
-            out.append(html_pre(b[1]))
-        elif b[0] == "table":
-            out.append(html_table(b[1], b[2]))
-        elif b[0] == "plot":
-            if b[1] in figures:
-                out.append(html_figure(figures[b[1]][1], figures[b[1]][0]))
-        else:
-            raise ValueError(f"html_blocks: unknown block kind {b[0]!r}; use p, list, pre, table or plot")
-    return out
 
 
 def render_html_block(block: Block | str) -> str:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -241,8 +242,6 @@ class HFGenerateBackend:
         return _assemble(rows, resp_B_R, generated_B, self.stop_token_ids, self.pad_token_id, n)
 
     def _generation_config(self, max_new_tokens, temperature, top_p, top_k):
-        from transformers import GenerationConfig
-
         kwargs = dict(
             max_new_tokens=max_new_tokens,
             eos_token_id=self.stop_token_ids,

@@ -28,12 +28,15 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from opd.checkpoint import list_checkpoints
 from opd.config import translate_old_keys
 from opd.lab import LabModel, LabNameError, resolve
 
@@ -354,8 +357,6 @@ def _rollback_fresh_run(out: Path) -> None:
     """Undo a fresh training run that failed before its first step: its ``config.json``, step-0 metrics
     and empty checkpoint folder carry nothing a rerun would not write again, and leaving them would
     make the rerun refuse the directory."""
-    from opd.checkpoint import list_checkpoints
-
     if (out / "final").exists() or (out / "summary.json").exists() or list_checkpoints(out):
         return
     metrics = out / "metrics.jsonl"
@@ -390,8 +391,6 @@ def prepare_train_dir(
     ``config``: the new run's config as a JSON-ready dict; ``defaults``: each key's default (for keys a
     saved config predates).
     """
-    from opd.checkpoint import list_checkpoints
-
     entries = run.entries()
     if not entries:
         run.fresh = True
@@ -504,8 +503,6 @@ class StopSignals:
         self.armed = True
 
     def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
         name = signal.Signals(signum).name
         if not self.armed:
             raise RunInterrupted(name)
@@ -520,9 +517,6 @@ class StopSignals:
         sys.stderr.flush()
 
     def __enter__(self) -> StopSignals:
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 sig = getattr(signal, name)
@@ -530,8 +524,6 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import signal
-
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()

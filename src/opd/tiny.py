@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -25,6 +27,8 @@ def build_byte_tokenizer(extra_tokens: list[str] | None = None):
 
     ``extra_tokens`` are added as ordinary whole-word tokens after the byte tokens (before specials).
     """
+    # lazy (here and in build_tiny_model): transformers' tokenizer and model stacks take seconds to import,
+    # and opd.lab imports this module on every command
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -56,8 +60,7 @@ def build_tiny_model(
     seed: int = 0,
 ):
     """Random-init causal LM sized for a CPU test. ``vocab_size`` may exceed the tokenizer (padded table)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # lazy: see above
 
     kwargs = dict(
         vocab_size=vocab_size or len(tokenizer),

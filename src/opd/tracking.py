@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
@@ -128,8 +130,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def progress(iterable=None, *, total=None, desc="", enabled=True, initial=0, unit="it"):
     """A tqdm bar (to stderr), or a no-op wrapper when disabled."""
-    from tqdm.auto import tqdm
-
     return tqdm(
         iterable,
         total=total,

@@ -1,7 +1,7 @@
 """The measurements of ``opd diagnose``, each built on the component that owns it.
 
 - sampling: :class:`opd.rollout.HFGenerateBackend` (the backend ``opd train`` samples with);
-- scoring: :func:`opd.scoring.score` (the student at the rollout temperature, the teacher at
+- scoring: :func:`opd.scoring.score_pair` (the student at the rollout temperature, the teacher at
   ``teacher_temperature`` on the student's top-k ids), exactly what step 0 of ``opd train`` computes;
 - rewards: :mod:`opd.objectives` (:func:`token_rewards`; a test holds them in lockstep with the
   training loop's ``token_reward``);
@@ -27,7 +27,7 @@ from opd.diagnose.verdict import Evidence
 from opd.evaluate import evaluate_accuracy, grade_responses, sample_responses
 from opd.metrics import mechanism_metrics, mechanism_tensors, position_profile
 from opd.rollout import RolloutBatch, make_backend, stop_token_ids
-from opd.scoring import ScoreOutput, score
+from opd.scoring import PolicyScorer, ScoreOutput, score_pair
 from opd.tracking import progress
 
 __all__ = [
@@ -203,45 +203,20 @@ def score_rollouts(
 ) -> tuple[ScoreOutput, ScoreOutput]:
     """Student and teacher ScoreOutputs of the rollout batch (no grad), in micro-batches of ``batch_size``:
     the student at the rollout temperature (its top-k ids, log-probs, entropy), the teacher at
-    ``teacher_temperature`` (log-probs at the student's top-k ids, its own top-k, entropy)."""
-    parts_s, parts_t = [], []
-    B = batch.input_ids_B_T.shape[0]
-    with torch.no_grad(), progress(total=B, desc="score", enabled=cfg.progress, unit="seq") as bar:
-        for lo in range(0, B, cfg.batch_size):
-            mb = batch.select(slice(lo, lo + cfg.batch_size))
-            args = (mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T.long())
-            s = score(
-                student,
-                *args,
-                temperature=cfg.temperature,  # the distribution the rollouts were sampled from
-                top_k=cfg.metrics_top_k,
-                entropy=True,
-                chunk_size=cfg.score_chunk_size,
-                vocab_limit=vocab_limit,
-            )
-            t = score(
-                teacher,
-                *args,
-                temperature=cfg.teacher_temperature,
-                top_k=cfg.metrics_top_k,
-                given_ids_B_T_K=s.topk_ids_B_T_K,
-                entropy=True,
-                chunk_size=cfg.score_chunk_size,
-                vocab_limit=vocab_limit,
-            )
-            parts_s.append(s)
-            parts_t.append(t)
-            bar.update(mb.input_ids_B_T.shape[0])
-    return _cat_scores(parts_s), _cat_scores(parts_t)
-
-
-def _cat_scores(parts: list[ScoreOutput]) -> ScoreOutput:
-    return ScoreOutput(
-        **{
-            k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
-            for k in ScoreOutput.__dataclass_fields__
-        }
+    ``teacher_temperature`` (log-probs at the student's top-k ids, its own top-k, entropy) — the training
+    loop's scoring, through the same :func:`opd.scoring.score_pair`."""
+    s_scorer = PolicyScorer(
+        student, temperature=cfg.temperature, chunk_size=cfg.score_chunk_size, vocab_limit=vocab_limit
     )
+    t_scorer = PolicyScorer(
+        teacher, temperature=cfg.teacher_temperature, chunk_size=cfg.score_chunk_size, vocab_limit=vocab_limit
+    )
+    B = batch.input_ids_B_T.shape[0]
+    with progress(total=B, desc="score", enabled=cfg.progress, unit="seq") as bar:
+        s_out, t_out, _ = score_pair(
+            s_scorer, t_scorer, batch, cfg.batch_size, cfg.metrics_top_k, on_micro_batch=bar.update
+        )
+    return s_out, t_out
 
 
 def token_rewards(

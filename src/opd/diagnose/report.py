@@ -1,24 +1,27 @@
-"""The ``opd diagnose`` report: one list of sections built from the result dict (``diagnosis.json``),
-rendered to ``diagnosis.md`` and to a self-contained ``diagnosis.html`` (plus plots) with the
-:mod:`opd.report` helpers, so the two formats show the same figures."""
+"""The ``opd diagnose`` report: one list of sections of typed :mod:`opd.report` blocks built from the
+result dict (``diagnosis.json``), rendered to ``diagnosis.md`` and to a self-contained ``diagnosis.html``
+by the same renderer, so the two formats show the same figures. Plots are in the HTML only."""
 
 from __future__ import annotations
 
-import re
+import html
 from pathlib import Path
 from typing import Any
 
 from opd.report import (
+    Block,
+    Bullets,
+    Paragraph,
+    Plot,
+    Preformatted,
     Section,
+    Table,
     fig_to_data_uri,
     format_cell,
-    html_blocks,
-    html_list,
-    html_paragraph,
-    markdown_blocks,
     new_figure,
     write_html_report,
 )
+from opd.report import render_markdown as render_markdown_page
 
 __all__ = ["render_markdown", "report_sections", "write_html"]
 
@@ -38,29 +41,36 @@ def _check_rows(result) -> list[list]:
     return rows
 
 
-def report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
-    """``[(title, blocks)]`` of the report (blocks: :func:`opd.report.markdown_blocks`' kinds)."""
-    sections: list[tuple[str, list[tuple]]] = []
-    sections.append(("Reasons", [("list", result["reasons"])]))
-    sections.append(
-        ("Checks", [("table", _check_rows(result), ["condition", "check", "value", "threshold", "result"])])
-    )
+def report_sections(result: dict[str, Any], plots: dict[str, Plot] | None = None) -> list[Section]:
+    """The report's sections, in typed :mod:`opd.report` blocks; ``plots`` (key -> :class:`Plot`, from
+    :func:`_plots`) are placed where the result supports them, and left out when not given."""
+    plots = plots or {}
+
+    def plot(key: str) -> list[Block]:
+        return [plots[key]] if key in plots else []
+
+    sections = [
+        Section("Reasons", [Bullets(result["reasons"])]),
+        Section(
+            "Checks",
+            [Table(_check_rows(result), ["condition", "check", "value", "threshold", "result"])],
+        ),
+    ]
 
     tk = result.get("tokenizer", {})
-    blocks: list[tuple] = []
+    blocks: list[Block] = []
     if not tk.get("compatible", True):
-        blocks.append(("p", f"Incompatible: {tk.get('error')}"))
+        blocks.append(Paragraph(f"Incompatible: {tk.get('error')}"))
     else:
         blocks.append(
-            (
-                "list",
+            Bullets(
                 [
                     f"the conversation renders to the same ids with both chat templates: {tk.get('same_render')}",
                     f"the same text tokenises to the same ids with both tokenizers: {tk.get('same_tokenization')}",
                     f"student stop tokens: {tk['student']['stop_tokens']}; teacher stop tokens: "
                     f"{tk['teacher']['stop_tokens']}",
                 ]
-                + [f"warning: {w}" for w in tk.get("compat_warnings", [])],
+                + [f"warning: {w}" for w in tk.get("compat_warnings", [])]
             )
         )
         same = tk.get("same_render") and tk["student"].get("rendered")
@@ -69,21 +79,23 @@ def report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
                 continue
             if tk[who].get("rendered"):
                 label = "both chat templates (identical)" if same else f"the {who}'s chat template"
-                blocks += [("p", f"The test conversation rendered by {label}:"), ("pre", tk[who]["rendered"])]
+                blocks += [
+                    Paragraph(f"The test conversation rendered by {label}:"),
+                    Preformatted(tk[who]["rendered"]),
+                ]
             elif tk[who].get("error"):
-                blocks.append(("p", f"The {who}'s chat template failed: {tk[who]['error']}"))
+                blocks.append(Paragraph(f"The {who}'s chat template failed: {tk[who]['error']}"))
         if tk.get("token_diff"):
-            blocks.append(("p", "Token diff of the two renderings (student -> teacher):"))
+            blocks.append(Paragraph("Token diff of the two renderings (student -> teacher):"))
             blocks.append(
-                (
-                    "pre",
+                Preformatted(
                     "\n".join(
                         f"{d['op']:>8} @{d['student_at']}/{d['teacher_at']}: {d['student']} -> {d['teacher']}"
                         for d in tk["token_diff"]
-                    ),
+                    )
                 )
             )
-    sections.append(("Tokenizer, chat template and EOS", blocks))
+    sections.append(Section("Tokenizer, chat template and EOS", blocks))
 
     ci = result.get("condition_i")
     if ci:
@@ -105,7 +117,7 @@ def report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
             ["teacher entropy at the first response token", ft["entropy_teacher"]],
             [f"reward at the student's stop token ({st['count']} stops)", st["reward_mean"]],
         ]
-        blocks = [("table", rows, ["metric", "value"]), ("plot", "profile")]
+        blocks = [Table(rows, ["metric", "value"]), *plot("profile")]
         prof = ci["profile"]
         keys = ["overlap_ratio", "overlap_mass_teacher", "overlap_adv", "entropy_student", "entropy_teacher"]
         keys += ["entropy_gap", "reward"]
@@ -116,8 +128,8 @@ def report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
                 row: list[Any] = [f"{s}-{s + bs}", prof["overlap_ratio"]["count"][i]]
                 row += [dict(zip(prof[k]["start"], prof[k]["mean"])).get(s) for k in keys]
                 prow.append(row)
-            blocks += [("p", "By response position:"), ("table", prow, ["positions", "tokens", *keys])]
-        sections.append(("Condition (i): compatible thinking patterns", blocks))
+            blocks += [Paragraph("By response position:"), Table(prow, ["positions", "tokens", *keys])]
+        sections.append(Section("Condition (i): compatible thinking patterns", blocks))
 
     ci2 = result.get("condition_ii")
     if ci2:
@@ -130,11 +142,12 @@ def report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
                 for who in ("student", "teacher")
             ]
             blocks += [
-                ("p", f"Accuracy on {acc['num_prompts']} prompts ({dec}, the student's prompt rendering):"),
-                ("table", rows, ["model", "accuracy", "mean length", "truncated"]),
-                (
-                    "p",
-                    f"Gap (teacher - student): {_fmt(acc['gap'])} ± {_fmt(acc['gap_se'], 2)} (paired s.e.).",
+                Paragraph(
+                    f"Accuracy on {acc['num_prompts']} prompts ({dec}, the student's prompt rendering):"
+                ),
+                Table(rows, ["model", "accuracy", "mean length", "truncated"]),
+                Paragraph(
+                    f"Gap (teacher - student): {_fmt(acc['gap'])} ± {_fmt(acc['gap_se'], 2)} (paired s.e.)."
                 ),
             ]
         cont = ci2.get("continuation") or {}
@@ -151,19 +164,20 @@ def report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
                 for c in cont["by_fraction"]
             ]
             blocks += [
-                (
-                    "p",
+                Paragraph(
                     f"Teacher continuation advantage: the first rollout of {cont['rollouts']} prompts is cut after "
-                    "each fraction of its response tokens, and both models complete the same prefix:",
+                    "each fraction of its response tokens, and both models complete the same prefix:"
                 ),
-                ("table", rows, ["fraction", "prefix tokens", "student", "teacher", "advantage", "s.e."]),
-                ("p", f"Mean advantage: {_fmt(cont['advantage'])} ± {_fmt(cont['advantage_se'], 2)}."),
+                Table(rows, ["fraction", "prefix tokens", "student", "teacher", "advantage", "s.e."]),
+                Paragraph(f"Mean advantage: {_fmt(cont['advantage'])} ± {_fmt(cont['advantage_se'], 2)}."),
             ]
         if acc or cont:
-            blocks.append(("plot", "accuracy"))
+            blocks += plot("accuracy")
         if not ci2.get("has_answers"):
             blocks.append(
-                ("p", "The prompts carry no answers: accuracy and continuation advantage are not measured.")
+                Paragraph(
+                    "The prompts carry no answers: accuracy and continuation advantage are not measured."
+                )
             )
         rew = ci2["reward"]
         rows = []
@@ -185,26 +199,24 @@ def report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
                 ]
             )
         blocks += [
-            (
-                "p",
-                f"Reward size and spread (nats); KL estimate E[log p - log q] = {_fmt(rew.get('kl_estimate'))}:",
+            Paragraph(
+                f"Reward size and spread (nats); KL estimate E[log p - log q] = {_fmt(rew.get('kl_estimate'))}:"
             ),
-            ("table", rows, ["reward", "mean", "std", "mean abs", "p05", "p50", "p95"]),
-            ("plot", "reward"),
+            Table(rows, ["reward", "mean", "std", "mean abs", "p05", "p50", "p95"]),
+            *plot("reward"),
         ]
-        sections.append(("Condition (ii): new capability", blocks))
+        sections.append(Section("Condition (ii): new capability", blocks))
 
     ctx = result.get("context") or {}
     if ctx.get("auroc_sampled_token") is not None or "num_correct" in ctx:
         sections.append(
-            (
+            Section(
                 "Context: reward vs correctness",
                 [
-                    (
-                        "p",
+                    Paragraph(
                         "AUROC of the sequence-mean reward against the correctness of the student's rollouts: "
                         f"sampled-token {_fmt(ctx.get('auroc_sampled_token'))}, top-K {_fmt(ctx.get('auroc_topk'))} "
-                        f"({ctx['num_correct']} correct, {ctx['num_wrong']} wrong). {ctx['note']}",
+                        f"({ctx['num_correct']} correct, {ctx['num_wrong']} wrong). {ctx['note']}"
                     )
                 ],
             )
@@ -213,20 +225,20 @@ def report_sections(result: dict[str, Any]) -> list[tuple[str, list[tuple]]]:
     blocks = []
     if cost.get("generated_tokens"):
         blocks += [
-            ("table", [[k, v] for k, v in cost["generated_tokens"].items()], ["generated tokens", "count"]),
-            (
-                "p",
+            Table([[k, v] for k, v in cost["generated_tokens"].items()], ["generated tokens", "count"]),
+            Paragraph(
                 f"Scored sequences {cost['scored_sequences']}, scored tokens (prompt + response) "
-                f"{cost['scored_tokens']}; bound on generated tokens {cost['bound_generated_tokens']}.",
+                f"{cost['scored_tokens']}; bound on generated tokens {cost['bound_generated_tokens']}."
             ),
         ]
     secs = cost.get("seconds", {})
-    blocks.append(("p", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items())))
-    sections.append(("Cost", blocks))
+    blocks.append(Paragraph("Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items())))
+    sections.append(Section("Cost", blocks))
     return sections
 
 
-def _header_lines(result: dict[str, Any]) -> tuple[str, list[str]]:
+def _header(result: dict[str, Any]) -> tuple[str, Bullets]:
+    """The remedy suffix of the verdict line and the run's facts (models, prompts, rollouts)."""
     remedy = f" — remedy: {', '.join(result['remedies'])}" if result["remedies"] else ""
     items = [
         f"student: {result['student']}",
@@ -241,34 +253,27 @@ def _header_lines(result: dict[str, Any]) -> tuple[str, list[str]]:
             f"{ro['num']} student rollouts ({ro['prompts']} prompts x {ro['per_prompt']}), mean length "
             f"{ro['length_mean']:.1f} tokens, truncated {ro['truncated_frac']:.1%}"
         )
-    return remedy, items
+    return remedy, Bullets(items)
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     """The markdown report of a diagnosis result (the dict ``diagnose`` returns); plots are in the HTML."""
-    remedy, items = _header_lines(result)
-    lines = [f"# {TITLE}", "", f"**Verdict: `{result['verdict']}`**{remedy}", ""]
-    lines += [f"- {i}" for i in items]
-    for title, blocks in report_sections(result):
-        lines += ["", f"## {title}", ""]
-        lines += markdown_blocks(blocks)
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
+    remedy, facts = _header(result)
+    intro = [Paragraph(f"**Verdict: `{result['verdict']}`**{remedy}"), facts]
+    return render_markdown_page(TITLE, report_sections(result), intro=intro)
 
 
 def write_html(path: str | Path, result: dict[str, Any]) -> Path:
     """The self-contained HTML report: the markdown report's content plus embedded plots."""
-    plots = _plots(result)
     cls = {"go": "good", "go-after-remedy": "warn", "no-go": "bad", "inconclusive": "warn"}[result["verdict"]]
-    remedy, items = _header_lines(result)
-    intro = [f'<p><span class="badge {cls}">{result["verdict"]}</span> {html_paragraph(remedy)[3:-4]}</p>']
-    intro.append(html_list(items))
-    sections = [Section(title, html_blocks(blocks, plots)) for title, blocks in report_sections(result)]
-    return write_html_report(path, TITLE, sections, intro=intro)
+    remedy, facts = _header(result)
+    badge = f'<p><span class="badge {cls}">{result["verdict"]}</span> {html.escape(remedy)}</p>'
+    return write_html_report(path, TITLE, report_sections(result, _plots(result)), intro=[badge, facts])
 
 
-def _plots(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """key -> (caption, PNG data URI) for each plot the result supports."""
-    out: dict[str, tuple[str, str]] = {}
+def _plots(result: dict[str, Any]) -> dict[str, Plot]:
+    """key -> :class:`Plot` (PNG data URI and caption) for each plot the result supports."""
+    out: dict[str, Plot] = {}
     prof = (result.get("condition_i") or {}).get("profile", {})
     if prof.get("overlap_ratio", {}).get("start"):
         bs = prof["bin_size"]
@@ -302,9 +307,9 @@ def _plots(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
         ax1.set_title("top-k overlap by position")
         ax2.set_ylabel("nats")
         ax2.set_title("entropy by position")
-        out["profile"] = (
-            "Condition (i): overlap and entropy by response position, on the student's rollouts.",
+        out["profile"] = Plot(
             fig_to_data_uri(fig),
+            "Condition (i): overlap and entropy by response position, on the student's rollouts.",
         )
 
     ci2 = result.get("condition_ii") or {}
@@ -332,9 +337,9 @@ def _plots(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
             ax2.hist(seq, bins=20, color="#4c72b0")
         ax2.set_xlabel("sequence-mean reward (nats)")
         ax2.set_title("reward per rollout")
-        out["reward"] = (
-            "Reward distribution: per token (log scale) and per rollout, by correctness.",
+        out["reward"] = Plot(
             fig_to_data_uri(fig),
+            "Reward distribution: per token (log scale) and per rollout, by correctness.",
         )
 
     acc, cont = ci2.get("accuracy"), ci2.get("continuation") or {}
@@ -373,8 +378,8 @@ def _plots(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
             ax2.set_xlabel("prefix: fraction of the student's rollout")
             ax2.legend(fontsize=8)
         ax2.set_title("completing the student's own prefixes")
-        out["accuracy"] = (
-            "Condition (ii): accuracy from the prompt, and when completing the student's truncated rollouts.",
+        out["accuracy"] = Plot(
             fig_to_data_uri(fig),
+            "Condition (ii): accuracy from the prompt, and when completing the student's truncated rollouts.",
         )
     return out

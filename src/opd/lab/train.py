@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from opd.lab import world
 
@@ -80,6 +81,8 @@ def make_batch(tokenizer, problems: list[world.Problem], pattern: str) -> dict[s
 
 def build_model(spec: ModelSpec, tokenizer, *, seed: int):
     """A freshly initialised Qwen2 (or Llama) model of ``spec``'s shape, weights ~ N(0, init_std)."""
+    # lazy: the model classes load transformers' modeling stack (seconds); opd.lab imports this module
+    # on every command, and only `opd lab build` builds models
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     kwargs = dict(
@@ -144,8 +147,6 @@ def train_model(
     stream = world.problem_stream(s, "train", spec.hard_fraction)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=spec.steps, desc=f"train {spec.name}", leave=False)
     log = {"loss": [], "tokens": 0}
     t0 = time.perf_counter()

@@ -67,7 +67,7 @@ from opd.precision import compute_context
 from opd.rollout import RolloutBackend, RolloutBatch, make_backend
 from opd.rundir import RunInterrupted, StopSignals
 from opd.runtime import Runtime
-from opd.scoring import PolicyScorer, ScoreOutput
+from opd.scoring import PolicyScorer, ScoreOutput, score_pair
 from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 log = logging.getLogger("opd")
@@ -127,28 +127,8 @@ def score_batch(
     """
     mask = batch.response_mask_B_T.float()
     width = max(cfg.metrics_top_k, cfg.support_size if cfg.objective == "topk" else 0)
-    parts_s, parts_t = [], []
-    t_student = t_teacher = 0.0
-    B = batch.input_ids_B_T.shape[0]
-    with torch.no_grad():
-        for lo in range(0, B, cfg.micro_batch_size):
-            mb = batch.select(slice(lo, lo + cfg.micro_batch_size))
-            ids_attn_resp = (mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T)
-            t0 = time.perf_counter()
-            # at ``temperature``: the distribution the rollout tokens were drawn from
-            s = student(*ids_attn_resp, top_k=width, entropy=True)
-            t1 = time.perf_counter()
-            t = teacher(*ids_attn_resp, s.topk_ids_B_T_K, top_k=width, entropy=True)
-            t_student += t1 - t0
-            t_teacher += time.perf_counter() - t1
-            parts_s.append(s)
-            parts_t.append(t)
-    s_out = ScoreOutput(
-        **{k: _cat([getattr(p, k) for p in parts_s]) for k in ScoreOutput.__dataclass_fields__}
-    )
-    t_out = ScoreOutput(
-        **{k: _cat([getattr(p, k) for p in parts_t]) for k in ScoreOutput.__dataclass_fields__}
-    )
+    # the student at ``temperature``: the distribution the rollout tokens were drawn from
+    s_out, t_out, timings = score_pair(student, teacher, batch, cfg.micro_batch_size, width)
     check_finite_logp("student", cfg.student, s_out.token_logp_B_T, mask)  # before any update uses them
     check_finite_logp("teacher", cfg.teacher, t_out.token_logp_B_T, mask)
 
@@ -174,7 +154,7 @@ def score_batch(
             # the student's log-probs at the teacher's top-K ids need one more (no-grad) student pass
             t0 = time.perf_counter()
             s_at_t = _score_given(student, batch, t_ids, cfg)
-            t_student += time.perf_counter() - t0
+            timings["time/score_student"] += time.perf_counter() - t0
         topk = obj.topk_advantages(
             s_ids,
             s_lp,
@@ -199,7 +179,7 @@ def score_batch(
         )
     else:  # full vocabulary: the loss is the exact KL, computed with grad in the update
         scored = ScoredBatch(mask, s_out, t_out, token_reward_B_T=t_out.token_logp_B_T - s_out.token_logp_B_T)
-    return scored, {"time/score_student": t_student, "time/score_teacher": t_teacher}
+    return scored, timings
 
 
 def _score_given(
@@ -213,10 +193,6 @@ def _score_given(
             o = student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T, ids_B_T_K[sl])
             parts.append(o.given_logp_B_T_K)
     return torch.cat(parts)
-
-
-def _cat(xs: list) -> Any:
-    return None if xs[0] is None else torch.cat(xs)
 
 
 # --------------------------------------------------------------------------- update

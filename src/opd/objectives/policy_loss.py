@@ -1,0 +1,134 @@
+"""From per-token values to one scalar: :func:`aggregate`, and the PPO-clipped policy-gradient loss
+(:func:`policy_gradient_loss`) that the sampled-token and top-K advantages drive."""
+
+from __future__ import annotations
+
+import torch
+
+from opd.objectives.checks import (
+    AGGREGATIONS,
+    check_choice,
+    check_floating,
+    check_mask,
+    check_rank,
+    check_shape,
+)
+
+# |log ratio| is clamped to this before exp in the PPO ratio (as in verl), so one stale token
+# cannot overflow the loss; far outside the clip range, so it never changes a clipped objective.
+_MAX_LOG_RATIO = 20.0
+
+
+def aggregate(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """Reduce per-token values to a scalar; with ``m`` the 0/1 mask and ``n_b = Σ_t m[b,t]``:
+
+    - ``token-mean``: ``Σ_{b,t} v·m / Σ_{b,t} m`` (every token weighs the same; long answers weigh more);
+    - ``seq-mean-token-sum``: ``(1/|B'|) Σ_{b∈B'} Σ_t v·m`` with ``B' = {b : n_b ≥ 1}``;
+    - ``seq-mean-token-mean``: ``(1/|B'|) Σ_{b∈B'} (Σ_t v·m) / n_b`` (every sequence weighs the same).
+
+    Masked values are ignored even if they are NaN/inf. An all-masked input returns 0 (a 0-dim tensor
+    still attached to the graph, with zero gradient, never NaN).
+    """
+    check_rank("values_B_T", values_B_T, "B_T")
+    keep_B_T = check_mask(mask_B_T, values_B_T.shape, "values_B_T")
+    check_choice("mode", mode, AGGREGATIONS)
+
+    masked_B_T = torch.where(keep_B_T, values_B_T, torch.zeros_like(values_B_T))
+    count_B = keep_B_T.sum(dim=-1).to(masked_B_T.dtype)
+    if mode == "token-mean":
+        return masked_B_T.sum() / count_B.sum().clamp_min(1)
+    seq_sum_B = masked_B_T.sum(dim=-1)
+    num_seqs = (count_B > 0).sum().clamp_min(1).to(masked_B_T.dtype)
+    if mode == "seq-mean-token-sum":
+        return seq_sum_B.sum() / num_seqs
+    return (seq_sum_B / count_B.clamp_min(1)).sum() / num_seqs
+
+
+def policy_gradient_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    valid_B_T_S: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = 3.0,
+    aggregation: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate with the OPD rewards as advantages (no baseline, no discount).
+
+    ``logp``, ``old_logp`` and ``advantages`` are all ``_B_T`` (sampled token) or all ``_B_T_S``
+    (support tokens; then ``valid_B_T_S`` marks the entries that count, default all). Per entry:
+
+        ratio = exp(logp − old_logp)                   (log-ratio clamped to ±20)
+        pg    = max(−A·ratio, −A·clip(ratio, 1 − ε_low, 1 + ε_high))
+        pg    = min(pg, −A·c)   if A < 0               (dual clip, c = ``dual_clip`` > 1; None = off)
+
+    At exact ties the unclipped branch is kept (full gradient). For ``_B_T_S`` inputs the per-token
+    loss is ``Σ_{v∈S_t, valid} pg_t(v)``; per-token losses are reduced with :func:`aggregate`.
+    ``old_logp`` and ``advantages`` are detached. With one update per rollout batch
+    (``old_logp == logp.detach()``) the ratio is 1, no clipping fires and the gradient is
+    ``−Σ_{t,v} A_t(v) ∇log p_t(v)`` with the aggregation's normalisation.
+
+    Returns ``(loss, stats)`` with float stats over kept entries: ``clip_frac`` (the ε-clipped branch
+    is active), ``dual_clip_frac`` (the dual clip caps the loss) and ``ratio_mean``.
+    """
+    if not isinstance(logp, torch.Tensor) or logp.dim() not in (2, 3):
+        shape = tuple(logp.shape) if isinstance(logp, torch.Tensor) else type(logp).__name__
+        raise ValueError(
+            f"logp must have rank 2 (B_T, sampled token) or 3 (B_T_S, support tokens), got {shape}; "
+            "pass per-token or per-support-token log-probs."
+        )
+    axes = "B_T" if logp.dim() == 2 else "B_T_S"
+    check_floating("logp", logp)
+    for arg, tensor in (("old_logp", old_logp), ("advantages", advantages)):
+        check_rank(arg, tensor, axes)
+        check_shape(arg, tensor, logp.shape, "logp")
+    keep_B_T = check_mask(mask_B_T, logp.shape[:2], "logp")
+    if logp.dim() == 2:
+        if valid_B_T_S is not None:
+            raise ValueError("valid_B_T_S was given but logp is 2-D (B_T); pass it only with B_T_S inputs.")
+        keep = keep_B_T
+    else:
+        if valid_B_T_S is None:
+            valid_B_T_S = torch.ones_like(logp, dtype=torch.bool)
+        check_rank("valid_B_T_S", valid_B_T_S, "B_T_S")
+        check_shape("valid_B_T_S", valid_B_T_S, logp.shape, "logp")
+        keep = (valid_B_T_S != 0) & keep_B_T.unsqueeze(-1)
+    if not (0.0 <= clip_eps < 1.0):
+        raise ValueError(f"clip_eps must be in [0, 1), got {clip_eps!r}; the reference uses 0.2.")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (eps_high >= 0.0):
+        raise ValueError(f"clip_eps_high must be >= 0 or None, got {clip_eps_high!r}; None reuses clip_eps.")
+    if dual_clip is not None and not (dual_clip > 1.0):
+        raise ValueError(f"dual_clip must be > 1 or None (off), got {dual_clip!r}; the reference uses 3.0.")
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+
+    zeros = torch.zeros_like(logp, dtype=torch.float32)
+    log_ratio = torch.where(keep, logp.float() - old_logp.detach().float(), zeros)
+    ratio = log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
+    adv = torch.where(keep, advantages.detach().float(), zeros)
+
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
+    is_clipped = keep & (pg_clipped > pg_unclipped)
+    pg = torch.where(is_clipped, pg_clipped, pg_unclipped)
+    if dual_clip is not None:
+        pg_cap = -adv * dual_clip
+        is_dual = keep & (adv < 0) & (pg > pg_cap)
+        pg = torch.where(is_dual, pg_cap, pg)
+    else:
+        is_dual = torch.zeros_like(keep)
+    pg = torch.where(keep, pg, zeros)
+
+    per_token_B_T = pg.sum(dim=-1) if logp.dim() == 3 else pg
+    loss = aggregate(per_token_B_T, keep_B_T, aggregation)
+
+    with torch.no_grad():
+        n = keep.sum().clamp_min(1).float()
+        stats = {
+            "clip_frac": float(is_clipped.sum() / n),
+            "dual_clip_frac": float(is_dual.sum() / n),
+            "ratio_mean": float((ratio * keep).sum() / n),
+        }
+    return loss, stats

@@ -1,0 +1,75 @@
+"""Per-position scoring of given token ids by a causal LM (student or teacher).
+
+CONTRACT (implemented by this package; other modules rely on it):
+
+Alignment: every output tensor is indexed like ``input_ids_B_T``: entry ``[b, t]`` is about the
+distribution that predicts token ``t`` from the prefix ``< t`` (i.e. computed from the logits at
+position ``t - 1``). Entries where ``response_mask_B_T`` is 0 are 0 (ids: 0). This shift is written
+once, in this module.
+
+``score(model, input_ids_B_T, attention_mask_B_T, response_mask_B_T, *, temperature=1.0, top_k=0,
+        given_ids_B_T_K=None, entropy=True, chunk_size=256, vocab_limit=None, grad=False,
+        compute_dtype=None) -> ScoreOutput``
+- runs the model once to the final hidden state, then computes ``lm_head`` + float32 log-softmax in
+  chunks of ``chunk_size`` positions, only over response positions, so peak extra memory is
+  O(B·chunk·V), never a full B×T×V float32 tensor;
+- ``temperature``: logits / temperature before log-softmax (OPD scores the student at its rollout
+  temperature, the teacher at ``teacher_temperature``);
+- ``compute_dtype``: run the backbone under ``torch.autocast`` in this dtype (float32 master weights,
+  low-precision compute; see ``opd.precision``); None = the weights' own dtype. The head never is: the
+  ``lm_head`` matmul, logits and log-softmax are float32 for every model dtype;
+- ``vocab_limit``: restrict logits to the first ``vocab_limit`` columns (embedding tables padded past
+  the tokenizer's vocabulary);
+- ``top_k > 0``: also return the model's own top-k ids and their (full-vocab) log-probs;
+- ``given_ids_B_T_K``: also return log-probs at these ids (e.g. the student's top-k ids for the teacher);
+- ``entropy``: full-vocab entropy per position;
+- ``grad=True``: keep the autograd graph (the update pass); chunks are recomputed in backward
+  (activation checkpointing) so memory stays O(B·chunk·V).
+
+``PolicyScorer(model, temperature=..., chunk_size=..., vocab_limit=..., compute_dtype=...)`` is the same
+computation as a ``torch.nn.Module``: ``forward(input_ids_B_T, attention_mask_B_T, response_mask_B_T,
+given_ids_B_T_K=None, *, top_k=0, entropy=False)`` returns ``score``'s ``ScoreOutput`` (with grad when
+grad is enabled), so a DDP/FSDP wrapper around it sees the whole pass; ``forward(..., teacher=...,
+divergence=...)`` returns ``full_vocab_pair``'s ``div_B_T``.
+
+``full_vocab_pair(student, teacher, ..., divergence, *, temperature, teacher_temperature, ...) -> div_B_T``
+streams a full-vocabulary divergence between two models the same way (both heads and the divergence
+per chunk, checkpointed), so the exact-KL objective never holds an N×V tensor either.
+
+``score_pair(student, teacher, batch, micro_batch_size, width) -> (student ScoreOutput, teacher
+ScoreOutput, timings)`` is the no-grad scoring of a rollout batch by two ``PolicyScorer`` modules,
+micro-batch by micro-batch: the student's top-``width``, entropy and sampled-token log-probs, the
+teacher's log-probs at the student's top-``width`` ids. The training loop and ``opd diagnose`` both
+score through it.
+
+Modules: ``head.py`` (the logits/tokens alignment, position ids, the float32 head and its one-time check
+against the model's own forward, input checks), ``chunked.py`` (``score``, ``score_full_logits``,
+``full_vocab_pair`` and how they chunk), ``scorer.py`` (``PolicyScorer`` and ``score_pair``). This package
+is the public face: import from ``opd.scoring``.
+
+What this package deliberately leaves out:
+- no train/eval switching: dropout follows ``model.training`` (the one-time head check runs in eval);
+- ``score`` does not micro-batch the backbone: the caller sizes B×T (``score_pair`` splits a rollout
+  batch into micro-batches); only the vocab-sized part is chunked;
+- it calls the decoder and ``lm_head`` submodules directly (not ``model.forward``), so wrappers whose
+  bookkeeping lives in the top-level forward (DDP's gradient-sync preparation, an FSDP root unit holding
+  ``lm_head``) must wrap :class:`PolicyScorer` — whose ``forward`` is backbone + chunked head — rather
+  than the bare model;
+- no sequence packing (one sequence per row), no KV cache, no multimodal inputs.
+"""
+
+from opd.scoring.chunked import ScoreOutput, full_vocab_pair, score, score_full_logits
+from opd.scoring.head import aligned_positions, check_head_path, left_pad_position_ids
+from opd.scoring.scorer import PolicyScorer, score_pair
+
+__all__ = [
+    "PolicyScorer",
+    "ScoreOutput",
+    "aligned_positions",
+    "check_head_path",
+    "full_vocab_pair",
+    "left_pad_position_ids",
+    "score",
+    "score_full_logits",
+    "score_pair",
+]

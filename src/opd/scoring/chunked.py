@@ -1,0 +1,295 @@
+"""Chunked scoring: ``score`` (per-position log-probs, top-k, entropy), ``score_full_logits`` (full
+logits chunk by chunk) and ``full_vocab_pair`` (a streamed full-vocabulary divergence of two models).
+
+The maths. With final hidden state h_s at position s, head W and temperature τ,
+
+    z_t = post(W h_{t-1}) / τ                    (float32 matmul of the upcast h and W, outside autocast;
+                                                 ``post`` = the model's logit quirks, see head.py)
+    log p_t(v) = z_t(v) − log Σ_u exp z_t(u)    (over the first ``vocab_limit`` columns, or all V)
+    token_logp[b, t]  = log p_t(input_ids[b, t])
+    entropy[b, t]     = −Σ_v p_t(v) log p_t(v)
+    topk_*[b, t, :]   = the k largest log p_t(v) and their ids v (descending; full-vocab values, not
+                        renormalised on the k ids)
+    given_logp[b, t, k] = log p_t(given_ids[b, t, k])
+
+A "chunk" is ``chunk_size`` scored positions of the whole batch, flattened row-major over the entries
+where ``response_mask_B_T`` is 1 (padding is never scored), so one chunk holds at most two chunk×V
+float32 tensors at a time (≈ 8 bytes × chunk × V; the entropy is a batched dot product, not a third
+tensor): the bound is O(chunk·V), within the contract's O(B·chunk·V).
+
+``grad=True``: the backbone keeps its graph; each chunk's lm_head + log-softmax (and everything derived
+from it) runs inside ``torch.utils.checkpoint``, so backward keeps only the chunk's hidden rows and
+recomputes its logits. All float outputs (token, given, top-k log-probs and entropy) are then
+differentiable; top-k ids are integers. ``grad=False`` runs everything under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from opd.precision import compute_context
+from opd.scoring.head import Head, aligned_positions, check_batch, check_ids_in_range, final_hidden, make_head
+
+
+@dataclass
+class ScoreOutput:
+    """Per-position quantities, float32, aligned with ``input_ids_B_T`` (see :mod:`opd.scoring`)."""
+
+    token_logp_B_T: torch.Tensor
+    topk_ids_B_T_K: torch.Tensor | None = None
+    topk_logp_B_T_K: torch.Tensor | None = None
+    given_logp_B_T_K: torch.Tensor | None = None
+    entropy_B_T: torch.Tensor | None = None
+
+
+def _chunk_stats(
+    head: Head,
+    hidden_N_H: torch.Tensor,
+    target_N: torch.Tensor,
+    given_N_K: torch.Tensor | None,
+    top_k: int,
+    entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-chunk (token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N), float32."""
+    logp_N_V = torch.log_softmax(head.logits(hidden_N_H), dim=-1)
+    token_logp_N = logp_N_V.gather(-1, target_N.to(logp_N_V.device)[:, None]).squeeze(-1)
+    given_logp_N_K = None if given_N_K is None else logp_N_V.gather(-1, given_N_K.to(logp_N_V.device))
+    topk_logp_N_K = topk_ids_N_K = None
+    if top_k:
+        topk_logp_N_K, topk_ids_N_K = logp_N_V.topk(top_k, dim=-1)
+    entropy_N = None
+    if entropy:
+        # H = −Σ_v p(v) log p(v) as a batched dot product: no third chunk×V temporary. Logits are finite
+        # (lm_head output), so log p > −inf and 0·log 0 does not arise.
+        entropy_N = -torch.matmul(logp_N_V.exp()[:, None, :], logp_N_V[:, :, None]).reshape(-1)
+    return token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N
+
+
+def _slices(N: int, chunk_size: int) -> list[slice]:
+    """Consecutive slices of at most ``chunk_size`` entries covering range(N)."""
+    return [slice(start, min(start + chunk_size, N)) for start in range(0, N, chunk_size)]
+
+
+def _scatter(
+    values_N: torch.Tensor, rows_N: torch.Tensor, tgt_N: torch.Tensor, B: int, T: int
+) -> torch.Tensor:
+    """Place per-entry values (N, ...) at (rows_N, tgt_N) of a zero (B, T, ...) tensor (differentiable)."""
+    out = values_N.new_zeros((B, T, *values_N.shape[1:]))
+    return out.index_put((rows_N.to(out.device), tgt_N.to(out.device)), values_N)
+
+
+def score(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    given_ids_B_T_K: torch.Tensor | None = None,
+    entropy: bool = True,
+    chunk_size: int = 256,
+    vocab_limit: int | None = None,
+    grad: bool = False,
+    compute_dtype: str | torch.dtype | None = None,
+) -> ScoreOutput:
+    """Score ``input_ids_B_T`` with ``model`` at response positions (see the module docstring).
+
+    ``output[b, t]`` is about p_t = softmax(post(W h_{t−1}) / τ), the distribution that predicts token t;
+    entries with ``response_mask_B_T[b, t] == 0`` are 0. Log-probs and entropy are float32 whatever the
+    model dtype. With ``grad=True`` the float outputs are differentiable (chunks are checkpointed).
+    ``compute_dtype``: run the backbone under autocast in this dtype (float32 master weights, e.g. a
+    bf16 student; see ``opd.precision``); the head is float32 either way. None = the weights' dtype.
+    If nothing is marked as response, zeros are returned without running the model.
+    """
+    check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
+    B, T = input_ids_B_T.shape
+    head, V = make_head(model, temperature, vocab_limit)
+    if not (isinstance(top_k, int) and 0 <= top_k <= V):
+        raise ValueError(f"top_k={top_k!r}: must be an int in [0, {V}] (0 = no top-k). Fix: use 16 or 0.")
+    rows_N, tgt_N, src_N = aligned_positions(response_mask_B_T)
+    target_N = input_ids_B_T[rows_N, tgt_N]
+    check_ids_in_range("input_ids_B_T", target_N, V)
+    given_N_K = None
+    if given_ids_B_T_K is not None:
+        assert given_ids_B_T_K.dim() == 3 and given_ids_B_T_K.shape[:2] == (B, T), (
+            f"given_ids_B_T_K must be (B, T, K) = ({B}, {T}, K), got {tuple(given_ids_B_T_K.shape)}"
+        )
+        if given_ids_B_T_K.is_floating_point():
+            raise ValueError(f"given_ids_B_T_K: must be integer ids, got dtype {given_ids_B_T_K.dtype}.")
+        given_N_K = given_ids_B_T_K[rows_N, tgt_N].long()
+        check_ids_in_range("given_ids_B_T_K", given_N_K, V)
+
+    K_given = 0 if given_N_K is None else given_N_K.shape[-1]
+    specs = (  # (dtype, per-entry shape) of each _chunk_stats field, None when not requested
+        (torch.float32, ()),
+        (torch.long, (top_k,)) if top_k else None,
+        (torch.float32, (top_k,)) if top_k else None,
+        (torch.float32, (K_given,)) if given_N_K is not None else None,
+        (torch.float32, ()) if entropy else None,
+    )
+    N = rows_N.numel()
+    device = input_ids_B_T.device
+    if N == 0:
+        fields = [
+            None if sp is None else torch.zeros((B, T, *sp[1]), dtype=sp[0], device=device) for sp in specs
+        ]
+    else:
+        with torch.set_grad_enabled(grad):
+            with compute_context(model, compute_dtype):
+                hidden_B_T_H = final_hidden(model, input_ids_B_T, attention_mask_B_T)
+            hidden_N_H = hidden_B_T_H[rows_N.to(hidden_B_T_H.device), src_N.to(hidden_B_T_H.device)]
+            del hidden_B_T_H
+
+            def chunk_args(sl: slice) -> tuple:
+                given = None if given_N_K is None else given_N_K[sl]
+                return head, hidden_N_H[sl], target_N[sl], given, top_k, entropy
+
+            if grad:
+                pieces = [
+                    checkpoint(_chunk_stats, *chunk_args(sl), use_reentrant=False)
+                    for sl in _slices(N, chunk_size)
+                ]
+                fields_N = [
+                    None if sp is None else torch.cat([p[i] for p in pieces]) for i, sp in enumerate(specs)
+                ]
+            else:
+                # Write into buffers allocated up front: per-chunk outputs kept alive between chunks pin the
+                # CPU heap above each freed chunk×V block (glibc), and RSS then grew with the chunk count.
+                fields_N = [
+                    None if sp is None else torch.empty((N, *sp[1]), dtype=sp[0], device=hidden_N_H.device)
+                    for sp in specs
+                ]
+                for sl in _slices(N, chunk_size):
+                    for buf_N, values in zip(fields_N, _chunk_stats(*chunk_args(sl))):
+                        if buf_N is not None:
+                            buf_N[sl] = values
+        fields = [None if f is None else _scatter(f, rows_N, tgt_N, B, T).to(device) for f in fields_N]
+    return ScoreOutput(
+        token_logp_B_T=fields[0],
+        topk_ids_B_T_K=fields[1],
+        topk_logp_B_T_K=fields[2],
+        given_logp_B_T_K=fields[3],
+        entropy_B_T=fields[4],
+    )
+
+
+def score_full_logits(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_limit: int | None = None,
+    grad: bool = False,
+    chunk_size: int = 256,
+    compute_dtype: str | torch.dtype | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield full-vocabulary logits of the response positions, one chunk at a time.
+
+    Each item is ``(rows_N, cols_N, logits_N_V)`` with N ≤ ``chunk_size``: ``logits_N_V[i]`` is the float32
+    logit vector z_t = post(W h_{t−1}) / τ (first ``vocab_limit`` columns) of the distribution predicting
+    ``input_ids_B_T[rows_N[i], cols_N[i]]`` — same alignment as ``score``. Chunks run over the entries with
+    ``response_mask_B_T == 1`` in row-major order, so two models scored with the same masks and
+    ``chunk_size`` yield matching chunks (zip a teacher and a student to compute a full-vocab divergence).
+    The backbone runs once, at the first ``next()``.
+
+    Memory: one chunk×V tensor is created per step; with ``grad=False`` it is freed when you drop it.
+    With ``grad=True`` the logits are differentiable and each chunk stays alive for as long as your loss
+    graph refers to it, so a loss summed over all chunks before ``backward`` costs O(N·V) again. For the
+    update pass prefer ``score(..., given_ids_B_T_K=..., grad=True)`` (checkpointed, O(chunk·V)), or
+    reduce each chunk inside your own ``torch.utils.checkpoint``, or use ``full_vocab_pair``.
+    ``compute_dtype`` as in ``score``.
+    """
+    check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
+    head, _ = make_head(model, temperature, vocab_limit)
+    rows_N, tgt_N, src_N = aligned_positions(response_mask_B_T)
+    if not rows_N.numel():
+        return
+    with torch.set_grad_enabled(grad), compute_context(model, compute_dtype):  # not held across yields
+        hidden_B_T_H = final_hidden(model, input_ids_B_T, attention_mask_B_T)
+        hidden_N_H = hidden_B_T_H[rows_N.to(hidden_B_T_H.device), src_N.to(hidden_B_T_H.device)]
+        del hidden_B_T_H
+    for sl in _slices(rows_N.numel(), chunk_size):
+        with torch.set_grad_enabled(grad):
+            logits_N_V = head.logits(hidden_N_H[sl])
+        yield rows_N[sl], tgt_N[sl], logits_N_V
+
+
+def _pair_chunk(
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    s_head: Head,
+    t_head: Head,
+    s_hidden_N_H: torch.Tensor,
+    t_hidden_N_H: torch.Tensor,
+) -> torch.Tensor:
+    with torch.no_grad():
+        t_logits_N_V = t_head.logits(t_hidden_N_H)
+    return divergence(s_head.logits(s_hidden_N_H), t_logits_N_V)
+
+
+def full_vocab_pair(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    vocab_limit: int | None = None,
+    chunk_size: int = 256,
+    grad: bool = False,
+    compute_dtype: str | torch.dtype | None = None,
+) -> torch.Tensor:
+    """Per-position ``divergence(student_logits_N_V, teacher_logits_N_V) -> div_N`` over the full vocabulary.
+
+    Returns float32 ``div_B_T`` aligned like ``score`` (0 where ``response_mask_B_T`` is 0). Logits are
+    z/τ with the student's ``temperature`` and the teacher's ``teacher_temperature``, float32.
+
+    Memory: both backbones run once (the teacher without grad); only the N response rows of their final
+    hidden states are kept (O(N·H)). The vocabulary-sized part is streamed, ``chunk_size`` positions at a
+    time: each chunk's two heads and the divergence run inside ``torch.utils.checkpoint``, which keeps the
+    two chunk×H hidden slices and recomputes both heads in backward. So no N×V tensor of either model
+    exists at any time, with or without ``grad``; the peak extra is a few chunk×V float32 tensors. The
+    price is one more head matmul per model and chunk in backward.
+    Gradients reach only the student (the teacher head runs under ``no_grad``).
+    """
+    check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
+    s_head, V = make_head(student, temperature, vocab_limit)
+    t_head, Vt = make_head(teacher, teacher_temperature, vocab_limit)
+    if Vt != V:
+        raise ValueError(
+            f"vocab_limit={vocab_limit!r}: the student scores {V} logit columns, the teacher {Vt}. "
+            "Fix: pass the shared vocabulary size (opd.models.check_compatibility(...).vocab_limit)."
+        )
+    B, T = input_ids_B_T.shape
+    rows_N, tgt_N, src_N = aligned_positions(response_mask_B_T)
+    check_ids_in_range("input_ids_B_T", input_ids_B_T[rows_N, tgt_N], V)
+    N = rows_N.numel()
+    if N == 0:
+        return torch.zeros((B, T), dtype=torch.float32, device=input_ids_B_T.device)
+    with torch.no_grad():
+        t_hidden_B_T_H = final_hidden(teacher, input_ids_B_T, attention_mask_B_T)
+        t_hidden_N_H = t_hidden_B_T_H[rows_N.to(t_hidden_B_T_H.device), src_N.to(t_hidden_B_T_H.device)]
+        del t_hidden_B_T_H
+    with torch.set_grad_enabled(grad):
+        with compute_context(student, compute_dtype):
+            s_hidden_B_T_H = final_hidden(student, input_ids_B_T, attention_mask_B_T)
+        s_hidden_N_H = s_hidden_B_T_H[rows_N.to(s_hidden_B_T_H.device), src_N.to(s_hidden_B_T_H.device)]
+        del s_hidden_B_T_H
+        pieces = []
+        for sl in _slices(N, chunk_size):
+            args = (divergence, s_head, t_head, s_hidden_N_H[sl], t_hidden_N_H[sl].to(s_hidden_N_H.device))
+            if grad:
+                pieces.append(checkpoint(_pair_chunk, *args, use_reentrant=False))
+            else:
+                pieces.append(_pair_chunk(*args))
+        div_N = torch.cat(pieces).float()
+    return _scatter(div_N, rows_N, tgt_N, B, T).to(input_ids_B_T.device)

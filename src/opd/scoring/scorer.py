@@ -1,0 +1,143 @@
+"""The module a distributed wrapper wraps (:class:`PolicyScorer`), and the no-grad scoring of a rollout
+batch by a student and a teacher scorer, micro-batch by micro-batch (:func:`score_pair`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from opd.rollout import RolloutBatch
+from opd.scoring.chunked import ScoreOutput, full_vocab_pair, score
+
+
+class PolicyScorer(torch.nn.Module):
+    """``score`` / ``full_vocab_pair`` of one model as a ``torch.nn.Module`` (a DDP/FSDP wrapper wraps this).
+
+    The per-model settings are fixed at construction: ``temperature`` (logits / τ), ``chunk_size``,
+    ``vocab_limit`` and ``compute_dtype`` (as in :func:`score`). ``forward`` keeps the autograd graph
+    exactly when grad is enabled (``torch.is_grad_enabled()``), so the loop's update passes differentiate
+    through it and its no-grad scoring passes run under ``torch.no_grad()``. The wrapped model is the
+    submodule ``model``, so ``parameters()`` are its parameters.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        temperature: float = 1.0,
+        chunk_size: int = 256,
+        vocab_limit: int | None = None,
+        compute_dtype: str | torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.vocab_limit = vocab_limit
+        self.compute_dtype = compute_dtype
+
+    def forward(
+        self,
+        input_ids_B_T: torch.Tensor,
+        attention_mask_B_T: torch.Tensor,
+        response_mask_B_T: torch.Tensor,
+        given_ids_B_T_K: torch.Tensor | None = None,
+        *,
+        top_k: int = 0,
+        entropy: bool = False,
+        teacher: torch.nn.Module | None = None,
+        divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        teacher_temperature: float = 1.0,
+    ) -> ScoreOutput | torch.Tensor:
+        """``score(self.model, ...)`` → ScoreOutput; with ``teacher`` and ``divergence``: the streamed
+        full-vocabulary ``divergence(student_logits, teacher_logits)`` per position (``div_B_T``, the
+        teacher at ``teacher_temperature``, no grad to it) as :func:`full_vocab_pair` computes it."""
+        grad = torch.is_grad_enabled()
+        if teacher is not None or divergence is not None:
+            if teacher is None or divergence is None or given_ids_B_T_K is not None or top_k or entropy:
+                raise ValueError(
+                    "PolicyScorer.forward: the full-vocabulary pair needs both teacher= and divergence= and "
+                    "no given_ids_B_T_K / top_k / entropy. Fix: call it with exactly those two."
+                )
+            return full_vocab_pair(
+                self.model,
+                teacher,
+                input_ids_B_T,
+                attention_mask_B_T,
+                response_mask_B_T,
+                divergence,
+                temperature=self.temperature,
+                teacher_temperature=teacher_temperature,
+                vocab_limit=self.vocab_limit,
+                chunk_size=self.chunk_size,
+                grad=grad,
+                compute_dtype=self.compute_dtype,
+            )
+        return score(
+            self.model,
+            input_ids_B_T,
+            attention_mask_B_T,
+            response_mask_B_T,
+            temperature=self.temperature,
+            top_k=top_k,
+            given_ids_B_T_K=given_ids_B_T_K,
+            entropy=entropy,
+            chunk_size=self.chunk_size,
+            vocab_limit=self.vocab_limit,
+            grad=grad,
+            compute_dtype=self.compute_dtype,
+        )
+
+
+def score_pair(
+    student: PolicyScorer,
+    teacher: PolicyScorer,
+    batch: RolloutBatch,
+    micro_batch_size: int,
+    width: int,
+    *,
+    on_micro_batch: Callable[[int], object] | None = None,
+) -> tuple[ScoreOutput, ScoreOutput, dict[str, float]]:
+    """No-grad scoring of ``batch`` by both models, ``micro_batch_size`` rows at a time.
+
+    The student, at its scorer's temperature (the distribution the rollout tokens were drawn from), gives
+    its top-``width`` ids and log-probs, entropy and sampled-token log-probs; the teacher, at its own,
+    gives its log-probs at the student's top-``width`` ids, its own top-``width``, entropy and
+    sampled-token log-probs (``width = 0``: no top-k, no given ids). The teacher's scorer moves its inputs
+    to the teacher's device and its outputs come back. Returns the two ``ScoreOutput`` of the whole batch
+    (micro-batches concatenated along ``_B``) and the timings ``time/score_student`` /
+    ``time/score_teacher`` (seconds). ``on_micro_batch(rows)`` is called after each micro-batch (a
+    progress bar's ``update``).
+    """
+    if not (isinstance(micro_batch_size, int) and micro_batch_size >= 1):
+        raise ValueError(f"micro_batch_size={micro_batch_size!r}: must be an int ≥ 1. Fix: use e.g. 8.")
+    parts_s, parts_t = [], []
+    t_student = t_teacher = 0.0
+    with torch.no_grad():
+        for lo in range(0, batch.input_ids_B_T.shape[0], micro_batch_size):
+            mb = batch.select(slice(lo, lo + micro_batch_size))
+            ids_attn_resp = (mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T)
+            t0 = time.perf_counter()
+            s = student(*ids_attn_resp, top_k=width, entropy=True)
+            t1 = time.perf_counter()
+            t = teacher(*ids_attn_resp, s.topk_ids_B_T_K, top_k=width, entropy=True)
+            t_student += t1 - t0
+            t_teacher += time.perf_counter() - t1
+            parts_s.append(s)
+            parts_t.append(t)
+            if on_micro_batch is not None:
+                on_micro_batch(mb.input_ids_B_T.shape[0])
+    timings = {"time/score_student": t_student, "time/score_teacher": t_teacher}
+    return _cat_scores(parts_s), _cat_scores(parts_t), timings
+
+
+def _cat_scores(parts: list[ScoreOutput]) -> ScoreOutput:
+    """One ScoreOutput of micro-batch outputs, concatenated along ``_B`` (fields that are None stay None)."""
+    return ScoreOutput(
+        **{
+            k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
+            for k in ScoreOutput.__dataclass_fields__
+        }
+    )
