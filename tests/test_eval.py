@@ -159,6 +159,8 @@ def test_limit_is_a_seeded_sample_in_file_order():
     pos = [full.rows.index(r) for r in a.rows]
     assert pos == sorted(pos)
     assert {r["answer"] for r in a.rows} <= {r["answer"] for r in full.rows}
+    assert full.subset(10, seed=1).rows == a.rows  # evaluate_model's settings.limit draws the same sample
+    assert a.subset(10, seed=1) is a and full.subset(0) is full
 
 
 def test_user_jsonl_and_csv_with_a_field_mapping(tmp_path):
@@ -216,7 +218,7 @@ def test_settings_defaults_are_the_study_and_quick_is_smaller():
         EvalSettings(top_p=0)
 
 
-def test_eval_config_flags_overrides_and_preset():
+def test_eval_config_flags_overrides_and_preset(tmp_path):
     cfg = load_eval_config(
         None,
         ["samples=3", "models=lab:student"],
@@ -230,6 +232,15 @@ def test_eval_config_flags_overrides_and_preset():
     assert cfg.limit == EvalSettings.quick().limit
     with pytest.raises(ConfigError, match="did you mean 'samples'"):
         load_eval_config(None, ["sample=3"])
+    yaml_file = tmp_path / "eval.yaml"
+    yaml_file.write_text("models: [lab:student, lab:teacher-a-plus]\nbenchmarks: lab:test\npreset: quick\n")
+    cfg = load_eval_config(yaml_file, ["limit=5"], benchmarks=["lab:test-hard"])
+    assert cfg.models == ("lab:student", "lab:teacher-a-plus")
+    assert cfg.benchmarks == ("lab:test", "lab:test-hard")
+    assert (cfg.limit, cfg.samples) == (5, EvalSettings.quick().samples)
+    assert load_eval_config(None, ["models=[a, b]"]).models == ("a", "b")
+    with pytest.raises(ConfigError, match="preset='fast'"):
+        load_eval_config(None, ["preset=fast"])
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -317,3 +328,22 @@ def test_opd_eval_errors_are_one_line(tmp_path, capsys):
     assert "--data-dir" in capsys.readouterr().err
     assert main(["grade", str(tmp_path / "missing.jsonl")]) == 2
     assert "predictions file" in capsys.readouterr().err
+
+
+def test_a_benchmark_that_never_asks_for_a_box_is_warned_about(tmp_path, caplog):
+    f = tmp_path / "plain.jsonl"
+    f.write_text(
+        "".join(json.dumps({"question": f"Compute {i}+1.", "answer": str(i + 1)}) + "\n" for i in range(2))
+    )
+    settings = EvalSettings(temperature=0, max_new_tokens=8, speed=False)
+    with caplog.at_level("WARNING", logger="opd.eval"):
+        res = evaluate_model("lab:student", [load_benchmark(str(f))], settings, progress=False)
+    assert "no prompt asks for a \\boxed{} answer" in caplog.text
+    assert res["benchmarks"]["plain"]["n_prompts"] == 2
+    templated = EvalSettings(
+        temperature=0, max_new_tokens=8, speed=False, prompt_template="{problem} \\boxed{}"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="opd.eval"):
+        evaluate_model("lab:student", [load_benchmark(str(f))], templated, progress=False)
+    assert "no prompt asks" not in caplog.text

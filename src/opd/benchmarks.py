@@ -34,7 +34,7 @@ the Parquet layout of AIME24/25, AMC23 and MATH-500; GSM8K's test split is one J
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,14 @@ from opd.data import (
 )
 from opd.lab import LAB_PREFIX
 
-__all__ = ["BENCHMARK_SUFFIXES", "Benchmark", "ID_FIELDS", "load_benchmark", "resolve_benchmark_path"]
+__all__ = [
+    "BENCHMARK_SUFFIXES",
+    "Benchmark",
+    "ID_FIELDS",
+    "load_benchmark",
+    "resolve_benchmark_path",
+    "sample_indices",
+]
 
 BENCHMARK_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 """Suffixes tried, in order, when a benchmark is named by ``name`` + ``data_dir``."""
@@ -69,6 +76,20 @@ class Benchmark:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def subset(self, limit: int, seed: int = 0) -> Benchmark:
+        """The rows :func:`load_benchmark` keeps for ``limit`` / ``seed`` (itself when ``limit`` is 0 or
+        covers every row), so limiting a loaded benchmark again with the same values changes nothing."""
+        keep = sample_indices(len(self.rows), limit, seed)
+        return self if len(keep) == len(self.rows) else replace(self, rows=[self.rows[i] for i in keep])
+
+
+def sample_indices(n: int, limit: int, seed: int) -> list[int]:
+    """Indices of a seeded random sample of ``limit`` of ``n`` rows, ascending; all of them when
+    ``limit`` is 0 or at least ``n``."""
+    if not limit or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
 
 
 def resolve_benchmark_path(spec: str, data_dir: str | Path | None = None) -> Path:
@@ -149,11 +170,8 @@ def load_benchmark(
         )
     id_field = next((f for f in ID_FIELDS if _get_field(raw[0], f) not in (_MISSING, None)), None)
 
-    keep = range(len(raw))
-    if limit and limit < len(raw):
-        keep = sorted(random.Random(seed).sample(range(len(raw)), limit))
     rows = []
-    for i in keep:
+    for i in sample_indices(len(raw), limit, seed):
         row = raw[i]
         prompt = _get_field(row, p_field)
         if prompt is _MISSING or prompt is None or (isinstance(prompt, str) and not prompt.strip()):

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import logging
 import math
-import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,7 +341,7 @@ class EvalConfig(EvalSettings):
         for key in ("models", "benchmarks"):  # one name given as a plain string
             if isinstance(getattr(self, key), str):
                 value = getattr(self, key)
-                setattr(self, key, (value,) if not value.startswith("[") else value)
+                setattr(self, key, value if value.startswith("[") else (value,) if value else ())
         super().__post_init__()
         if self.preset not in ("study", "quick"):
             raise ConfigError(f"preset={self.preset!r}: choose study or quick")
@@ -410,18 +409,12 @@ def load_eval_config(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _subset(bench: Benchmark, limit: int, seed: int) -> Benchmark:
-    """The same seeded sample :func:`opd.benchmarks.load_benchmark` draws (a no-op on a loaded sample)."""
-    if not limit or limit >= len(bench.rows):
-        return bench
-    keep = sorted(random.Random(seed).sample(range(len(bench.rows)), limit))
-    return dataclasses.replace(bench, rows=[bench.rows[i] for i in keep])
-
-
 def evaluate_model(
     model: str, benchmarks: list[Benchmark], settings: EvalSettings, *, progress: bool = True
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``benchmarks`` (module docstring). Returns a JSON-able dict:
+    """Evaluate ``model`` on ``benchmarks`` (module docstring), each limited to ``settings.limit`` prompts
+    (:meth:`~opd.benchmarks.Benchmark.subset`: a no-op on a benchmark loaded with the same limit and seed).
+    Returns a JSON-able dict:
 
     ``model``, ``params``, ``bytes`` (of the weights as loaded), ``benchmarks`` (``{name: metrics}``, the
     keys of :func:`summarize` plus ``n_dropped``: prompts over ``max_prompt_tokens``), ``overall`` (the
@@ -459,7 +452,7 @@ def _evaluate_model(
     dropped: dict[str, int] = {}
     first_prompt: list[int] | None = None
     for bench in benchmarks:
-        bench = _subset(bench, settings.limit, settings.seed)
+        bench = bench.subset(settings.limit, settings.seed)
         prompts = load_prompts(
             bench.name,
             tok,
@@ -474,6 +467,13 @@ def _evaluate_model(
         )
         dropped[bench.name] = prompts.dropped_overlong
         examples = prompts.examples
+        if not any("\\boxed" in e.rendered for e in examples):
+            log.warning(
+                "benchmark %s: no prompt asks for a \\boxed{} answer, and the grader reads only the last "
+                "\\boxed{}: set prompt_template (e.g. '{problem} Please reason step by step, and put your "
+                "final answer within \\boxed{}.') or expect a high no_answer_rate",
+                bench.name,
+            )
         if first_prompt is None:
             first_prompt = examples[0].input_ids
         gens = sample_responses(
