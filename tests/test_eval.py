@@ -347,3 +347,21 @@ def test_a_benchmark_that_never_asks_for_a_box_is_warned_about(tmp_path, caplog)
     with caplog.at_level("WARNING", logger="opd.eval"):
         evaluate_model("lab:student", [load_benchmark(str(f))], templated, progress=False)
     assert "no prompt asks" not in caplog.text
+
+
+def test_speed_measurement_counts_exact_tokens_and_rejects_bad_settings():
+    from opd.models import load_model, load_tokenizer
+    from opd.serving import measure_speed, model_size
+
+    model, tok = load_model("lab:student"), load_tokenizer("lab:student")
+    params, nbytes = model_size(model)
+    assert params == sum(p.numel() for p in model.parameters()) and nbytes == 4 * params
+    prompt = tok("Compute 1+2.")["input_ids"]
+    s = measure_speed(model, tok, prompt, batch_size=3, new_tokens=5, repeats=1, progress=False)
+    assert (s["batch_size"], s["new_tokens"], s["prompt_tokens"]) == (3, 5, len(prompt))
+    assert s["tokens_per_s_batch1"] > 0 and s["tokens_per_s_batch"] > 0 and s["ttft_s"] > 0
+    assert s["device"] == "cpu" and s["dtype"] == "float32"
+    with pytest.raises(ValueError, match="speed_new_tokens=1"):
+        measure_speed(model, tok, prompt, new_tokens=1, progress=False)
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        measure_speed(model, tok, prompt, new_tokens=300, progress=False)

@@ -59,6 +59,7 @@ from opd.evaluate import grade_responses, sample_responses
 from opd.grading import extract_boxed, grade
 from opd.models import load_model, load_tokenizer, prompt_token_cap
 from opd.report import Bullets, Paragraph, Section, Table, write_report, write_text_atomic
+from opd.rundir import locked_run_dir
 from opd.runtime import resolve_device
 from opd.serving import measure_speed, model_size
 from opd.textfiles import read_utf8
@@ -546,8 +547,6 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     """``opd eval``: every model on every benchmark; writes ``eval.json`` (settings and each model's
     result without its predictions), ``eval.md``, ``eval.html`` and ``predictions.jsonl`` into
     ``config.output_dir``. Returns the content of ``eval.json``."""
-    from opd.rundir import locked_run_dir
-
     config.check_runnable()
     data_dir = config.data_dir or None
     benchmarks = [
