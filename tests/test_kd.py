@@ -51,7 +51,8 @@ def changed(a, b):
 def _sequences(tok):
     texts = [("What is 1 + 2?", "1+2=3 so 3"), ("Hi", "12"), ("Add 4 and 5, please.", "9!")]
     return [
-        ForcedSequence(i, p, tok(p)["input_ids"], r, tok(r)["input_ids"] + [258]) for i, (p, r) in enumerate(texts)
+        ForcedSequence(i, p, tok(p)["input_ids"], r, tok(r)["input_ids"] + [258])
+        for i, (p, r) in enumerate(texts)
     ]
 
 
@@ -106,7 +107,9 @@ def test_zero_loss_and_gradient_when_student_is_teacher(tiny_pair):
     batch = collate(_sequences(tok), pad_id=256)
     student = load_model(str(tiny_pair[0]), dtype="float32")
     twin = load_model(str(tiny_pair[0]), dtype="float32")
-    loss, _ = kd.kd_loss(PolicyScorer(student, temperature=2.0), twin, batch, float(batch.response_mask_B_T.sum()))
+    loss, _ = kd.kd_loss(
+        PolicyScorer(student, temperature=2.0), twin, batch, float(batch.response_mask_B_T.sum())
+    )
     loss.backward()
     assert abs(loss.item()) < 1e-6
     assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-6
@@ -119,7 +122,16 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_pair):
     for mbs in (1, 3):
         model = load_model(str(tiny_pair[0]), dtype="float32")
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        kd.kd_step(PolicyScorer(model), teacher, _sequences(tok), opt, pad_id=256, micro_batch_size=mbs, grad_clip=0, device="cpu")
+        kd.kd_step(
+            PolicyScorer(model),
+            teacher,
+            _sequences(tok),
+            opt,
+            pad_id=256,
+            micro_batch_size=mbs,
+            grad_clip=0,
+            device="cpu",
+        )
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -134,10 +146,14 @@ def test_kd_learns_kl_to_teacher_goes_down(tiny_pair, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert rows[-1]["kl/forward"] < 0.8 * rows[0]["kl/forward"], [r["kl/forward"] for r in rows]
     for r in rows:
-        assert math.isfinite(r["loss/kd"]) and r["loss/kd"] == pytest.approx(r["kl/forward"], rel=1e-5)  # τ = 1
+        assert math.isfinite(r["loss/kd"]) and r["loss/kd"] == pytest.approx(
+            r["kl/forward"], rel=1e-5
+        )  # τ = 1
     assert changed(weights(tiny_pair[0]), weights(summary["final_model"]))
     c = rows[0]
-    assert c["cost/teacher_forward_tokens"] == c["cost/student_train_tokens"] > c["cost/student_loss_tokens"] > 0
+    assert (
+        c["cost/teacher_forward_tokens"] == c["cost/student_train_tokens"] > c["cost/student_loss_tokens"] > 0
+    )
     assert summary["sequences"]["count"] == 15
 
 

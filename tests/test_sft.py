@@ -65,7 +65,9 @@ def mean_nll(model_dir, sequences, pad_id) -> float:
 
 def _tiny_batch(tokenizer) -> RolloutBatch:
     seqs = [
-        ForcedSequence(0, "a", tokenizer("What is 1 + 2?")["input_ids"], "3", tokenizer("3")["input_ids"] + [258]),
+        ForcedSequence(
+            0, "a", tokenizer("What is 1 + 2?")["input_ids"], "3", tokenizer("3")["input_ids"] + [258]
+        ),
         ForcedSequence(1, "b", tokenizer("Hi")["input_ids"], "12", tokenizer("12 ok")["input_ids"] + [258]),
     ]
     return collate(seqs, pad_id=256)
@@ -75,7 +77,7 @@ def test_collate_layout(tiny_pair):
     tok = load_tokenizer(str(tiny_pair[0]))
     b = _tiny_batch(tok)
     P = b.prompt_len
-    assert P == len(tok("What is 1 + 2?")["input_ids"])
+    assert len(tok("What is 1 + 2?")["input_ids"]) == P
     assert (b.response_mask_B_T[:, :P] == 0).all()  # prompts never carry loss
     assert b.response_mask_B_T[0].sum() == 2 and b.response_mask_B_T[1].sum() == 6
     assert b.attention_mask_B_T[1, : P - 2].sum() == 0  # left padding of the short prompt
@@ -119,14 +121,18 @@ def test_loss_is_response_token_nll_and_ignores_prompt_tokens(tiny_pair):
 def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_pair):
     tok = load_tokenizer(str(tiny_pair[0]))
     seqs = [
-        ForcedSequence(i, "p", tok(f"Sum {i}+{i}?")["input_ids"], "r", tok(str(2 * i) * (i + 1))["input_ids"] + [258])
+        ForcedSequence(
+            i, "p", tok(f"Sum {i}+{i}?")["input_ids"], "r", tok(str(2 * i) * (i + 1))["input_ids"] + [258]
+        )
         for i in range(1, 4)
     ]
     grads = []
     for mbs in (1, 3):
         model = load_model(str(tiny_pair[0]), dtype="float32")
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        out = sft.sft_step(PolicyScorer(model), seqs, opt, pad_id=256, micro_batch_size=mbs, grad_clip=0, device="cpu")
+        out = sft.sft_step(
+            PolicyScorer(model), seqs, opt, pad_id=256, micro_batch_size=mbs, grad_clip=0, device="cpu"
+        )
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         assert out["tokens"] == sum(len(s.response_ids) for s in seqs)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -155,13 +161,18 @@ def test_rejection_rules_and_their_order():
     assert rejection_reason(r"\boxed{3}", loop, truncated=False, answer="3", **kw) == ("repetitive", None)
     assert rejection_reason(r"\boxed{4}", ok, truncated=False, answer="3", **kw) == ("incorrect", False)
     # without only_correct a wrong answer is kept (and marked); without an answer it is not graded
-    assert rejection_reason(r"\boxed{4}", ok, truncated=False, answer="3", **{**kw, "only_correct": False}) == (
+    assert rejection_reason(
+        r"\boxed{4}", ok, truncated=False, answer="3", **{**kw, "only_correct": False}
+    ) == (
         None,
         False,
     )
     assert rejection_reason(r"\boxed{4}", ok, truncated=False, answer=None, **kw) == (None, None)
     # max_repetition=1 turns the rule off
-    assert rejection_reason(r"\boxed{3}", loop, truncated=False, answer="3", **{**kw, "max_repetition": 1.0})[0] is None
+    assert (
+        rejection_reason(r"\boxed{3}", loop, truncated=False, answer="3", **{**kw, "max_repetition": 1.0})[0]
+        is None
+    )
 
 
 def test_generate_teacher_data_counts_each_reason(monkeypatch):
@@ -170,7 +181,14 @@ def test_generate_teacher_data_counts_each_reason(monkeypatch):
     from opd.lab import lab_tokenizer
 
     tok = lab_tokenizer()
-    texts = [r"1+2=3\n\boxed{3}", r"1+2=3 \boxed{3", "no answer here", r"\boxed{3}" + " ab" * 20, r"\boxed{4}", r"so \boxed{3}"]
+    texts = [
+        r"1+2=3\n\boxed{3}",
+        r"1+2=3 \boxed{3",
+        "no answer here",
+        r"\boxed{3}" + " ab" * 20,
+        r"\boxed{4}",
+        r"so \boxed{3}",
+    ]
     truncated = [False, True, False, False, False, False]
     prompts = PromptSet(
         [PromptExample("q", "q", tok("q")["input_ids"], "3", {"row": i}) for i in range(3)], "crafted"
@@ -228,7 +246,9 @@ def test_sft_learns_the_teacher_data(tmp_path):
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
     c = rows[-1]
     assert c["cost/teacher_generated_tokens"] == sum(len(s.response_ids) for s in seqs)
-    assert c["cost/student_loss_tokens"] > 0 and c["cost/student_train_tokens"] > c["cost/student_loss_tokens"]
+    assert (
+        c["cost/student_loss_tokens"] > 0 and c["cost/student_train_tokens"] > c["cost/student_loss_tokens"]
+    )
     assert summary["cost"]["cost/flops"] == c["cost/flops"]
 
 
@@ -322,6 +342,12 @@ def test_help_lists_the_keys(capsys):
     with pytest.raises(SystemExit):
         cli_main(["sft", "--help"])
     out = capsys.readouterr().out
-    for key in ("teacher_samples_per_prompt", "teacher_temperature", "only_correct", "sft_data", "max_repetition"):
+    for key in (
+        "teacher_samples_per_prompt",
+        "teacher_temperature",
+        "only_correct",
+        "sft_data",
+        "max_repetition",
+    ):
         assert key in out
     assert "repetition" in help_text(SFTConfig)

@@ -176,7 +176,9 @@ def end_of_response_id(tokenizer, use_chat_template: bool) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def field_sequences(prompts: PromptSet, tokenizer, response_field: str, use_chat_template: bool) -> list[ForcedSequence]:
+def field_sequences(
+    prompts: PromptSet, tokenizer, response_field: str, use_chat_template: bool
+) -> list[ForcedSequence]:
     """One sequence per prompt of ``prompts``: the text of the prompt row's ``response_field`` (a gold
     solution), tokenised without special tokens and ended with :func:`end_of_response_id`."""
     rows = read_rows(prompts.source)

@@ -44,8 +44,8 @@ from opd.models import (
     save_model,
 )
 from opd.precision import compute_context
-from opd.rundir import RunDir, RunInterrupted, StopSignals, locked_run_dir, prepare_train_dir
 from opd.rollout import tokenizer_vocab_size
+from opd.rundir import RunDir, RunInterrupted, StopSignals, locked_run_dir, prepare_train_dir
 from opd.runtime import Runtime
 
 log = logging.getLogger("opd")

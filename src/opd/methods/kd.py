@@ -195,7 +195,13 @@ def kd_step(
     else:
         optimizer.step()
     student.eval()
-    return {"loss/kd": loss_sum, "kl/forward": kl_sum / total, "grad_norm": norm, "tokens": total, "skipped": skipped}
+    return {
+        "loss/kd": loss_sum,
+        "kl/forward": kl_sum / total,
+        "grad_norm": norm,
+        "tokens": total,
+        "skipped": skipped,
+    }
 
 
 # --------------------------------------------------------------------------- the training run
@@ -226,7 +232,11 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         sequences = field_sequences(prompts, tokenizer, cfg.response_field, cfg.use_chat_template)
     kept = [s for s in sequences if len(s.response_ids) <= cfg.max_new_tokens]
     if len(kept) < len(sequences):
-        log.info("kd: dropped %d sequences longer than max_new_tokens=%d", len(sequences) - len(kept), cfg.max_new_tokens)
+        log.info(
+            "kd: dropped %d sequences longer than max_new_tokens=%d",
+            len(sequences) - len(kept),
+            cfg.max_new_tokens,
+        )
     if not kept:
         raise ValueError(f"kd: every sequence is longer than max_new_tokens={cfg.max_new_tokens}; raise it")
     sequences = kept
@@ -278,7 +288,11 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             optimizer=optimizer,
             scheduler=scheduler,
             keep=cfg.keep_checkpoints,
-            state={"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "cost": cost.state_dict()},
+            state={
+                "sampler": sampler.state_dict(),
+                "skipped_steps": skipped_total,
+                "cost": cost.state_dict(),
+            },
         )
 
     step = start_step
@@ -300,7 +314,9 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         skipped_total += out["skipped"]
         seq_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch)
         cost.add(
-            teacher_forward_tokens=seq_tokens, student_train_tokens=seq_tokens, student_loss_tokens=out["tokens"]
+            teacher_forward_tokens=seq_tokens,
+            student_train_tokens=seq_tokens,
+            student_loss_tokens=out["tokens"],
         )
         step_time = time.perf_counter() - t_step
         row: dict[str, Any] = {
@@ -328,7 +344,9 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             saved = checkpoint(step)
         if stop.requested and step < cfg.steps:
             interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
-            bar.write(f"[kd] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}")
+            bar.write(
+                f"[kd] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
+            )
             break
         if budget_spent(cfg, cost):
             stopped_by_budget = step
@@ -359,5 +377,10 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         history=history,
         cost=cost,
         stopped_by_budget=stopped_by_budget,
-        extra={"sequences": {"source": cfg.sft_data or f"{cfg.prompts}:{cfg.response_field}", "count": len(sequences)}},
+        extra={
+            "sequences": {
+                "source": cfg.sft_data or f"{cfg.prompts}:{cfg.response_field}",
+                "count": len(sequences),
+            }
+        },
     )

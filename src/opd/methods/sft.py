@@ -307,7 +307,9 @@ def generate_teacher_data(
     return accepted, counts
 
 
-def _teacher_data(cfg: SFTConfig, models, prompts: PromptSet | None, out_dir: Path, cost: CostMeter, fresh: bool):
+def _teacher_data(
+    cfg: SFTConfig, models, prompts: PromptSet | None, out_dir: Path, cost: CostMeter, fresh: bool
+):
     """The run's training sequences and their stats: ``sft_data``, the run's own file when it exists (a
     resumed run), else stage 1 now. ``fresh``: no checkpoint was restored, so a reused file's generation
     cost is added to ``cost`` here (a checkpoint's cost already holds it)."""
@@ -497,7 +499,11 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             optimizer=optimizer,
             scheduler=scheduler,
             keep=cfg.keep_checkpoints,
-            state={"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "cost": cost.state_dict()},
+            state={
+                "sampler": sampler.state_dict(),
+                "skipped_steps": skipped_total,
+                "cost": cost.state_dict(),
+            },
         )
 
     step = start_step
@@ -543,7 +549,9 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             saved = checkpoint(step)
         if stop.requested and step < cfg.steps:
             interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
-            bar.write(f"[sft] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}")
+            bar.write(
+                f"[sft] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
+            )
             break
         if budget_spent(cfg, cost):
             stopped_by_budget = step
