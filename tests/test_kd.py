@@ -205,6 +205,7 @@ def test_missing_response_field_names_the_row(tiny_pair, tmp_path):
         (dict(response_field="a", sft_data="x.jsonl"), "choose one source"),
         (dict(sft_data="x.jsonl", prompts="lab:train"), "leave prompts empty"),
         (dict(score_chunk_size=0), "score_chunk_size"),
+        (dict(stop_on_alert=True), "stop_on_alert"),
     ],
 )
 def test_config_errors(kw, match):

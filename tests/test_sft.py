@@ -325,6 +325,7 @@ def test_all_rejected_is_an_error_naming_the_fix(tmp_path):
         (dict(sft_data="x.jsonl", teacher="lab:teacher-a-plus"), "leave teacher empty"),
         (dict(batch_size=0), "batch_size"),
         (dict(num_prompts=-1), "num_prompts"),
+        (dict(stop_on_alert=True), "stop_on_alert"),
     ],
 )
 def test_config_errors(kw, match):

@@ -67,7 +67,8 @@ log = logging.getLogger("opd")
 class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
     """Word-level KD of the student toward the teacher on fixed sequences (gold solutions or SFT data).
 
-    The shared parts (models, data, optimiser, run) are inherited; the fields below are KD's own.
+    The shared parts (models, data, optimiser, run) are inherited; the fields below are KD's own. The
+    alert keys of the run part are OPD's (its failure signatures) and are not checked here.
     """
 
     output_dir: str = "runs/kd"
@@ -96,6 +97,11 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
     def __post_init__(self) -> None:
         _coerce_types(self)
         errs = part_errors(self)
+        if self.stop_on_alert:
+            errs.append(
+                "stop_on_alert=true: the alerts watch OPD's failure signatures (overlap, entropy gap), which "
+                f"{name} does not measure; leave stop_on_alert=false"
+            )
         for key in ("max_new_tokens", "batch_size", "score_chunk_size"):
             if getattr(self, key) < 1:
                 errs.append(f"{key}={getattr(self, key)}: must be >= 1")

@@ -91,7 +91,8 @@ class SFTConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
     """SFT of the student on rejection-sampled teacher responses (or on an existing ``sft_data`` file).
 
     The shared parts (models, data, optimiser, run) are inherited; the defaults below follow the study's
-    cold start (lr 1e-5, cosine, warmup 5% of the default 100 steps, T = 0.7, top-p 0.95).
+    cold start (lr 1e-5, cosine, warmup 5% of the default 100 steps, T = 0.7, top-p 0.95). The alert
+    keys of the run part are OPD's (its failure signatures) and are not checked here.
     """
 
     # --- shared keys with SFT's own defaults ---
@@ -139,6 +140,11 @@ class SFTConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
     def __post_init__(self) -> None:
         _coerce_types(self)
         errs = part_errors(self)
+        if self.stop_on_alert:
+            errs.append(
+                "stop_on_alert=true: the alerts watch OPD's failure signatures (overlap, entropy gap), which "
+                f"{name} does not measure; leave stop_on_alert=false"
+            )
         for key in ("num_prompts",):
             if getattr(self, key) < 0:
                 errs.append(f"{key}={getattr(self, key)}: must be >= 0 (0 = all)")
