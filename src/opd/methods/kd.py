@@ -100,7 +100,7 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
         if self.stop_on_alert:
             errs.append(
                 "stop_on_alert=true: the alerts watch OPD's failure signatures (overlap, entropy gap), which "
-                f"{name} does not measure; leave stop_on_alert=false"
+                "KD does not measure; leave stop_on_alert=false"
             )
         for key in ("max_new_tokens", "batch_size", "score_chunk_size"):
             if getattr(self, key) < 1:

@@ -143,7 +143,7 @@ class SFTConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
         if self.stop_on_alert:
             errs.append(
                 "stop_on_alert=true: the alerts watch OPD's failure signatures (overlap, entropy gap), which "
-                f"{name} does not measure; leave stop_on_alert=false"
+                "SFT does not measure; leave stop_on_alert=false"
             )
         for key in ("num_prompts",):
             if getattr(self, key) < 0:
