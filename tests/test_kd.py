@@ -2,6 +2,8 @@
 budget, the SFT-data source and the CLI."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -224,3 +226,34 @@ def test_help_lists_the_keys(capsys):
     out = capsys.readouterr().out
     for key in ("kd_temperature", "response_field", "sft_data", "score_chunk_size", "batch_size"):
         assert key in out
+
+
+@pytest.mark.smoke
+def test_cli_kd_two_steps(tiny_pair, tmp_path):
+    student, teacher, prompts = tiny_pair
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opd.cli",
+            "kd",
+            f"student={student}",
+            f"teacher={teacher}",
+            f"prompts={prompts}",
+        ]
+        + [
+            "response_field=answer",
+            "steps=2",
+            "batch_size=4",
+            "lr=1e-3",
+            "progress=false",
+            f"output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_metrics(out / "metrics.jsonl")) == 2
+    AutoModelForCausalLM.from_pretrained(out / "final")

@@ -1,6 +1,8 @@
 """SFT on teacher rollouts (opd sft): the loss, the rejection rules, learning on the lab, resume, budget."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -352,3 +354,19 @@ def test_help_lists_the_keys(capsys):
     ):
         assert key in out
     assert "repetition" in help_text(SFTConfig)
+
+
+@pytest.mark.smoke
+def test_cli_sft_two_steps(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "sft", "student=lab:student", "teacher=lab:teacher-a-plus"]
+        + ["prompts=lab:train", "num_prompts=8", "max_new_tokens=64", "steps=2", "batch_size=4", "lr=3e-4"]
+        + ["warmup_steps=0", "progress=false", f"output_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_metrics(out / "metrics.jsonl")) == 2 and (out / "teacher_data.jsonl").is_file()
+    AutoModelForCausalLM.from_pretrained(out / "final")

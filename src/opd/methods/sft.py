@@ -368,7 +368,8 @@ def _teacher_data(
         "teacher data: %d of %d responses accepted (%s) in %.1f s",
         counts["accepted"],
         counts["generated"],
-        ", ".join(f"{k} {v}" for k, v in counts.items() if k.startswith("rejected/") and v),
+        ", ".join(f"{k} {v}" for k, v in counts.items() if k.startswith("rejected/") and v)
+        or "none rejected",
         time.perf_counter() - t0,
     )
     if not sequences:
