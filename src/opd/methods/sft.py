@@ -30,6 +30,7 @@ packing, multi-turn data, and deduplication of the prompt pool against evaluatio
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -382,8 +383,6 @@ def _teacher_data(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text())
 
 
