@@ -370,3 +370,26 @@ def test_cli_sft_two_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(read_metrics(out / "metrics.jsonl")) == 2 and (out / "teacher_data.jsonl").is_file()
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_teacher_data_of_a_failed_first_step_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    """A fresh run that fails in step 1 leaves its teacher data (expensive) behind and nothing else; a
+    rerun with resume=true reuses it, unless a generation setting changed."""
+
+    def failing_step(*a, **k):
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(sft, "sft_step", failing_step)
+    with pytest.raises(RuntimeError, match="step failed"):
+        sft.train(lab_cfg(tmp_path))
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        "teacher_data.jsonl",
+        "teacher_data.jsonl.stats.json",
+    ]
+    with pytest.raises(ConfigError, match="generated with other settings \\(teacher_temperature\\)"):
+        sft.train(lab_cfg(tmp_path, resume=True, teacher_temperature=1.0))
+    monkeypatch.setattr(sft, "generate_teacher_data", lambda *a, **k: pytest.fail("regenerated"))
+    res = sft.train(lab_cfg(tmp_path, resume=True))
+    assert res["steps_done"] == 4 and res["cost"]["cost/teacher_generated_tokens"] > 0

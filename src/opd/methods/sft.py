@@ -479,10 +479,10 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
     run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
+    # before config.json: a run refused here (reused data with other settings) leaves the directory as it was
+    sequences, data_info = _teacher_data(cfg, models, prompts, out_dir, cost, fresh=state is None)
     metrics_log.truncate_after(start_step)
     write_config(out_dir, cfg)
-
-    sequences, data_info = _teacher_data(cfg, models, prompts, out_dir, cost, fresh=state is None)
     sampler = PromptSampler(sequences, seed=cfg.seed)
     if state is not None:
         sampler.load_state_dict(state["sampler"])
