@@ -47,6 +47,7 @@ from opd.models import (
     save_model,
 )
 from opd.precision import compute_context
+from opd.rollout import tokenizer_vocab_size
 from opd.rundir import RunDir, RunInterrupted, StopSignals, locked_run_dir, prepare_train_dir
 from opd.runtime import Runtime
 
@@ -62,7 +63,7 @@ def open_run(cfg: Any) -> Iterator[tuple[RunDir, StopSignals]]:
     one run per directory, a non-empty one only with ``resume``/``overwrite``, never an input's
     directory); SIGINT/SIGTERM are caught for the run (``stop.arm()`` once training starts)."""
     models = {"student": getattr(cfg, "student", ""), "teacher": getattr(cfg, "teacher", "")}
-    data = {"prompts": getattr(cfg, "prompts", ""), "eval_prompts": getattr(cfg, "eval_prompts", "")}
+    data = {key: getattr(cfg, key, "") for key in ("prompts", "eval_prompts", "sft_data")}
     with locked_run_dir(cfg.output_dir, models=models, data=data) as run, StopSignals() as stop:
         prepare_train_dir(run, to_dict(cfg), to_dict(type(cfg)()), resume=cfg.resume, overwrite=cfg.overwrite)
         yield run, stop
@@ -110,7 +111,8 @@ class Models:
     """A student/teacher pair on their devices, the student's tokenizer and what the pair allows."""
 
     student: torch.nn.Module
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None
+    """None when the method runs without one (``cfg.teacher`` empty, e.g. SFT on an existing data file)."""
     tokenizer: Any
     compat: CompatReport
     max_prompt_tokens: int
@@ -123,22 +125,23 @@ class Models:
 def load_models(cfg: Any, runtime: Runtime) -> Models:
     """Tokenizers and models (compatibility first, so a mismatch fails before any work). The student
     loads in float32 (master weights; ``student_dtype`` is its compute dtype, :mod:`opd.precision`) on
-    ``runtime.device``, the teacher in ``teacher_dtype`` on ``runtime.teacher_device``, frozen."""
+    ``runtime.device``, the teacher in ``teacher_dtype`` on ``runtime.teacher_device``, frozen. With an
+    empty ``cfg.teacher`` (a method that does not need one) only the student loads."""
     trust = cfg.trust_remote_code
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=trust)
-    teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=trust)
+    teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=trust) if cfg.teacher else None
     student = load_model(cfg.student, dtype="float32", trust_remote_code=trust, device=runtime.device)
+    lora = prepare_student(student, cfg)
+    if not cfg.teacher:
+        cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, student)
+        if why:
+            log.info("max_prompt_tokens=%d (%s)", cap, why)
+        student.eval()
+        compat = CompatReport(tokenizer_vocab_size(tokenizer))
+        return Models(student, None, tokenizer, compat, cap, why, lora)
     teacher = load_model(
         cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=trust, device=runtime.teacher_device
     )
-    lora = add_lora(student, cfg) if getattr(cfg, "lora_r", 0) else None
-    if getattr(cfg, "gradient_checkpointing", False):
-        # transformers 5.25 renamed it activation_checkpointing_enable (the old name warns)
-        kwargs = {"use_reentrant": False}
-        if hasattr(student, "activation_checkpointing_enable"):
-            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     compat = check_compatibility(tokenizer, teacher_tokenizer, student, teacher)
     for w in compat.warnings + [same_model_warning(cfg.student, cfg.teacher, student, teacher)]:
         if w:
@@ -153,6 +156,20 @@ def load_models(cfg: Any, runtime: Runtime) -> Models:
     teacher.requires_grad_(False)
     student.eval()
     return Models(student, teacher, tokenizer, compat, cap, why, lora)
+
+
+def prepare_student(student: torch.nn.Module, cfg: Any) -> Any:
+    """LoRA adapters (``lora_r > 0``) and activation checkpointing (``gradient_checkpointing``) on the
+    student, as configured; returns the ``PeftModel`` or None."""
+    lora = add_lora(student, cfg) if getattr(cfg, "lora_r", 0) else None
+    if getattr(cfg, "gradient_checkpointing", False):
+        # transformers 5.25 renamed it activation_checkpointing_enable (the old name warns)
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return lora
 
 
 def add_lora(student: torch.nn.Module, cfg: Any) -> Any:
@@ -191,10 +208,11 @@ def add_lora(student: torch.nn.Module, cfg: Any) -> Any:
     return peft_model
 
 
-def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet, PromptSet | None]:
-    """The training prompts and (when ``eval_every``) the evaluation prompts, rendered with the student's
-    tokenizer; prompts over the length cap are dropped and counted (``data.load_prompts`` logs it).
-    ``eval_limit`` takes a seeded random subset, not the first rows."""
+def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet | None, PromptSet | None]:
+    """The training prompts (None when ``cfg.prompts`` is empty: a method training on a data file) and
+    (when ``eval_every``) the evaluation prompts, rendered with the student's tokenizer; prompts over the
+    length cap are dropped and counted (``data.load_prompts`` logs it). ``eval_limit`` takes a seeded
+    random subset, not the first rows."""
 
     def prompt_set(source: str, **kw: Any) -> PromptSet:
         return load_prompts(
@@ -210,7 +228,7 @@ def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet, PromptSet | N
             **kw,
         )
 
-    prompts = prompt_set(cfg.prompts)
+    prompts = prompt_set(cfg.prompts) if cfg.prompts else None
     eval_set = None
     if cfg.eval_every:
         eval_set = prompt_set(
@@ -302,8 +320,10 @@ def finish_completed(
     cost: CostMeter | None = None,
     stopped_by_budget: int | None = None,
     lora: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Save ``final/`` atomically (float32 master weights + tokenizer), write and return the summary.
+    """Save ``final/`` atomically (float32 master weights + tokenizer), write and return the summary
+    (``extra``: a method's own entries, e.g. SFT's teacher-data counts).
 
     With LoRA (``lora``: the PeftModel): ``final/`` holds the merged model (loads like any model) and
     ``final/adapter`` the adapter alone (``PeftModel.from_pretrained(base, final/adapter)``)."""
@@ -330,6 +350,7 @@ def finish_completed(
         "stopped_by_budget": stopped_by_budget,
         "cost": cost.row() if cost is not None else None,
         "last": history[-1] if history else {},
+        **(extra or {}),
     }
     _write_summary(out_dir, summary)
     return summary
