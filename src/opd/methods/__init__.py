@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opd.config import OPDConfig
-from opd.methods import opd
+from opd.methods import gkd, grpo, opd
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,22 @@ METHODS: tuple[Method, ...] = (
         opd.train,
         "run on-policy distillation",
         "Run on-policy distillation of a student toward a teacher on the student's own samples.",
+    ),
+    Method(
+        "gkd",
+        gkd.GKDConfig,
+        gkd.train,
+        "distillation baseline: GKD (generalized JSD on a mix of student samples and fixed sequences)",
+        "Distil with GKD as TRL configures it: the generalized JSD(beta) between teacher and student over "
+        "the full vocabulary, on the student's own samples with probability lmbda, else on fixed sequences.",
+    ),
+    Method(
+        "grpo",
+        grpo.GRPOConfig,
+        grpo.train,
+        "RL baseline: GRPO with the grader's 0/1 reward (no teacher)",
+        "Train the student with GRPO: G samples per prompt, a 0/1 reward from grading each against the "
+        "prompt's answer, group-normalised advantages and the PPO-clipped policy-gradient loss.",
     ),
 )
 
