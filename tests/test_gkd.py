@@ -149,6 +149,7 @@ def test_fixed_responses_are_the_solution_then_end_of_turn(tmp_path):
     fixed = gkd.load_fixed_responses(cfg, prompts, models.tokenizer)
     rows = prompt_rows("test-easy")
     ex = prompts.examples[5]
+    assert rows[ex.meta["row"]]["prompt"] == ex.text  # the response is read from this prompt's own row
     assert models.tokenizer.decode(fixed[5]) == rows[ex.meta["row"]]["solution_a"] + "<|im_end|>"
     with pytest.raises(ConfigError, match="response_field='solution_c'"):
         gkd.load_fixed_responses(

@@ -180,31 +180,29 @@ def rewards_and_advantages(
 
 
 def update(student: PolicyScorer, batch, adv_B: torch.Tensor, optimizer, cfg: GRPOConfig):
-    """``ppo_epochs`` optimiser updates of the clipped policy-gradient loss over the rollout batch.
-    Returns (loss, grad_norm, skipped, clip_frac, old-log-prob pass ran)."""
+    """``ppo_epochs`` optimiser updates of the clipped policy-gradient loss over the rollout batch, each
+    token of row b carrying the advantage ``adv_B[b]``. Returns (loss, grad_norm, skipped, clip_frac)."""
     mask_all = batch.response_mask_B_T
     B = batch.input_ids_B_T.shape[0]
     adv_B_T = adv_B.to(mask_all.device)[:, None] * mask_all
+    micro = [slice(lo, lo + cfg.micro_batch_size) for lo in range(0, B, cfg.micro_batch_size)]
     old_logp_B_T = None
     if cfg.ppo_epochs > 1:  # the ratio's denominator: the policy that sampled, before any update
+        parts = []
         with torch.no_grad():
-            old_logp_B_T = torch.cat(
-                [
+            for sl in micro:
+                mb = batch.select(sl)
+                parts.append(
                     student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T).token_logp_B_T
-                    for mb in (
-                        batch.select(slice(lo, lo + cfg.micro_batch_size))
-                        for lo in range(0, B, cfg.micro_batch_size)
-                    )
-                ]
-            )
+                )
+        old_logp_B_T = torch.cat(parts)
     params = [p for p in student.parameters() if p.requires_grad]
     losses, norms, clip_fracs, skipped = [], [], [], 0
     student.train()
     for _ in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for lo in range(0, B, cfg.micro_batch_size):
-            sl = slice(lo, lo + cfg.micro_batch_size)
+        for sl in micro:
             mb, mask = batch.select(sl), mask_all[sl]
             if mask.sum() == 0:
                 continue
