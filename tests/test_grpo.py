@@ -110,20 +110,25 @@ def test_rewards_and_advantages_follow_the_prompt_major_layout(tiny_pair, tmp_pa
 # --------------------------------------------------------------------------- the loss and its gradient
 
 
-@pytest.mark.parametrize("ppo_epochs", [1, 2])
-def test_update_gradient_equals_autograd_of_the_documented_loss(tiny_pair, tmp_path, ppo_epochs):
-    """First pass of update(): grad of -(1/N) Σ_{b,t} A_b log π(y_bt) (token-mean), micro-batched."""
-    cfg = make_grpo_cfg(tiny_pair, tmp_path, micro_batch_size=2, grad_clip=0.0, ppo_epochs=ppo_epochs)
+@pytest.mark.parametrize("ppo_epochs,kl_coef", [(1, 0.0), (2, 0.0), (1, 0.5)])
+def test_update_gradient_equals_autograd_of_the_documented_loss(tiny_pair, tmp_path, ppo_epochs, kl_coef):
+    """First pass of update(): grad of -(1/N) Σ_{b,t} A_b log π(y_bt) + β_KL (1/N) Σ_{b,t} k3_bt
+    (token-mean, k3 = r − log r − 1 with r = π_ref(y)/π(y)), micro-batched."""
+    cfg = make_grpo_cfg(
+        tiny_pair, tmp_path, micro_batch_size=2, grad_clip=0.0, ppo_epochs=ppo_epochs, kl_coef=kl_coef
+    )
     from opd.runtime import Runtime
 
     models = grpo.load_student(cfg, Runtime.from_config(cfg))
-    model = models.student
-    backend = make_backend("hf", model, models.tokenizer, vocab_limit=models.compat.vocab_limit)
+    model, V = models.student, models.compat.vocab_limit
+    backend = make_backend("hf", model, models.tokenizer, vocab_limit=V)
     batch = backend.generate(
         [[5, 6, 7], [8, 9]], n=3, max_new_tokens=5, temperature=1.0, top_p=1.0, top_k=0, seed=1
     )
     adv_B = torch.tensor([0.7, -1.2, 0.5, 0.0, 2.0, -0.3])
-    scorer = PolicyScorer(model, temperature=0.8, vocab_limit=models.compat.vocab_limit)
+    scorer = PolicyScorer(model, temperature=0.8, vocab_limit=V)
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_pair[1])  # any frozen model on the same vocabulary
+    reference = PolicyScorer(ref_model, temperature=0.8, vocab_limit=V) if kl_coef else None
     grads = {}
 
     class Recorder(torch.optim.SGD):  # records the first pass's gradient, then does not move the weights
@@ -131,19 +136,39 @@ def test_update_gradient_equals_autograd_of_the_documented_loss(tiny_pair, tmp_p
             if not grads:
                 grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
-    grpo.update(scorer, batch, adv_B, Recorder(model.parameters(), lr=0.0), cfg)
+    _, _, _, stats = grpo.update(scorer, batch, adv_B, Recorder(model.parameters(), lr=0.0), cfg, reference)
+
+    def token_logp(m):
+        pos = (batch.attention_mask_B_T.cumsum(-1) - 1).clamp_min(0)
+        logits = m(batch.input_ids_B_T, attention_mask=batch.attention_mask_B_T, position_ids=pos).logits
+        logp = F.log_softmax(logits[:, :-1, :V].double() / 0.8, dim=-1)
+        return logp.gather(-1, batch.input_ids_B_T[:, 1:, None])[..., 0]
 
     model.zero_grad()
-    mask = batch.response_mask_B_T
-    pos = (batch.attention_mask_B_T.cumsum(-1) - 1).clamp_min(0)
-    logits = model(batch.input_ids_B_T, attention_mask=batch.attention_mask_B_T, position_ids=pos).logits
-    logp = F.log_softmax(logits[:, :-1, : models.compat.vocab_limit].double() / 0.8, dim=-1)
-    tok = logp.gather(-1, batch.input_ids_B_T[:, 1:, None])[..., 0]
-    loss = -(adv_B[:, None].double() * tok * mask[:, 1:]).sum() / mask.sum()
+    mask = batch.response_mask_B_T[:, 1:].double()
+    tok = token_logp(model)
+    loss = -(adv_B[:, None].double() * tok * mask).sum() / mask.sum()
+    if kl_coef:
+        with torch.no_grad():
+            ref = token_logp(ref_model)
+        k3 = torch.exp(ref - tok) - (ref - tok) - 1
+        loss = loss + kl_coef * (k3 * mask).sum() / mask.sum()
+        assert stats["kl/ref"] == pytest.approx(float((k3.detach() * mask).sum() / mask.sum()), rel=1e-4)
+        assert stats["kl/ref"] > 0
     loss.backward()
     assert grads
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_kl_to_the_initial_student_starts_at_zero_and_costs_a_forward(tiny_pair, tmp_path, monkeypatch):
+    parity_reward(monkeypatch)
+    summary = grpo.train(make_grpo_cfg(tiny_pair, tmp_path, steps=3, kl_coef=0.1))
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[0]["kl/ref"] == 0.0  # the reference is the student before its first update
+    assert rows[-1]["kl/ref"] > 0
+    cost = summary["cost"]
+    assert cost["cost/student_forward_tokens"] == cost["cost/student_train_tokens"]  # one reference pass each
 
 
 # --------------------------------------------------------------------------- end to end
@@ -260,6 +285,8 @@ def test_config_errors_name_the_fix(tiny_pair, tmp_path):
         make_grpo_cfg(tiny_pair, tmp_path, teacher="lab:teacher-a-plus")
     with pytest.raises(ConfigError, match="rollouts_per_prompt=1"):
         make_grpo_cfg(tiny_pair, tmp_path, rollouts_per_prompt=1)
+    with pytest.raises(ConfigError, match="kl_coef=-0.1"):
+        make_grpo_cfg(tiny_pair, tmp_path, kl_coef=-0.1)
     with pytest.raises(ConfigError, match="loss_aggregation"):
         make_grpo_cfg(tiny_pair, tmp_path, loss_aggregation="sum")
     with pytest.raises(ConfigError, match="student=lab:student prompts=lab:train"):

@@ -1,9 +1,8 @@
 """GRPO: reinforcement learning with a verifiable 0/1 reward, the RL baseline next to OPD, one file.
 
 What this file deliberately leaves out: a teacher (the reward is the grader, :mod:`opd.grading`, on
-prompts with answers), a value function, a KL-to-reference penalty (off by default in current GRPO
-recipes; not implemented here, so no reference copy of the student is kept), an entropy bonus, and
-format or length rewards. The run frame — run directory, seeding, optimiser and schedule, prompt loading,
+prompts with answers), a value function, an entropy bonus, and format or length rewards. The
+KL-to-reference penalty is optional and off by default (``kl_coef = 0``: no reference copy is loaded). The run frame — run directory, seeding, optimiser and schedule, prompt loading,
 evaluation, the end of a run — is :mod:`opd.methods.common`'s, shared with every method.
 
 Each step:
@@ -17,7 +16,10 @@ Each step:
      Dr. GRPO); a group whose G rewards are all equal has A = 0 and teaches nothing;
   4. ``ppo_epochs`` passes of the PPO-clipped policy-gradient loss
      (:func:`opd.objectives.policy_gradient_loss`, no dual clip) with ``ratio = π_θ(y_t)/π_old(y_t)``,
-     aggregated over tokens (``loss_aggregation``, token-mean by default); every grad-carrying pass
+     plus, with ``kl_coef = β_KL > 0``, the penalty ``β_KL · k3_t`` to a frozen copy of the initial student
+     π_ref, ``k3_t = π_ref(y_t)/π_θ(y_t) − log(π_ref(y_t)/π_θ(y_t)) − 1`` (DeepSeekMath's and TRL's form,
+     differentiated as a loss), both aggregated over tokens (``loss_aggregation``, token-mean by
+     default); every grad-carrying pass
      through the student's ``PolicyScorer``; then ``backend.sync_weights``. With ``ppo_epochs = 1`` the
      old log-probs are the update's own (detached), the ratio is 1 and the gradient is
      ``−Σ_t A ∇log π_θ(y_t)`` / (number of tokens);
@@ -97,6 +99,8 @@ class GRPOConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig
     """Passes (optimiser steps) over each rollout batch; ratio clipping matters only when > 1."""
     clip_eps: float = 0.2
     """PPO ratio clip epsilon."""
+    kl_coef: float = 0.0
+    """Weight of the per-token KL penalty (k3 estimator) to a frozen copy of the initial student (TRL's GRPO ``beta``); 0 = off, no copy loaded."""
     score_chunk_size: int = 256
     """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
 
@@ -122,6 +126,8 @@ class GRPOConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig
                 errs.append(f"{key}={getattr(self, key)}: must be >= 1")
         if not 0 < self.clip_eps < 1:
             errs.append(f"clip_eps={self.clip_eps}: must be in (0, 1); the usual value is 0.2")
+        if self.kl_coef < 0:
+            errs.append(f"kl_coef={self.kl_coef}: must be >= 0 (0 = no KL-to-reference penalty)")
         if self.adv_eps <= 0:
             errs.append(f"adv_eps={self.adv_eps}: must be > 0 (e.g. 1e-4)")
         if errs:
@@ -179,27 +185,30 @@ def rewards_and_advantages(
     return reward_B, adv_B
 
 
-def update(student: PolicyScorer, batch, adv_B: torch.Tensor, optimizer, cfg: GRPOConfig):
+def update(
+    student: PolicyScorer,
+    batch,
+    adv_B: torch.Tensor,
+    optimizer,
+    cfg: GRPOConfig,
+    reference: PolicyScorer | None = None,
+):
     """``ppo_epochs`` optimiser updates of the clipped policy-gradient loss over the rollout batch, each
-    token of row b carrying the advantage ``adv_B[b]``. Returns (loss, grad_norm, skipped, clip_frac)."""
+    token of row b carrying the advantage ``adv_B[b]``; with ``reference`` (when ``kl_coef > 0``) plus
+    ``kl_coef`` times the aggregated k3 KL estimate to it. Returns (loss, grad_norm, skipped, stats) with
+    stats ``clip_frac`` and ``kl/ref`` (the mean k3 of the first pass; 0 without a reference)."""
     mask_all = batch.response_mask_B_T
     B = batch.input_ids_B_T.shape[0]
     adv_B_T = adv_B.to(mask_all.device)[:, None] * mask_all
     micro = [slice(lo, lo + cfg.micro_batch_size) for lo in range(0, B, cfg.micro_batch_size)]
     old_logp_B_T = None
     if cfg.ppo_epochs > 1:  # the ratio's denominator: the policy that sampled, before any update
-        parts = []
-        with torch.no_grad():
-            for sl in micro:
-                mb = batch.select(sl)
-                parts.append(
-                    student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T).token_logp_B_T
-                )
-        old_logp_B_T = torch.cat(parts)
+        old_logp_B_T = _token_logp(student, batch, micro)
+    ref_logp_B_T = _token_logp(reference, batch, micro) if reference is not None else None
     params = [p for p in student.parameters() if p.requires_grad]
-    losses, norms, clip_fracs, skipped = [], [], [], 0
+    losses, norms, clip_fracs, skipped, kl_sum = [], [], [], 0, 0.0
     student.train()
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for sl in micro:
@@ -218,6 +227,12 @@ def update(student: PolicyScorer, batch, adv_B: torch.Tensor, optimizer, cfg: GR
                 dual_clip=None,
                 aggregation=cfg.loss_aggregation,
             )
+            if ref_logp_B_T is not None:
+                # k3 = r − log r − 1 with r = π_ref/π_θ (>= 0); sampled_token_rewards' k3 is its negative
+                k3_B_T = -obj.sampled_token_rewards(logp, ref_logp_B_T[sl], mask, estimator="k3")
+                loss = loss + cfg.kl_coef * obj.aggregate(k3_B_T, mask, cfg.loss_aggregation)
+                if epoch == 0:
+                    kl_sum += float((k3_B_T.detach() * mask).sum())
             (loss * w).backward()
             total += float(loss.detach()) * w
             clip_fracs.append(stats["clip_frac"])
@@ -232,8 +247,21 @@ def update(student: PolicyScorer, batch, adv_B: torch.Tensor, optimizer, cfg: GR
         losses.append(total)
         norms.append(norm)
     student.eval()
-    clip = float(np.mean(clip_fracs)) if clip_fracs else 0.0
-    return float(np.mean(losses)), norms[-1], skipped, clip
+    stats = {
+        "clip_frac": float(np.mean(clip_fracs)) if clip_fracs else 0.0,
+        "kl/ref": kl_sum / max(1.0, float(mask_all.sum())),
+    }
+    return float(np.mean(losses)), norms[-1], skipped, stats
+
+
+def _token_logp(scorer: PolicyScorer, batch, micro: list[slice]) -> torch.Tensor:
+    """No-grad sampled-token log-probs ``logp_B_T`` of ``scorer``'s model, micro-batch by micro-batch."""
+    parts = []
+    with torch.no_grad():
+        for sl in micro:
+            mb = batch.select(sl)
+            parts.append(scorer(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T).token_logp_B_T)
+    return torch.cat(parts)
 
 
 def _micro_batch_weight(mask_mb_B_T, mask_all_B_T, aggregation: str) -> float:
@@ -293,6 +321,20 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         vocab_limit=vocab_limit,
         compute_dtype=cfg.student_dtype,
     )
+    reference = None
+    if cfg.kl_coef > 0:  # a frozen copy of the initial student (reloaded from cfg.student on resume)
+        ref_model = load_model(
+            cfg.student, dtype="float32", trust_remote_code=cfg.trust_remote_code, device=runtime.device
+        )
+        ref_model.eval()
+        ref_model.requires_grad_(False)
+        reference = PolicyScorer(
+            ref_model,
+            temperature=cfg.temperature,
+            chunk_size=cfg.score_chunk_size,
+            vocab_limit=vocab_limit,
+            compute_dtype=cfg.student_dtype,
+        )
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), teacher_params=0)
@@ -342,6 +384,7 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     for step in range(start_step + 1, cfg.steps + 1):
         row = grpo_step(
             student_scorer,
+            reference,
             backend,
             tokenizer,
             prompts,
@@ -405,6 +448,7 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
 
 def grpo_step(
     student: PolicyScorer,
+    reference: PolicyScorer | None,
     backend: RolloutBackend,
     tokenizer,
     prompts,
@@ -438,7 +482,7 @@ def grpo_step(
 
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
-    loss, grad_norm, skipped, clip_frac = update(student, batch, adv_B, optimizer, cfg)
+    loss, grad_norm, skipped, stats = update(student, batch, adv_B, optimizer, cfg, reference)
     scheduler.step()
     backend.sync_weights(student.model)
     t_update = time.perf_counter() - t0
@@ -448,7 +492,8 @@ def grpo_step(
     cost.add(
         student_prefill_tokens=seq_tokens - int(batch.response_lengths_B.sum()),
         student_generated_tokens=batch.response_lengths_B,
-        student_forward_tokens=seq_tokens if cfg.ppo_epochs > 1 else 0,  # the old-log-prob pass
+        # no-grad student-size passes: the old log-probs (ppo_epochs > 1), the reference (kl_coef > 0)
+        student_forward_tokens=seq_tokens * (int(cfg.ppo_epochs > 1) + int(reference is not None)),
         student_train_tokens=seq_tokens * cfg.ppo_epochs,
         student_loss_tokens=n_tokens * cfg.ppo_epochs,
     )
@@ -463,7 +508,8 @@ def grpo_step(
         "adv/abs_mean": float(adv_B.abs().mean()),
         "grad_norm": grad_norm,
         "lr": lr,
-        "clip_frac": clip_frac,
+        "clip_frac": stats["clip_frac"],
+        "kl/ref": stats["kl/ref"],
         "response/length_mean": float(batch.response_lengths_B.float().mean()),
         "response/truncated_frac": float(batch.truncated_B.float().mean()),
         "time/rollout": t_rollout,
