@@ -298,3 +298,13 @@ def test_prompts_without_answers_are_refused(tiny_pair, tmp_path):
     no_answers.write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
     with pytest.raises(ConfigError, match="no answer"):
         grpo.train(make_grpo_cfg(tiny_pair, tmp_path, prompts=str(no_answers)))
+
+
+def test_prompt_cap_without_a_teacher_uses_the_student_context():
+    from types import SimpleNamespace
+
+    from opd.models import prompt_token_cap
+
+    student = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
+    cap, why = prompt_token_cap(1024, 64, student, None)
+    assert cap == 192 and "student 256" in why and "teacher" not in why
