@@ -133,12 +133,15 @@ def load_models(cfg: Any, runtime: Runtime) -> Models:
     student = load_model(cfg.student, dtype="float32", trust_remote_code=trust, device=runtime.device)
     lora = prepare_student(student, cfg)
     if not cfg.teacher:
-        cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, student)
+        cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, None)
         if why:
             log.info("max_prompt_tokens=%d (%s)", cap, why)
         student.eval()
-        compat = CompatReport(tokenizer_vocab_size(tokenizer))
-        return Models(student, None, tokenizer, compat, cap, why, lora)
+        vocab_limit = tokenizer_vocab_size(tokenizer)  # the ids the tokenizer can produce, capped at the head
+        head = student.get_output_embeddings()
+        if head is not None:
+            vocab_limit = min(vocab_limit, int(head.weight.shape[0]))
+        return Models(student, None, tokenizer, CompatReport(vocab_limit), cap, why, lora)
     teacher = load_model(
         cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=trust, device=runtime.teacher_device
     )

@@ -32,7 +32,7 @@ and cross-process reduction (``aggregate`` normalises by the local token count o
 
 from opd.objectives.checks import AGGREGATIONS, DIVERGENCES, ESTIMATORS, SUPPORTS, WEIGHTINGS
 from opd.objectives.full_vocab import full_vocab_divergence
-from opd.objectives.policy_loss import aggregate, policy_gradient_loss
+from opd.objectives.policy_loss import aggregate, group_advantages, policy_gradient_loss
 from opd.objectives.sampled_token import sampled_token_rewards
 from opd.objectives.topk import (
     TopKAdvantages,
@@ -53,6 +53,7 @@ __all__ = [
     "aggregate",
     "build_support",
     "full_vocab_divergence",
+    "group_advantages",
     "policy_gradient_loss",
     "sampled_token_rewards",
     "renormalized_advantages",

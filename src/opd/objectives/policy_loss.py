@@ -132,3 +132,34 @@ def policy_gradient_loss(
             "ratio_mean": float((ratio * keep).sum() / n),
         }
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# group-relative advantages (the GRPO baseline, methods/grpo.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards_P_G: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalised advantage of each of the ``G`` responses to each of ``P`` prompts:
+
+        A[p, g] = (r[p, g] − mean_g r[p, ·]) / (std_g r[p, ·] + eps)     (``scale=True``, GRPO)
+        A[p, g] =  r[p, g] − mean_g r[p, ·]                               (``scale=False``, Dr. GRPO)
+
+    ``std`` is the sample standard deviation (Bessel's correction, ``G − 1`` in the denominator, as TRL's
+    GRPO trainer computes it), so ``G ≥ 2``. A group whose rewards are all equal gets advantage exactly 0
+    (it carries no learning signal). Returns float32 ``adv_P_G``.
+    """
+    check_rank("rewards_P_G", rewards_P_G, "P_G")
+    check_floating("rewards_P_G", rewards_P_G)
+    if rewards_P_G.shape[1] < 2:
+        raise ValueError(
+            f"rewards_P_G has G={rewards_P_G.shape[1]} response(s) per prompt; group normalisation needs "
+            "G >= 2 (set rollouts_per_prompt >= 2)."
+        )
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps!r}; use e.g. 1e-4.")
+    r_P_G = rewards_P_G.float()
+    centred_P_G = r_P_G - r_P_G.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred_P_G
+    return centred_P_G / (r_P_G.std(dim=1, keepdim=True) + eps)
