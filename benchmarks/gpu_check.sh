@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU check (≤ 5 minutes on one H100-class GPU): OPD in bf16 with fp32 masters on SmolLM2-135M and
+# a 12-layer student, one process, then 2-process data parallel when two GPUs are visible.
+#   bash benchmarks/gpu_check.sh            (from the repository root, in the project's venv)
+set -euo pipefail
+DIR="${OPD_GPU_DIR:-/tmp/opd-gpu}"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.__version__, torch.cuda.get_device_name(0))"
+python benchmarks/gpu_check.py prepare --dir "$DIR"
+python benchmarks/gpu_check.py run --dir "$DIR" --steps 6
+if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  torchrun --standalone --nproc_per_node 2 benchmarks/gpu_check.py run --dir "$DIR" --steps 6
+else
+  echo "one GPU: the 2-process data-parallel check is skipped"
+fi
