@@ -1,7 +1,8 @@
 import pytest
 
 from opd.cli import build_parser, main
-from opd.config import ConfigError, OPDConfig, field_docs, load_config, parse_overrides
+from opd.config import ConfigError, OPDConfig
+from opd.config_io import field_docs, load_config, parse_overrides
 
 
 def test_defaults_follow_the_paper():

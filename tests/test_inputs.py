@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from opd.alerts import AlertConfig
 from opd.cli import main
-from opd.config import ConfigError, OPDConfig, load_config
+from opd.config import ConfigError, OPDConfig
+from opd.config_io import load_config
 from opd.data import load_prompts, read_rows, template_variables
 from opd.lab import resolve
 from opd.methods import opd as opd_method

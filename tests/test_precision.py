@@ -17,7 +17,8 @@ from opd_configs import make_cfg
 from transformers import AutoModelForCausalLM
 
 from opd import objectives as obj
-from opd.config import ConfigError, OPDConfig, load_config
+from opd.config import ConfigError, OPDConfig
+from opd.config_io import load_config
 from opd.methods import opd as opd_method
 from opd.scoring import full_vocab_pair, left_pad_position_ids, score
 from opd.tiny import build_byte_tokenizer, build_tiny_model

@@ -13,7 +13,8 @@ from opd_configs import make_cfg
 
 import opd
 from opd import cli
-from opd.config import ConfigError, DataConfig, ModelsConfig, OPDConfig, RunConfig, field_docs, part_errors
+from opd.config import ConfigError, DataConfig, ModelsConfig, OPDConfig, RunConfig, part_errors
+from opd.config_io import field_docs
 from opd.methods import METHODS, method_for
 from opd.methods import opd as opd_method
 from opd.rollout import BACKENDS, HFGenerateBackend, RolloutBatch, make_backend, stop_token_ids

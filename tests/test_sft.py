@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from opd.cli import main as cli_main
-from opd.config import help_text
+from opd.config_io import help_text
 from opd.errors import ConfigError
 from opd.methods import sft
 from opd.methods.sft import SFTConfig

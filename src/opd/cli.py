@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from opd.config import ConfigError, OPDConfig, help_text, load_config
+from opd.config import ConfigError, OPDConfig
+from opd.config_io import help_text, load_config
 from opd.diagnose import DiagnoseConfig, DiagnoseThresholds, diagnose
 from opd.evaluation import EvalConfig, load_eval_config, run_eval, run_grade
 from opd.lab import zoo

@@ -45,15 +45,8 @@ from typing import Any
 import torch
 
 from opd.benchmarks import Benchmark, load_benchmark
-from opd.config import (
-    DEVICE_PATTERN,
-    ConfigError,
-    _coerce_types,
-    build_config,
-    load_yaml_text,
-    parse_overrides,
-    to_dict,
-)
+from opd.config import DEVICE_PATTERN, ConfigError
+from opd.config_io import _coerce_types, build_config, load_yaml_text, parse_overrides, to_dict
 from opd.data import load_prompts
 from opd.evaluate import grade_responses, sample_responses
 from opd.grading import extract_boxed, grade

@@ -277,6 +277,11 @@ class HFGenerateBackend:
         return out[:, width:].cpu()
 
 
+def prompt_seed(seed: int, step: int, slot: int) -> int:
+    """The sampling seed of the prompt in place ``slot`` of step ``step``'s batch (``rollout_seeding=per_prompt``)."""
+    return (seed * 1_000_003 + step) * 100_003 + slot
+
+
 BACKENDS = ("hf",)
 """Names :func:`make_backend` knows (the ``rollout_backend`` config field)."""
 

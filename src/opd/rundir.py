@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.checkpoint import list_checkpoints
-from opd.config import translate_old_keys
+from opd.config_io import translate_old_keys
 from opd.lab import LabModel, LabNameError, resolve
 
 try:

@@ -1,7 +1,7 @@
 """``DiagnoseConfig``: one pre-flight diagnosis. The models and prompts keys are ``opd train``'s
 (:class:`opd.config.ModelsConfig`, :class:`opd.config.DataConfig`, documented once there); the rest
 are the diagnosis's own. Loaded like every opd config: YAML file plus ``key=value`` overrides
-(:func:`opd.config.load_config`)."""
+(:func:`opd.config_io.load_config`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 
-from opd.config import DataConfig, ModelsConfig, _coerce_types, load_yaml_text
+from opd.config import DataConfig, ModelsConfig
+from opd.config_io import _coerce_types, load_yaml_text
 from opd.diagnose.verdict import DiagnoseThresholds
 from opd.errors import ConfigError
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from opd.config import to_dict
+from opd.config_io import to_dict
 from opd.data import load_prompts
 from opd.diagnose import measure
 from opd.diagnose.config import DiagnoseConfig

@@ -33,7 +33,7 @@ import torch
 
 from opd import evaluate
 from opd.alerts import AlertConfig, AlertMonitor
-from opd.config import to_dict
+from opd.config_io import to_dict
 from opd.cost import CostMeter
 from opd.data import PromptSet, load_prompts
 from opd.errors import ConfigError

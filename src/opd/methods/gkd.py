@@ -53,15 +53,8 @@ import torch
 
 from opd import objectives as obj
 from opd.checkpoint import load_newest_checkpoint, save_checkpoint
-from opd.config import (
-    DataConfig,
-    ModelsConfig,
-    OptimConfig,
-    RolloutConfig,
-    RunConfig,
-    _coerce_types,
-    part_errors,
-)
+from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
+from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler, PromptSet, read_rows
 from opd.errors import ConfigError
@@ -230,7 +223,7 @@ def update(student: PolicyScorer, teacher: PolicyScorer, batch: RolloutBatch, op
         mb, mask = batch.select(sl), mask_all[sl]
         if mask.sum() == 0:
             continue
-        w = _micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
+        w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
         div_B_T = student(
             mb.input_ids_B_T,
             mb.attention_mask_B_T,
@@ -253,15 +246,6 @@ def update(student: PolicyScorer, teacher: PolicyScorer, batch: RolloutBatch, op
         optimizer.step()
     student.eval()
     return total, norm, skipped
-
-
-def _micro_batch_weight(mask_mb_B_T, mask_all_B_T, aggregation: str) -> float:
-    """Scale of a micro-batch's aggregated loss so the accumulated sum is the whole batch's aggregate."""
-    if aggregation == "token-mean":
-        total = mask_all_B_T.sum()
-        return float(mask_mb_B_T.sum() / total) if total > 0 else 0.0
-    total = (mask_all_B_T.sum(-1) > 0).sum()
-    return float((mask_mb_B_T.sum(-1) > 0).sum() / total) if total > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- the training run

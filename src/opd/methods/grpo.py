@@ -43,15 +43,8 @@ import torch
 
 from opd import objectives as obj
 from opd.checkpoint import load_newest_checkpoint, save_checkpoint
-from opd.config import (
-    DataConfig,
-    ModelsConfig,
-    OptimConfig,
-    RolloutConfig,
-    RunConfig,
-    _coerce_types,
-    part_errors,
-)
+from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
+from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler
 from opd.errors import ConfigError
@@ -192,7 +185,7 @@ def update(
             mb, mask = batch.select(sl), mask_all[sl]
             if mask.sum() == 0:
                 continue
-            w = _micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
+            w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
             logp = student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T).token_logp_B_T
             old = old_logp_B_T[sl] if old_logp_B_T is not None else logp.detach()
             loss, stats = obj.policy_gradient_loss(
@@ -239,15 +232,6 @@ def _token_logp(scorer: PolicyScorer, batch, micro: list[slice]) -> torch.Tensor
             mb = batch.select(sl)
             parts.append(scorer(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T).token_logp_B_T)
     return torch.cat(parts)
-
-
-def _micro_batch_weight(mask_mb_B_T, mask_all_B_T, aggregation: str) -> float:
-    """Scale of a micro-batch's aggregated loss so the accumulated sum is the whole batch's aggregate."""
-    if aggregation == "token-mean":
-        total = mask_all_B_T.sum()
-        return float(mask_mb_B_T.sum() / total) if total > 0 else 0.0
-    total = (mask_all_B_T.sum(-1) > 0).sum()
-    return float((mask_mb_B_T.sum(-1) > 0).sum() / total) if total > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- the training run

@@ -37,7 +37,8 @@ import torch
 
 from opd import objectives as obj
 from opd.checkpoint import load_newest_checkpoint, save_checkpoint
-from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, _coerce_types, part_errors
+from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
+from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler
 from opd.errors import ConfigError

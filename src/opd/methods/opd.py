@@ -42,7 +42,8 @@ import torch
 
 from opd import objectives as obj
 from opd.checkpoint import load_newest_checkpoint, save_checkpoint
-from opd.config import OPDConfig, to_dict, tracking_backends
+from opd.config import OPDConfig, tracking_backends
+from opd.config_io import to_dict
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler
 from opd.errors import ConfigError
@@ -64,33 +65,13 @@ from opd.methods.common import (
 from opd.metrics import mechanism_metrics
 from opd.models import check_finite_logp
 from opd.precision import compute_context
-from opd.rollout import RolloutBackend, RolloutBatch, make_backend
+from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed
 from opd.rundir import RunInterrupted, StopSignals
 from opd.runtime import Runtime
 from opd.scoring import PolicyScorer, ScoreOutput, score_pair
 from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 log = logging.getLogger("opd")
-
-
-def micro_batch_weight(
-    mask_mb_B_T: torch.Tensor, mask_all_B_T: torch.Tensor, aggregation: str, total: float | None = None
-) -> float:
-    """Scale of a micro-batch's aggregated loss so that the accumulated sum equals the aggregate over
-    the whole rollout batch (token-mean: by token count; seq-mean-*: by the number of non-empty rows).
-    ``total``: the denominator over all processes (:func:`loss_denominator` summed); default this batch's."""
-    if total is None:
-        total = loss_denominator(mask_all_B_T, aggregation)
-    if total <= 0:
-        return 0.0
-    return loss_denominator(mask_mb_B_T, aggregation) / total
-
-
-def loss_denominator(mask_B_T: torch.Tensor, aggregation: str) -> float:
-    """What the batch loss is normalised by: response tokens (token-mean) or non-empty rows (seq-mean-*)."""
-    if aggregation == "token-mean":
-        return float(mask_B_T.sum())
-    return float((mask_B_T.sum(-1) > 0).sum())
 
 
 # --------------------------------------------------------------------------- scoring + rewards
@@ -213,7 +194,7 @@ def update(
     the one a single process would make on the union of the batches. Returns (loss, grad_norm, skipped,
     stats); ``loss`` is this process's share of the global loss (the shares sum to it)."""
     mask_all = scored.mask_B_T
-    total = loss_denominator(mask_all, cfg.loss_aggregation)
+    total = obj.loss_denominator(mask_all, cfg.loss_aggregation)
     if runtime is not None:
         total = runtime.sum({"n": total})["n"]
     B = batch.input_ids_B_T.shape[0]
@@ -229,7 +210,7 @@ def update(
             mask = mask_all[sl]
             if mask.sum() == 0:
                 continue
-            w = micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
+            w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
             if cfg.objective == "full":
                 loss = _full_vocab_loss(student, teacher, mb, mask, cfg)
                 stats = {}
@@ -610,8 +591,3 @@ def opd_step(
         sums={"loss/pg"},
         maxima={"memory/peak_mb", "_skipped", "time/step"} | cost_keys,
     )
-
-
-def prompt_seed(seed: int, step: int, slot: int) -> int:
-    """The sampling seed of the prompt in place ``slot`` of step ``step``'s batch (``rollout_seeding=per_prompt``)."""
-    return (seed * 1_000_003 + step) * 100_003 + slot

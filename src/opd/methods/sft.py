@@ -42,14 +42,8 @@ from typing import Any
 import torch
 
 from opd.checkpoint import load_newest_checkpoint, save_checkpoint
-from opd.config import (
-    DataConfig,
-    ModelsConfig,
-    OptimConfig,
-    RunConfig,
-    _coerce_types,
-    part_errors,
-)
+from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
+from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSampler, PromptSet
 from opd.errors import ConfigError

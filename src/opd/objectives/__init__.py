@@ -32,7 +32,13 @@ and cross-process reduction (``aggregate`` normalises by the local token count o
 
 from opd.objectives.checks import AGGREGATIONS, DIVERGENCES, ESTIMATORS, SUPPORTS, WEIGHTINGS
 from opd.objectives.full_vocab import full_vocab_divergence
-from opd.objectives.policy_loss import aggregate, group_advantages, policy_gradient_loss
+from opd.objectives.policy_loss import (
+    aggregate,
+    group_advantages,
+    loss_denominator,
+    micro_batch_weight,
+    policy_gradient_loss,
+)
 from opd.objectives.sampled_token import sampled_token_rewards
 from opd.objectives.topk import (
     TopKAdvantages,
@@ -54,6 +60,8 @@ __all__ = [
     "build_support",
     "full_vocab_divergence",
     "group_advantages",
+    "loss_denominator",
+    "micro_batch_weight",
     "policy_gradient_loss",
     "sampled_token_rewards",
     "renormalized_advantages",

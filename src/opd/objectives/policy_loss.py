@@ -163,3 +163,23 @@ def group_advantages(rewards_P_G: torch.Tensor, scale: bool = True, eps: float =
     if not scale:
         return centred_P_G
     return centred_P_G / (r_P_G.std(dim=1, keepdim=True) + eps)
+
+
+def micro_batch_weight(
+    mask_mb_B_T: torch.Tensor, mask_all_B_T: torch.Tensor, aggregation: str, total: float | None = None
+) -> float:
+    """Scale of a micro-batch's aggregated loss so that the accumulated sum equals the aggregate over
+    the whole rollout batch (token-mean: by token count; seq-mean-*: by the number of non-empty rows).
+    ``total``: the denominator over all processes (:func:`loss_denominator` summed); default this batch's."""
+    if total is None:
+        total = loss_denominator(mask_all_B_T, aggregation)
+    if total <= 0:
+        return 0.0
+    return loss_denominator(mask_mb_B_T, aggregation) / total
+
+
+def loss_denominator(mask_B_T: torch.Tensor, aggregation: str) -> float:
+    """What the batch loss is normalised by: response tokens (token-mean) or non-empty rows (seq-mean-*)."""
+    if aggregation == "token-mean":
+        return float(mask_B_T.sum())
+    return float((mask_B_T.sum(-1) > 0).sum())
