@@ -81,3 +81,18 @@ def test_per_prompt_seeding_does_not_depend_on_the_batch(tiny_pair):
     width = int(alone.response_mask_B_T.sum(-1).max())
     assert torch.equal(resp[:, :width], resp_alone[:, :width])
     assert torch.equal(whole.response_mask_B_T[2:4].sum(-1), alone.response_mask_B_T.sum(-1))
+
+
+def test_two_process_resume_equals_an_uninterrupted_two_process_run(tiny_pair, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run([*torchrun, "-m", "opd.cli", *_args(tiny_pair, full)])
+    _run([*torchrun, "-m", "opd.cli", *_args(tiny_pair, part)[:-1], "save_every=1", "steps=2"])
+    _run([*torchrun, "-m", "opd.cli", *_args(tiny_pair, part)[:-1], "save_every=1", "resume=true"])
+    a, b = (
+        load_file(str(full / "final" / "model.safetensors")),
+        load_file(str(part / "final" / "model.safetensors")),
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [r["step"] for r in read_metrics(part / "metrics.jsonl")] == [1, 2, 3]
