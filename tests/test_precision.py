@@ -88,7 +88,13 @@ def test_train_scores_the_student_at_the_rollout_temperature(tiny_pair, tmp_path
     monkeypatch.setattr(opd_method, "_full_vocab_loss", spy_full)
     opd_method.train(
         make_cfg(
-            tiny_pair, tmp_path, objective=objective, support_size=4, temperature=T, teacher_temperature=1.3
+            tiny_pair,
+            tmp_path,
+            objective=objective,
+            support_size=4,
+            temperature=T,
+            teacher_temperature=1.3,
+            fused_update=False,  # the two-pass path; test_train holds the fused one equal to it
         )
     )
     assert checked["score"] == 2
@@ -111,7 +117,15 @@ def test_train_metrics_use_the_temperature_scored_student(tiny_pair, tmp_path, m
 
     monkeypatch.setattr(opd_method, "score_batch", spy)
     opd_method.train(
-        make_cfg(tiny_pair, tmp_path, objective="topk", support_size=4, temperature=0.7, steps=1)
+        make_cfg(
+            tiny_pair,
+            tmp_path,
+            objective="topk",
+            support_size=4,
+            temperature=0.7,
+            steps=1,
+            fused_update=False,
+        )
     )
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert row["kl/sampled"] == pytest.approx(seen[0], abs=1e-5)

@@ -301,7 +301,9 @@ def test_score_batch_returns_a_scored_batch_and_separate_timings(tiny_pair, tmp_
         return scored, times
 
     monkeypatch.setattr(opd_method, "score_batch", spy)
-    opd_method.train(make_cfg(tiny_pair, tmp_path, steps=1, objective="topk", support_size=4))
+    opd_method.train(
+        make_cfg(tiny_pair, tmp_path, steps=1, objective="topk", support_size=4, fused_update=False)
+    )
     ((scored, times),) = seen
     assert isinstance(scored, opd_method.ScoredBatch)
     assert set(times) == {"time/score_student", "time/score_teacher"} and all(v >= 0 for v in times.values())

@@ -329,6 +329,10 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
     """Dual-clip constant c for negative advantages."""
     score_chunk_size: int = 256
     """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
+    fused_update: bool = True
+    """With ppo_epochs=1 and objective=sampled, or topk with support student / intersection: score and update
+    the student in one forward per micro-batch (the old log-probs are the detached new ones). False: a
+    separate no-grad scoring pass first (the same update to float tolerance, one more student forward)."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)

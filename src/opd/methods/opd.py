@@ -31,9 +31,7 @@ micro-batch and streams both heads chunk by chunk (checkpointed), so no B x T x 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,118 +60,16 @@ from opd.methods.common import (
     seed_everything,
     write_config,
 )
+from opd.methods.opd_scoring import ScoredBatch, apply_gradients, can_fuse, fused_update, score_batch
 from opd.metrics import mechanism_metrics
-from opd.models import check_finite_logp
 from opd.precision import compute_context
 from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed
 from opd.rundir import RunInterrupted, StopSignals
 from opd.runtime import Runtime
-from opd.scoring import PolicyScorer, ScoreOutput, score_pair
+from opd.scoring import PolicyScorer
 from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 log = logging.getLogger("opd")
-
-
-# --------------------------------------------------------------------------- scoring + rewards
-
-
-@dataclass
-class ScoredBatch:
-    """A rollout batch scored by both models, and its per-token rewards (all on the student's device).
-
-    ``old_logp`` / ``advantages``: (B, T) for the sampled-token objective, (B, T, S) on the top-K
-    support ``support_ids_B_T_S`` (entries with ``valid_B_T_S`` False are padding); None in full-vocabulary
-    mode, whose loss is the exact KL computed with grad in the update. ``token_reward_B_T``: the logged
-    per-token reward (``reward/mean``).
-    """
-
-    mask_B_T: torch.Tensor
-    student: ScoreOutput
-    teacher: ScoreOutput
-    token_reward_B_T: torch.Tensor
-    old_logp: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    support_ids_B_T_S: torch.Tensor | None = None
-    valid_B_T_S: torch.Tensor | None = None
-
-
-def score_batch(
-    student: PolicyScorer, teacher: PolicyScorer, batch: RolloutBatch, cfg: OPDConfig
-) -> tuple[ScoredBatch, dict[str, float]]:
-    """No-grad scoring of a rollout batch by both models and the per-token rewards.
-
-    ``student`` / ``teacher``: the scorers (each at its own temperature; the teacher's on its device,
-    its outputs come back to the batch's). Returns the :class:`ScoredBatch` and the timings
-    ``time/score_student`` / ``time/score_teacher`` (seconds). Done in micro-batches to bound memory.
-    """
-    mask = batch.response_mask_B_T.float()
-    width = max(cfg.metrics_top_k, cfg.support_size if cfg.objective == "topk" else 0)
-    # the student at ``temperature``: the distribution the rollout tokens were drawn from
-    s_out, t_out, timings = score_pair(student, teacher, batch, cfg.micro_batch_size, width)
-    check_finite_logp("student", cfg.student, s_out.token_logp_B_T, mask)  # before any update uses them
-    check_finite_logp("teacher", cfg.teacher, t_out.token_logp_B_T, mask)
-
-    if cfg.objective == "sampled":
-        # the advantage is always k1 (k3 is not an advantage: docs/objectives.md); `estimator` picks
-        # only the logged per-token reward
-        scored = ScoredBatch(
-            mask,
-            s_out,
-            t_out,
-            token_reward_B_T=obj.sampled_token_rewards(
-                s_out.token_logp_B_T, t_out.token_logp_B_T, mask, estimator=cfg.estimator
-            ),
-            old_logp=s_out.token_logp_B_T,
-            advantages=obj.sampled_token_rewards(s_out.token_logp_B_T, t_out.token_logp_B_T, mask, "k1"),
-        )
-    elif cfg.objective == "topk":
-        K = cfg.support_size
-        s_ids, s_lp = s_out.topk_ids_B_T_K[..., :K], s_out.topk_logp_B_T_K[..., :K]
-        t_ids, t_lp = t_out.topk_ids_B_T_K[..., :K], t_out.topk_logp_B_T_K[..., :K]
-        s_at_t = None
-        if cfg.support not in ("student", "intersection"):
-            # the student's log-probs at the teacher's top-K ids need one more (no-grad) student pass
-            t0 = time.perf_counter()
-            s_at_t = _score_given(student, batch, t_ids, cfg)
-            timings["time/score_student"] += time.perf_counter() - t0
-        topk = obj.topk_advantages(
-            s_ids,
-            s_lp,
-            t_ids,
-            t_lp,
-            teacher_logp_at_student_B_T_K=t_out.given_logp_B_T_K[..., :K],
-            student_logp_at_teacher_B_T_K=s_at_t,  # None for student / intersection
-            mask_B_T=mask,
-            support=cfg.support,
-            weighting=cfg.weighting,
-            renormalize=cfg.renormalize,
-        )
-        scored = ScoredBatch(
-            mask,
-            s_out,
-            t_out,
-            token_reward_B_T=topk.rewards.sum(-1),
-            old_logp=topk.student_logp,
-            advantages=topk.advantages,
-            support_ids_B_T_S=topk.support_ids,
-            valid_B_T_S=topk.valid,
-        )
-    else:  # full vocabulary: the loss is the exact KL, computed with grad in the update
-        scored = ScoredBatch(mask, s_out, t_out, token_reward_B_T=t_out.token_logp_B_T - s_out.token_logp_B_T)
-    return scored, timings
-
-
-def _score_given(
-    student: PolicyScorer, batch: RolloutBatch, ids_B_T_K: torch.Tensor, cfg: OPDConfig
-) -> torch.Tensor:
-    parts = []
-    with torch.no_grad():
-        for lo in range(0, batch.input_ids_B_T.shape[0], cfg.micro_batch_size):
-            sl = slice(lo, lo + cfg.micro_batch_size)
-            mb = batch.select(sl)
-            o = student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T, ids_B_T_K[sl])
-            parts.append(o.given_logp_B_T_K)
-    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------- update
@@ -232,16 +128,8 @@ def update(
             total_loss += float(loss.detach()) * w
             if "clip_frac" in stats:
                 clip_fracs.append(stats["clip_frac"])
-        if runtime is not None:
-            runtime.all_reduce_grads(params)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(norm):
-            optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            log.warning("non-finite gradient norm (%s): update skipped", norm)
-        else:
-            optimizer.step()
+        norm, was_skipped = apply_gradients(params, optimizer, cfg, runtime)
+        skipped += was_skipped
         losses.append(total_loss)
         norms.append(norm)
     student.eval()
@@ -527,12 +415,19 @@ def opd_step(
     batch = batch.to(runtime.device)  # the student's device; the teacher scorer moves its own inputs
     t_rollout = time.perf_counter() - t0
 
-    scored, score_times = score_batch(student, teacher, batch, cfg)
-    mask, s, t = scored.mask_B_T, scored.student, scored.teacher
-
-    t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
-    loss, grad_norm, skipped, upd_stats = update(student, teacher, batch, scored, optimizer, cfg, runtime)
+    fused = can_fuse(cfg)
+    if fused:  # one student pass: scoring, rewards and the update per micro-batch (opd_scoring.py)
+        t0 = time.perf_counter()
+        scored, score_times, loss, grad_norm, skipped, upd_stats = fused_update(
+            student, teacher, batch, optimizer, cfg, runtime
+        )
+        t0 += score_times["time/score_teacher"]  # the teacher's share is timed on its own
+    else:
+        scored, score_times = score_batch(student, teacher, batch, cfg)
+        t0 = time.perf_counter()
+        loss, grad_norm, skipped, upd_stats = update(student, teacher, batch, scored, optimizer, cfg, runtime)
+    mask, s, t = scored.mask_B_T, scored.student, scored.teacher
     scheduler.step()
     # rollouts are drawn only at the start of a step, so one sync after the step's optimiser update(s)
     # is "after every optimiser step" as far as sampling can tell (HF: a no-op, it shares the module)
@@ -556,7 +451,7 @@ def opd_step(
     spent = dict(
         student_prefill_tokens=seq_tokens - int(batch.response_lengths_B.sum()),
         student_generated_tokens=int(batch.response_lengths_B.sum()),
-        student_forward_tokens=seq_tokens * (2 if extra_student_pass else 1),
+        student_forward_tokens=0 if fused else seq_tokens * (2 if extra_student_pass else 1),
         # full vocabulary: the teacher is run again on each micro-batch of each update pass
         teacher_forward_tokens=seq_tokens * (1 + (cfg.ppo_epochs if cfg.objective == "full" else 0)),
         student_train_tokens=seq_tokens * cfg.ppo_epochs,

@@ -1,0 +1,68 @@
+"""One student pass per step (fused_update=true) against a scoring pass + an update pass (false).
+
+    python benchmarks/fused_update.py
+
+Tiny random Qwen2 pair (student hidden 128, 2 layers; teacher 3 layers), 8 prompts x 4 rollouts x 48 new
+tokens per step, one torch thread, 5 steps per run (the first dropped), the two settings alternated twice,
+best of 2. Prints the mean per-phase seconds and the ratio of step times.
+"""
+
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+from opd.config import OPDConfig
+from opd.methods.opd import train
+from opd.tiny import save_tiny_pair
+from opd.tracking import read_metrics
+
+root = Path(tempfile.mkdtemp())
+s, t = save_tiny_pair(root, hidden_size=128, num_layers=2)
+p = root / "p.jsonl"
+p.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 3}."}) + "\n" for i in range(64)))
+res = {True: [], False: []}
+for rep in range(2):
+    for fused in (False, True):
+        out = root / f"r{rep}{fused}"
+        train(
+            OPDConfig(
+                student=str(s),
+                teacher=str(t),
+                prompts=str(p),
+                steps=5,
+                prompts_per_step=8,
+                rollouts_per_prompt=4,
+                max_new_tokens=48,
+                micro_batch_size=16,
+                lr=1e-4,
+                output_dir=str(out),
+                progress=False,
+                alerts=False,
+                fused_update=fused,
+                threads=1,
+            )
+        )
+        rows = read_metrics(out / "metrics.jsonl")[1:]
+        res[fused].append(
+            {
+                k: statistics.mean(r[k] for r in rows)
+                for k in (
+                    "time/step",
+                    "time/score_student",
+                    "time/score_teacher",
+                    "time/update",
+                    "time/rollout",
+                )
+            }
+        )
+for fused in (False, True):
+    best = min(res[fused], key=lambda d: d["time/step"])
+    print("fused" if fused else "two-pass", {k: round(v, 4) for k, v in best.items()})
+print(
+    "ratio step fused/two-pass",
+    min(r["time/step"] for r in res[True]) / min(r["time/step"] for r in res[False]),
+)

@@ -1,0 +1,268 @@
+"""OPD's scoring passes and per-token rewards (the first half of a step of :mod:`opd.methods.opd`).
+
+Two paths, the same update to float tolerance (tests/test_train.py):
+
+- :func:`score_batch` — a no-grad scoring pass of the student and the teacher over the rollout batch
+  (``scoring.score_pair``), then the rewards; :func:`opd.methods.opd.update` runs the student again with
+  grad. Needed when ``ppo_epochs > 1`` (old log-probs are then fixed while the weights move), for the
+  teacher / union / symmetric_difference supports (the student's log-probs at the teacher's ids come from
+  a second student pass) and for the full-vocabulary objective.
+- :func:`fused_update` — ``ppo_epochs = 1`` with the sampled-token objective or a support inside the
+  student's own top-K (student, intersection), and ``fused_update=true`` (the default): one student
+  forward *with* grad per micro-batch gives the top-K ids, log-probs and entropy the rewards and metrics
+  need and, detached, the old log-probs (on-policy, they equal the new ones); the teacher is scored at
+  those ids, the micro-batch's advantages are built and its loss is backpropagated at once. The student
+  runs once per step instead of twice, holding one micro-batch's graph at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+
+import torch
+
+from opd import objectives as obj
+from opd.config import OPDConfig
+from opd.models import check_finite_logp
+from opd.rollout import RolloutBatch
+from opd.runtime import Runtime
+from opd.scoring import PolicyScorer, ScoreOutput, score_pair
+
+log = logging.getLogger("opd")
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout batch scored by both models, and its per-token rewards (all on the student's device).
+
+    ``old_logp`` / ``advantages``: (B, T) for the sampled-token objective, (B, T, S) on the top-K
+    support ``support_ids_B_T_S`` (entries with ``valid_B_T_S`` False are padding); None in full-vocabulary
+    mode, whose loss is the exact KL computed with grad in the update. ``token_reward_B_T``: the logged
+    per-token reward (``reward/mean``).
+    """
+
+    mask_B_T: torch.Tensor
+    student: ScoreOutput
+    teacher: ScoreOutput
+    token_reward_B_T: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    support_ids_B_T_S: torch.Tensor | None = None
+    valid_B_T_S: torch.Tensor | None = None
+
+
+def score_batch(
+    student: PolicyScorer, teacher: PolicyScorer, batch: RolloutBatch, cfg: OPDConfig
+) -> tuple[ScoredBatch, dict[str, float]]:
+    """No-grad scoring of a rollout batch by both models and the per-token rewards.
+
+    ``student`` / ``teacher``: the scorers (each at its own temperature; the teacher's on its device,
+    its outputs come back to the batch's). Returns the :class:`ScoredBatch` and the timings
+    ``time/score_student`` / ``time/score_teacher`` (seconds). Done in micro-batches to bound memory.
+    """
+    mask = batch.response_mask_B_T.float()
+    width = max(cfg.metrics_top_k, cfg.support_size if cfg.objective == "topk" else 0)
+    # the student at ``temperature``: the distribution the rollout tokens were drawn from
+    s_out, t_out, timings = score_pair(student, teacher, batch, cfg.micro_batch_size, width)
+    check_finite_logp("student", cfg.student, s_out.token_logp_B_T, mask)  # before any update uses them
+    check_finite_logp("teacher", cfg.teacher, t_out.token_logp_B_T, mask)
+
+    if cfg.objective == "sampled":
+        # the advantage is always k1 (k3 is not an advantage: docs/objectives.md); `estimator` picks
+        # only the logged per-token reward
+        scored = ScoredBatch(
+            mask,
+            s_out,
+            t_out,
+            token_reward_B_T=obj.sampled_token_rewards(
+                s_out.token_logp_B_T, t_out.token_logp_B_T, mask, estimator=cfg.estimator
+            ),
+            old_logp=s_out.token_logp_B_T,
+            advantages=obj.sampled_token_rewards(s_out.token_logp_B_T, t_out.token_logp_B_T, mask, "k1"),
+        )
+    elif cfg.objective == "topk":
+        K = cfg.support_size
+        s_ids, s_lp = s_out.topk_ids_B_T_K[..., :K], s_out.topk_logp_B_T_K[..., :K]
+        t_ids, t_lp = t_out.topk_ids_B_T_K[..., :K], t_out.topk_logp_B_T_K[..., :K]
+        s_at_t = None
+        if cfg.support not in ("student", "intersection"):
+            # the student's log-probs at the teacher's top-K ids need one more (no-grad) student pass
+            t0 = time.perf_counter()
+            s_at_t = _score_given(student, batch, t_ids, cfg)
+            timings["time/score_student"] += time.perf_counter() - t0
+        topk = obj.topk_advantages(
+            s_ids,
+            s_lp,
+            t_ids,
+            t_lp,
+            teacher_logp_at_student_B_T_K=t_out.given_logp_B_T_K[..., :K],
+            student_logp_at_teacher_B_T_K=s_at_t,  # None for student / intersection
+            mask_B_T=mask,
+            support=cfg.support,
+            weighting=cfg.weighting,
+            renormalize=cfg.renormalize,
+        )
+        scored = ScoredBatch(
+            mask,
+            s_out,
+            t_out,
+            token_reward_B_T=topk.rewards.sum(-1),
+            old_logp=topk.student_logp,
+            advantages=topk.advantages,
+            support_ids_B_T_S=topk.support_ids,
+            valid_B_T_S=topk.valid,
+        )
+    else:  # full vocabulary: the loss is the exact KL, computed with grad in the update
+        scored = ScoredBatch(mask, s_out, t_out, token_reward_B_T=t_out.token_logp_B_T - s_out.token_logp_B_T)
+    return scored, timings
+
+
+def _score_given(
+    student: PolicyScorer, batch: RolloutBatch, ids_B_T_K: torch.Tensor, cfg: OPDConfig
+) -> torch.Tensor:
+    parts = []
+    with torch.no_grad():
+        for lo in range(0, batch.input_ids_B_T.shape[0], cfg.micro_batch_size):
+            sl = slice(lo, lo + cfg.micro_batch_size)
+            mb = batch.select(sl)
+            o = student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T, ids_B_T_K[sl])
+            parts.append(o.given_logp_B_T_K)
+    return torch.cat(parts)
+
+
+def can_fuse(cfg: OPDConfig) -> bool:
+    """Whether a step can score and update the student in one pass (:func:`fused_update`)."""
+    return (
+        cfg.fused_update
+        and cfg.ppo_epochs == 1
+        and (
+            cfg.objective == "sampled"
+            or (cfg.objective == "topk" and cfg.support in ("student", "intersection"))
+        )
+    )
+
+
+def fused_update(
+    student: PolicyScorer,
+    teacher: PolicyScorer,
+    batch: RolloutBatch,
+    optimizer: torch.optim.Optimizer,
+    cfg: OPDConfig,
+    runtime: Runtime | None = None,
+) -> tuple[ScoredBatch, dict[str, float], float, float, int, dict[str, float]]:
+    """Score, build rewards and update in one student pass per micro-batch (module docstring).
+
+    Returns ``(scored, timings, loss, grad_norm, skipped, stats)`` as :func:`score_batch` followed by
+    ``opd.update`` would: ``scored`` holds detached scorings and rewards for the metrics; ``timings`` has
+    ``time/score_teacher`` and ``time/score_student`` = 0 (the student's forward and backward count as
+    ``time/update``, measured by the caller)."""
+    mask_all = batch.response_mask_B_T.float()
+    total = obj.loss_denominator(mask_all, cfg.loss_aggregation)
+    if runtime is not None:
+        total = runtime.sum({"n": total})["n"]
+    K = cfg.support_size if cfg.objective == "topk" else 0
+    width = max(cfg.metrics_top_k, K)
+    params = [p for p in student.parameters() if p.requires_grad]
+    parts_s, parts_t, rewards, clip_fracs = [], [], [], []
+    t_teacher, total_loss = 0.0, 0.0
+    optimizer.zero_grad(set_to_none=True)
+    student.train()
+    for lo in range(0, batch.input_ids_B_T.shape[0], cfg.micro_batch_size):
+        sl = slice(lo, lo + cfg.micro_batch_size)
+        mb, mask = batch.select(sl), mask_all[sl]
+        ids_attn_resp = (mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T)
+        s = student(*ids_attn_resp, top_k=width, entropy=True)  # with grad, at ``temperature``
+        s_det = ScoreOutput(**{f.name: _detach(getattr(s, f.name)) for f in fields(ScoreOutput)})
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            t = teacher(*ids_attn_resp, s_det.topk_ids_B_T_K, top_k=width, entropy=True)
+        t_teacher += time.perf_counter() - t0
+        check_finite_logp("student", cfg.student, s_det.token_logp_B_T, mask)  # before its backward
+        check_finite_logp("teacher", cfg.teacher, t.token_logp_B_T, mask)
+        if cfg.objective == "sampled":
+            reward = obj.sampled_token_rewards(
+                s_det.token_logp_B_T, t.token_logp_B_T, mask, estimator=cfg.estimator
+            )
+            adv = obj.sampled_token_rewards(s_det.token_logp_B_T, t.token_logp_B_T, mask, "k1")
+            new, old, valid = s.token_logp_B_T, s_det.token_logp_B_T, None
+        else:
+            topk = obj.topk_advantages(
+                s_det.topk_ids_B_T_K[..., :K],
+                s_det.topk_logp_B_T_K[..., :K],
+                t.topk_ids_B_T_K[..., :K],
+                t.topk_logp_B_T_K[..., :K],
+                teacher_logp_at_student_B_T_K=t.given_logp_B_T_K[..., :K],
+                student_logp_at_teacher_B_T_K=None,
+                mask_B_T=mask,
+                support=cfg.support,
+                weighting=cfg.weighting,
+                renormalize=cfg.renormalize,
+            )
+            # student / intersection: the support's slots are the student's own top-K, in order
+            reward, adv, valid = topk.rewards.sum(-1), topk.advantages, topk.valid
+            new, old = s.topk_logp_B_T_K[..., :K], topk.student_logp
+        if mask.sum() > 0:
+            w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
+            loss, stats = obj.policy_gradient_loss(
+                new,
+                old,
+                adv,
+                mask,
+                valid_B_T_S=valid,
+                clip_eps=cfg.clip_eps,
+                dual_clip=cfg.dual_clip,
+                aggregation=cfg.loss_aggregation,
+            )
+            (loss * w).backward()
+            total_loss += float(loss.detach()) * w
+            clip_fracs.append(stats.get("clip_frac", 0.0))
+        parts_s.append(s_det)
+        parts_t.append(t)
+        rewards.append(reward)
+        del s, new
+    norm, skipped = apply_gradients(params, optimizer, cfg, runtime)
+    student.eval()
+    scored = ScoredBatch(
+        mask_all, _cat_scores(parts_s), _cat_scores(parts_t), token_reward_B_T=torch.cat(rewards)
+    )
+    timings = {"time/score_student": 0.0, "time/score_teacher": t_teacher}
+    stats = {"clip_frac": sum(clip_fracs) / len(clip_fracs) if clip_fracs else 0.0}
+    return scored, timings, total_loss, norm, skipped, stats
+
+
+def apply_gradients(
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    cfg: OPDConfig,
+    runtime: Runtime | None,
+) -> tuple[float, int]:
+    """Sum the accumulated gradients over processes, clip to ``grad_clip`` and step; a non-finite norm
+    skips the step. Returns (grad norm, 1 if skipped else 0)."""
+    if runtime is not None:
+        runtime.all_reduce_grads(params)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        log.warning("non-finite gradient norm (%s): update skipped", norm)
+        return norm, 1
+    optimizer.step()
+    return norm, 0
+
+
+def _detach(x):
+    return None if x is None else x.detach()
+
+
+def _cat_scores(parts: list[ScoreOutput]) -> ScoreOutput:
+    return ScoreOutput(
+        **{
+            f.name: None
+            if getattr(parts[0], f.name) is None
+            else torch.cat([getattr(p, f.name) for p in parts])
+            for f in fields(ScoreOutput)
+        }
+    )
