@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-torch.set_num_threads(1)
 from opd.config import OPDConfig
 from opd.methods.opd import train
 from opd.tiny import save_tiny_pair
 from opd.tracking import read_metrics
+
+torch.set_num_threads(1)
 
 root = Path(tempfile.mkdtemp())
 s, t = save_tiny_pair(root, hidden_size=128, num_layers=2)
