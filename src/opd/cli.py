@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from opd.compare import CompareConfig, RunSpec, load_compare_config, run_compare
 from opd.config import ConfigError, OPDConfig, help_text, load_config
 from opd.diagnose import DiagnoseConfig, DiagnoseThresholds, diagnose
 from opd.lab import zoo
@@ -47,6 +48,18 @@ Examples:
   opd diagnose student=Qwen/Qwen3-1.7B-Base teacher=./my-teacher prompts=data/math.jsonl \\
       num_prompts=32 rollouts_per_prompt=2 max_new_tokens=2048 teacher_dtype=bfloat16 batch_size=8 \\
       'thresholds={{overlap_ratio_min: 0.5}}'
+"""
+
+
+COMPARE_EPILOG = """\
+Compare keys (set in CONFIG.yaml or as key=value overrides, which win):
+{keys}
+
+Each entry of runs:
+{run_keys}
+
+Example:
+  opd compare configs/compare_lab.yaml seeds=[0,1,2] output_dir=runs/compare-3seeds
 """
 
 
@@ -107,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         "condition (i) (compatible thinking patterns), condition (ii) (new capability) and a verdict, with "
         "evidence, in OUTPUT_DIR/diagnosis.{json,md,html}.",
     )
+    _config_parser(
+        sub,
+        "compare",
+        COMPARE_EPILOG.format(keys=help_text(CompareConfig), run_keys=help_text(RunSpec)),
+        help="train several methods at equal compute, evaluate them and the teacher, one report",
+        description="Run (or collect finished runs of) several training methods from the same student, "
+        "prompts and compute budget; evaluate them, the initial student and the teacher(s); write "
+        "OUTPUT_DIR/report.{md,html} with PNG plots and compare.json.",
+    )
     d = sub.add_parser("demo", help="the main job: OPD end to end on CPU-sized models, with a report")
     d.add_argument("--smoke", action="store_true", help="a reduced, fast version (CI)")
     d.add_argument("--out", default=None, help="output directory (default runs/demo-<time>)")
@@ -144,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "diagnose":
             return _cmd_diagnose(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
         if args.command == "lab":
             return _cmd_lab(args, parser)
         parser.print_help()
@@ -194,6 +218,15 @@ def _cmd_diagnose(args) -> int:
         print(f"  - {r}")
     out = Path(cfg.output_dir)
     print(f"reports: {out / 'diagnosis.json'}, {out / 'diagnosis.md'}, {out / 'diagnosis.html'}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no YAML file, only overrides
+        overrides.insert(0, config)
+        config = None
+    run_compare(load_compare_config(config, overrides))
     return 0
 
 
