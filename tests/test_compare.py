@@ -4,7 +4,6 @@ numbers in the report can be checked exactly), and collecting finished runs inst
 
 import json
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import pytest
 
@@ -69,8 +68,13 @@ class FakeEvaluation:
             "bytes": 4936,
             "benchmarks": out,
             "overall": {"avg@k": sum(v["avg@k"] for v in out.values()) / len(out), "avg@k_stderr": 0.04},
-            "speed": {"tokens_per_s_batch1": 100.0, "tokens_per_s_batch": 400.0, "batch_size": 8,
-                      "ttft_s": 0.01, "per_token_latency_s": 0.01},
+            "speed": {
+                "tokens_per_s_batch1": 100.0,
+                "tokens_per_s_batch": 400.0,
+                "batch_size": 8,
+                "ttft_s": 0.01,
+                "per_token_latency_s": 0.01,
+            },
             "predictions": [{"big": "x"}],
         }
 
@@ -123,7 +127,10 @@ def test_bad_run_key_fails_before_training_naming_the_run(tiny_pair, tmp_path):
     cfg = compare_cfg(
         tiny_pair,
         tmp_path,
-        runs=[{"name": "good", "method": "train"}, {"name": "bad-one", "method": "train", "overrides": {"topk": 3}}],
+        runs=[
+            {"name": "good", "method": "train"},
+            {"name": "bad-one", "method": "train", "overrides": {"topk": 3}},
+        ],
     )
     with pytest.raises(ConfigError) as e:
         plan_runs(cfg)
@@ -134,11 +141,17 @@ def test_bad_run_key_fails_before_training_naming_the_run(tiny_pair, tmp_path):
 
 
 def test_bad_value_and_unknown_method_name_the_run_and_the_fix(tiny_pair, tmp_path):
-    cfg = compare_cfg(tiny_pair, tmp_path, runs=[{"name": "r1", "method": "train", "overrides": {"support": "x"}}])
-    with pytest.raises(ConfigError, match=r"run 'r1' \(opd train\): invalid config: support='x': choose one of"):
+    cfg = compare_cfg(
+        tiny_pair, tmp_path, runs=[{"name": "r1", "method": "train", "overrides": {"support": "x"}}]
+    )
+    with pytest.raises(
+        ConfigError, match=r"run 'r1' \(opd train\): invalid config: support='x': choose one of"
+    ):
         plan_runs(cfg)
     cfg = compare_cfg(tiny_pair, tmp_path, runs=[{"name": "r2", "method": "trian"}])
-    with pytest.raises(ConfigError, match=r"run 'r2': method 'trian' is not a registered .*did you mean 'train'"):
+    with pytest.raises(
+        ConfigError, match=r"run 'r2': method 'trian' is not a registered .*did you mean 'train'"
+    ):
         plan_runs(cfg)
 
 
@@ -162,7 +175,12 @@ def test_plan_builds_one_config_per_run_and_seed(tiny_pair, tmp_path):
     cfg.teacher = str(tiny_pair[1])
     plan = plan_runs(cfg)
     assert [(p.name, p.seed) for p in plan] == [
-        ("opd-topk", 0), ("opd-topk", 1), ("opd-sampled", 0), ("opd-sampled", 1), ("other-teacher", 0), ("other-teacher", 1)
+        ("opd-topk", 0),
+        ("opd-topk", 1),
+        ("opd-sampled", 0),
+        ("opd-sampled", 1),
+        ("other-teacher", 0),
+        ("other-teacher", 1),
     ]
     p = plan[3]
     assert p.config.top_k == 0 and p.config.seed == 1 and p.config.budget == 30 and p.config.steps == 20
@@ -175,7 +193,9 @@ def test_compare_config_file_and_overrides(tmp_path):
     path.write_text("student: s\nprompts: p\nbenchmarks: [b]\nbudget: 1.0e9\nruns:\n  - {name: a}\n")
     cfg = load_compare_config(path, ["seeds=[0,1,2]", "output_dir=x"])
     assert cfg.seeds == [0, 1, 2] and cfg.output_dir == "x" and cfg.budget == 1e9
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) for CompareConfig: 'sedes' \(did you mean 'seeds'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key\(s\) for CompareConfig: 'sedes' \(did you mean 'seeds'\?\)"
+    ):
         load_compare_config(path, ["sedes=[1]"])
 
 
@@ -254,7 +274,9 @@ def test_compare_end_to_end_equal_budget_and_report(tiny_pair, tmp_path, fake_ev
 
 
 def test_finished_runs_are_collected_not_retrained(tiny_pair, tmp_path, fake_eval, monkeypatch):
-    cfg = compare_cfg(tiny_pair, tmp_path, budget=12, shared={**compare_cfg(tiny_pair, tmp_path).shared, "eval_every": 0})
+    cfg = compare_cfg(
+        tiny_pair, tmp_path, budget=12, shared={**compare_cfg(tiny_pair, tmp_path).shared, "eval_every": 0}
+    )
     first = run_compare(cfg)
     n_calls = len(fake_eval.calls)
 
@@ -266,7 +288,9 @@ def test_finished_runs_are_collected_not_retrained(tiny_pair, tmp_path, fake_eva
     monkeypatch.setattr(opd_method, "train", no_training)
     import opd.methods
 
-    methods = tuple(m.__class__(m.command, m.config, no_training, m.help, m.description) for m in opd.methods.METHODS)
+    methods = tuple(
+        m.__class__(m.command, m.config, no_training, m.help, m.description) for m in opd.methods.METHODS
+    )
     monkeypatch.setattr(opd.methods, "METHODS", methods)
     second = run_compare(cfg)
     assert [r["seeds"] for r in second["runs"]] == [r["seeds"] for r in first["runs"]]
@@ -274,7 +298,9 @@ def test_finished_runs_are_collected_not_retrained(tiny_pair, tmp_path, fake_eva
 
     # a changed setting: refused without overwrite, naming the run and the fix
     changed = compare_cfg(tiny_pair, tmp_path, budget=12, shared={**cfg.shared, "lr": 2e-3})
-    with pytest.raises(ConfigError, match=r"run 'opd-topk' seed 0: .* other settings \(lr: 0.001 -> 0.002\).*overwrite=true"):
+    with pytest.raises(
+        ConfigError, match=r"run 'opd-topk' seed 0: .* other settings \(lr: 0.001 -> 0.002\).*overwrite=true"
+    ):
         run_compare(changed)
 
 

@@ -193,7 +193,9 @@ class CompareConfig:
         elif len(set(self.seeds)) != len(self.seeds):
             errs.append(f"seeds={self.seeds}: each seed once")
         if not self.benchmarks and not self.eval_prompts:
-            errs.append("benchmarks: give the final evaluation's benchmarks (e.g. [lab:test]) or eval_prompts")
+            errs.append(
+                "benchmarks: give the final evaluation's benchmarks (e.g. [lab:test]) or eval_prompts"
+            )
         for key in OWNED_KEYS:
             if key in self.shared:
                 errs.append(
@@ -533,7 +535,12 @@ def aggregate(per_seed: list[dict[str, Any]], bench: str | None) -> dict[str, An
     if not values:
         return {"mean": None, "err": None, "err_kind": None, "per_seed": []}
     if len(values) > 1:
-        return {"mean": sum(values) / len(values), "err": _stderr(values), "err_kind": "seeds", "per_seed": values}
+        return {
+            "mean": sum(values) / len(values),
+            "err": _stderr(values),
+            "err_kind": "seeds",
+            "per_seed": values,
+        }
     return {"mean": values[0], "err": accs[0][1], "err_kind": "prompts", "per_seed": values}
 
 
@@ -586,7 +593,8 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     ev = _evaluation()
     specs = cfg.benchmarks or [cfg.eval_prompts]
     benchmarks = [
-        ev.load_benchmark(str(s), cfg.data_dir or None, limit=settings.limit, seed=settings.seed) for s in specs
+        ev.load_benchmark(str(s), cfg.data_dir or None, limit=settings.limit, seed=settings.seed)
+        for s in specs
     ]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -613,7 +621,8 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     }
     teachers = sorted({getattr(p.config, "teacher", "") or cfg.teacher for p in planned} - {""})
     teacher_evals = {
-        t: evaluate_cached(t, f"teacher-{t}", t, benchmarks, settings, eval_dir, cfg.progress) for t in teachers
+        t: evaluate_cached(t, f"teacher-{t}", t, benchmarks, settings, eval_dir, cfg.progress)
+        for t in teachers
     }
     run_evals: dict[tuple[str, int], dict[str, Any]] = {}
     for p in planned:
@@ -640,7 +649,9 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     write_text_atomic(out / "compare.json", json.dumps(summary, indent=1, default=str))
     write_compare_report(out, summary, metrics)
     print("\n" + markdown_table(results_rows(summary), results_headers(summary)), flush=True)
-    print(f"\nreport: {out / 'report.html'}  (total {summary['wall_time_s']['total'] / 60:.1f} min)", flush=True)
+    print(
+        f"\nreport: {out / 'report.html'}  (total {summary['wall_time_s']['total'] / 60:.1f} min)", flush=True
+    )
     return summary
 
 
@@ -667,8 +678,12 @@ def build_summary(
         return {b: aggregate([result], b) for b in bench_names} | {"overall": aggregate([result], None)}
 
     baselines = {
-        "student": {"model": cfg.student, "params": student_eval.get("params"), "accuracy": acc_block(student_eval),
-                    "speed": student_eval.get("speed")},
+        "student": {
+            "model": cfg.student,
+            "params": student_eval.get("params"),
+            "accuracy": acc_block(student_eval),
+            "speed": student_eval.get("speed"),
+        },
         "teachers": {
             t: {"model": t, "params": r.get("params"), "accuracy": acc_block(r), "speed": r.get("speed")}
             for t, r in teacher_evals.items()
@@ -782,12 +797,17 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
     return "—" if x is None else format(x, fmt)
 
 
+def _acc_columns(summary: dict[str, Any]) -> list[str]:
+    """The benchmarks, plus "overall" when there are several."""
+    benches = list(summary["benchmarks"])
+    return benches + ["overall"] if len(benches) > 1 else benches
+
+
 def results_headers(summary: dict[str, Any]) -> list[str]:
     return [
         "model",
         "method",
-        *[f"{b} acc" for b in summary["benchmarks"]],
-        "overall acc",
+        *[f"{b} acc" for b in _acc_columns(summary)],
         "gap recovered",
         "params",
         "tokens/s (batch 1)",
@@ -806,7 +826,7 @@ def _speed_cells(speed: dict[str, Any] | None) -> list[str]:
 
 def results_rows(summary: dict[str, Any]) -> list[list[str]]:
     """The main table: the initial student, the teacher(s), then one row per run (mean over seeds)."""
-    benches = summary["benchmarks"]
+    benches = _acc_columns(summary)
     rows = []
     base = summary["baselines"]
     for label, b in [("student (initial)", base["student"])] + [
@@ -817,7 +837,6 @@ def results_rows(summary: dict[str, Any]) -> list[list[str]]:
                 label,
                 "—",
                 *[_pm(b["accuracy"][x]) for x in benches],
-                _pm(b["accuracy"]["overall"]),
                 "—",
                 f"{b['params']:,}" if b.get("params") is not None else "—",
                 *_speed_cells(b.get("speed")),
@@ -831,7 +850,6 @@ def results_rows(summary: dict[str, Any]) -> list[list[str]]:
                 r["name"],
                 f"opd {r['method']}",
                 *[_pm(r["accuracy"][x]) for x in benches],
-                _pm(r["accuracy"]["overall"]),
                 _pct(r["gap_recovered"]["overall"]),
                 f"{r['params']:,}" if r.get("params") is not None else "—",
                 *_speed_cells(r.get("speed")),
@@ -842,7 +860,16 @@ def results_rows(summary: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-BUDGET_HEADERS = ["run", "seed", "steps", "stopped by budget", "spent", "budget", "spent − budget", "largest step"]
+BUDGET_HEADERS = [
+    "run",
+    "seed",
+    "steps",
+    "stopped by budget",
+    "spent",
+    "budget",
+    "spent − budget",
+    "largest step",
+]
 
 
 def budget_rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -868,8 +895,10 @@ def budget_rows(summary: dict[str, Any]) -> list[list[str]]:
 
 
 def _gap_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    benches = [*summary["benchmarks"], "overall"]
-    rows = [[r["name"], r["teacher"], *[_pct(r["gap_recovered"][b]) for b in benches]] for r in summary["runs"]]
+    benches = _acc_columns(summary)
+    rows = [
+        [r["name"], r["teacher"], *[_pct(r["gap_recovered"][b]) for b in benches]] for r in summary["runs"]
+    ]
     return ["run", "teacher", *benches], rows
 
 
@@ -882,7 +911,7 @@ def write_compare_report(
     colors = {r["name"]: f"C{i % 10}" for i, r in enumerate(runs)}
 
     # accuracy per benchmark, with error bars, and the student / teacher levels
-    fig = new_figure(max(6.4, 1.2 + 0.9 * len(runs) * max(1, len(benches)) / 2), 3.8)
+    fig = new_figure(max(8.0, 3.0 + 0.5 * len(runs) * len(benches)), 3.8)
     ax = fig.add_subplot(111)
     width = 0.8 / max(1, len(runs))
     for i, r in enumerate(runs):
@@ -893,18 +922,33 @@ def write_compare_report(
     st = summary["baselines"]["student"]["accuracy"]
     for j, b in enumerate(benches):
         if st[b]["mean"] is not None:
-            ax.hlines(st[b]["mean"], j - 0.45, j + 0.45, colors="k", linestyles=":", label="student (initial)" if j == 0 else None)
+            ax.hlines(
+                st[b]["mean"],
+                j - 0.45,
+                j + 0.45,
+                colors="k",
+                linestyles=":",
+                label="student (initial)" if j == 0 else None,
+            )
         for k, (t, tb) in enumerate(summary["baselines"]["teachers"].items()):
             if tb["accuracy"][b]["mean"] is not None:
-                ax.hlines(tb["accuracy"][b]["mean"], j - 0.45, j + 0.45, colors="k", linestyles=["--", "-."][k % 2],
-                          label=f"teacher {t}" if j == 0 else None)
+                ax.hlines(
+                    tb["accuracy"][b]["mean"],
+                    j - 0.45,
+                    j + 0.45,
+                    colors="k",
+                    linestyles=["--", "-."][k % 2],
+                    label=f"teacher {t}" if j == 0 else None,
+                )
     ax.set_xticks(range(len(benches)), benches)
     ax.set_ylabel("accuracy (avg@k)")
     ax.set_title("final accuracy per benchmark")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out_dir / "accuracy.png", dpi=110)
-    acc_plot = Plot(fig_to_data_uri(fig), "Final accuracy per benchmark (error bars: see the note)", file="accuracy.png")
+    acc_plot = Plot(
+        fig_to_data_uri(fig), "Final accuracy per benchmark (error bars: see the note)", file="accuracy.png"
+    )
 
     # accuracy against training FLOPs, from the runs' periodic evaluations
     fig = new_figure(6.8, 3.8)
@@ -915,8 +959,14 @@ def write_compare_report(
             pts = accuracy_curve(metrics.get((r["name"], s["seed"]), []))
             if pts:
                 any_curve = True
-                ax.plot(*zip(*pts), marker="o", ms=3, color=colors[r["name"]], alpha=1.0 if k == 0 else 0.5,
-                        label=r["name"] if k == 0 else None)
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    ms=3,
+                    color=colors[r["name"]],
+                    alpha=1.0 if k == 0 else 0.5,
+                    label=r["name"] if k == 0 else None,
+                )
     if summary["budget_unit"] == "flops":
         ax.axvline(summary["budget"], color="grey", lw=0.8, ls="--", label="budget")
     ax.set_xlabel("training FLOPs (estimate, opd.cost)")
@@ -970,11 +1020,17 @@ def write_compare_report(
     run_items = []
     for r in runs:
         ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "no overrides"
-        extra = f"; shared keys not applied (no such key): {', '.join(r['shared_not_applied'])}" if r["shared_not_applied"] else ""
+        extra = (
+            f"; shared keys not applied (no such key): {', '.join(r['shared_not_applied'])}"
+            if r["shared_not_applied"]
+            else ""
+        )
         dirs = ", ".join(s["output_dir"] for s in r["seeds"])
         run_items.append(f"{r['name']}: opd {r['method']}, teacher {r['teacher']}, {ov}{extra} ({dirs})")
     sections = [
-        Section("Results", [Table(results_rows(summary), results_headers(summary)), Paragraph(err_note), acc_plot]),
+        Section(
+            "Results", [Table(results_rows(summary), results_headers(summary)), Paragraph(err_note), acc_plot]
+        ),
         Section("Gap recovered per benchmark", [Table(gap_rows, gap_headers), Paragraph(gap_note)]),
         Section("Equal budget", budget_blocks),
         Section("Accuracy against training compute", [curve_plot, Paragraph(curve_note)]),
