@@ -13,6 +13,7 @@ from pathlib import Path
 from opd.compare import CompareConfig, RunSpec, load_compare_config, run_compare
 from opd.config import ConfigError, OPDConfig, help_text, load_config
 from opd.diagnose import DiagnoseConfig, DiagnoseThresholds, diagnose
+from opd.evaluation import EvalConfig, load_eval_config, run_eval, run_grade
 from opd.lab import zoo
 from opd.lab.build import build as build_zoo
 from opd.lab.demo import run_demo
@@ -48,6 +49,23 @@ Examples:
   opd diagnose student=Qwen/Qwen3-1.7B-Base teacher=./my-teacher prompts=data/math.jsonl \\
       num_prompts=32 rollouts_per_prompt=2 max_new_tokens=2048 teacher_dtype=bfloat16 batch_size=8 \\
       'thresholds={{overlap_ratio_min: 0.5}}'
+"""
+
+
+EVAL_EPILOG = """\
+Numbers (docs/evaluation.md): avg@k and pass@k (unbiased, Chen et al. 2021) per benchmark and overall,
+with standard errors over prompts; mean response length, truncated and no-answer rates; model size and
+serving speed (tokens/s at batch 1 and speed_batch_size, time to first token, per-token latency).
+Writes OUTPUT_DIR/eval.{{json,md,html}} and predictions.jsonl (re-grade it with `opd grade`).
+
+Configuration keys (set in CONFIG.yaml or as key=value overrides; the flags set models, benchmarks,
+data_dir, output_dir and preset):
+{keys}
+
+Examples:
+  opd eval --model lab:student --benchmark lab:test --quick --out runs/eval-lab
+  opd eval --model ./run/final --model Qwen/Qwen3-1.7B --benchmark aime24 --benchmark amc23 \\
+      --data-dir data/benchmarks dtype=bfloat16 --out runs/eval
 """
 
 
@@ -120,6 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
         "condition (i) (compatible thinking patterns), condition (ii) (new capability) and a verdict, with "
         "evidence, in OUTPUT_DIR/diagnosis.{json,md,html}.",
     )
+    e = _config_parser(
+        sub,
+        "eval",
+        EVAL_EPILOG.format(keys=help_text(EvalConfig)),
+        help="accuracy (avg@k, pass@k), response statistics and serving speed of models on benchmarks",
+        description="Evaluate every --model on every --benchmark with the study's sampling (avg@16, T=0.7, "
+        "top-p 0.95) or the --quick CPU preset.",
+    )
+    e.add_argument("--model", action="append", default=[], help="a model to evaluate (repeatable)")
+    e.add_argument(
+        "--benchmark", action="append", default=[], help="a benchmark path, name or lab:<set> (repeatable)"
+    )
+    e.add_argument("--data-dir", default=None, help="folder of benchmark files named by --benchmark NAME")
+    e.add_argument("--out", default=None, help="output directory (output_dir)")
+    e.add_argument("--quick", action="store_true", help="the CPU preset (preset=quick)")
+    g = sub.add_parser("grade", help="re-grade an opd eval predictions.jsonl and report the same metrics")
+    g.add_argument("predictions", help="predictions.jsonl written by opd eval")
+    g.add_argument("--out", default=None, help="output directory (default: the predictions file's folder)")
+    g.add_argument("--no-progress", action="store_true")
     _config_parser(
         sub,
         "compare",
@@ -170,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_compare(args)
         if args.command == "lab":
             return _cmd_lab(args, parser)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "grade":
+            return _cmd_grade(args)
         parser.print_help()
         return 0
     except ConfigError as e:
@@ -228,6 +269,46 @@ def _cmd_compare(args) -> int:
         config = None
     run_compare(load_compare_config(config, overrides))
     return 0
+
+
+def _cmd_eval(args) -> int:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no YAML file, only overrides
+        overrides.insert(0, config)
+        config = None
+    cfg = load_eval_config(
+        config,
+        overrides,
+        models=args.model,
+        benchmarks=args.benchmark,
+        data_dir=args.data_dir,
+        output_dir=args.out,
+        quick=args.quick,
+    )
+    summary = run_eval(cfg)
+    _print_accuracy(summary["models"])
+    out = Path(cfg.output_dir)
+    print(
+        f"reports: {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.html'}; {out / 'predictions.jsonl'}"
+    )
+    return 0
+
+
+def _cmd_grade(args) -> int:
+    summary = run_grade(args.predictions, args.out, progress=not args.no_progress)
+    print(f"opd grade: {summary['changed']} response(s) changed verdict")
+    _print_accuracy(summary["models"])
+    out = Path(args.out) if args.out else Path(args.predictions).parent
+    print(f"reports: {out / 'grade.json'}, {out / 'grade.md'}, {out / 'grade.html'}")
+    return 0
+
+
+def _print_accuracy(models: list[dict]) -> None:
+    from opd.evaluation import accuracy_rows
+    from opd.report import markdown_table
+
+    headers, rows = accuracy_rows(models)
+    print(markdown_table(rows, headers), end="")
 
 
 def _cmd_lab(args, parser) -> int:

@@ -286,6 +286,7 @@ def load_prompts(
     limit: int | None = None,
     seed: int | None = None,
     max_prompt_tokens_why: str | None = None,
+    rows: list[dict] | None = None,
 ) -> PromptSet:
     """Load, template, render and tokenise the prompts of ``source`` (see the module docstring).
 
@@ -305,6 +306,8 @@ def load_prompts(
         seed: shuffle the rows with this seed before applying ``limit``.
         max_prompt_tokens_why: where ``max_prompt_tokens`` came from when the caller lowered it (e.g.
             to fit the model's context), quoted in the drop log and the no-prompts-left error.
+        rows: the rows of ``source`` already read (e.g. a benchmark from :func:`opd.benchmarks.load_benchmark`);
+            ``source`` then only names them in messages. None: ``read_rows(source)``.
     """
     name = str(source)
     if limit is not None and limit <= 0:
@@ -329,7 +332,7 @@ def load_prompts(
     if tmpl_kwargs:
         warn_unread_template_kwargs(tokenizer, tmpl_kwargs)
 
-    rows = read_rows(source)
+    rows = read_rows(source) if rows is None else rows
     if not rows:
         raise ValueError(f"prompt source {name!r} has no rows; check the file or the split name")
 
