@@ -350,3 +350,40 @@ def test_shipped_lab_config_lists_every_method(tmp_path):
     teachers = {r.get("overrides", {}).get("teacher", cfg.teacher) for r in cfg.runs}
     assert teachers == {"lab:teacher-a-plus", "lab:teacher-b-plus"}
     assert cfg.budget_unit in ("flops", "student_loss_tokens") and cfg.budget > 0
+
+
+def test_compare_with_the_real_evaluator(tiny_pair, tmp_path):
+    """The same pipeline through opd.evaluation (random tiny models: the numbers are near 0; this checks
+    the wiring of the evaluator's result into the report)."""
+    cfg = compare_cfg(
+        tiny_pair,
+        tmp_path,
+        benchmarks=[str(tiny_pair[2])],
+        evaluation=dict(
+            samples=2,
+            max_new_tokens=6,
+            batch_size=8,
+            limit=4,
+            speed_new_tokens=4,
+            speed_repeats=1,
+            device="cpu",
+        ),
+    )
+    summary = run_compare(cfg)
+    (bench,) = summary["benchmarks"]
+    student = summary["baselines"]["student"]
+    assert student["params"] > 0 and student["speed"]["tokens_per_s_batch1"] > 0
+    for r in summary["runs"]:
+        acc = r["accuracy"][bench]
+        assert 0.0 <= acc["mean"] <= 1.0 and acc["err_kind"] == "prompts"
+        assert r["params"] == student["params"] and r["speed"]["per_token_latency_s"] > 0
+        assert r["seeds"][0]["budget_spent"] >= 30
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert f"{bench} acc" in md and "opd-topk" in md and "opd-sampled" in md
+    cached = sorted(p.name for p in (tmp_path / "cmp" / "evaluations").iterdir())
+    assert cached == [
+        "opd-sampled-seed-0.json",
+        "opd-topk-seed-0.json",
+        "student.json",
+        compare._slug(f"teacher-{tiny_pair[1]}") + ".json",
+    ]

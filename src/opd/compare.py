@@ -723,9 +723,14 @@ def build_summary(
         }
         speeds = [r.get("speed") for r in results if r.get("speed")]
 
-        def mean_of(key: str, rows: list[dict[str, Any]]) -> float | None:
+        def mean_of(key: str, rows: list[dict[str, Any]]) -> Any:
+            """The mean over seeds of a number; the first seed's value of anything else (device, dtype)."""
             vals = [r[key] for r in rows if r.get(key) is not None]
-            return sum(vals) / len(vals) if vals else None
+            if not vals:
+                return None
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                return sum(vals) / len(vals)
+            return vals[0]
 
         runs.append(
             {
