@@ -44,8 +44,18 @@ except ImportError:  # pragma: no cover - not POSIX (Windows)
 log = logging.getLogger("opd")
 
 LOCK_NAME = ".opd.lock"
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.tmp", "summary.json", "checkpoints", "final", "tb")
-"""What an ``opd train`` run writes into its ``output_dir`` (``overwrite=true`` removes exactly these,
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "metrics.tmp",
+    "summary.json",
+    "checkpoints",
+    "final",
+    "tb",
+    "teacher_data.jsonl",
+    "teacher_data.jsonl.stats.json",
+)
+"""What a training run writes into its ``output_dir`` (``opd sft`` adds its teacher data; ``overwrite=true`` removes exactly these,
 plus ``.tmp-final-*`` debris; anything else in the directory is left alone)."""
 
 RESUME_MAY_CHANGE = frozenset(

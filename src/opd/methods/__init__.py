@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from opd.config import OPDConfig
-from opd.methods import opd
+from opd.methods import kd, opd, sft
+from opd.methods.kd import KDConfig
+from opd.methods.sft import SFTConfig
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,22 @@ METHODS: tuple[Method, ...] = (
         opd.train,
         "run on-policy distillation",
         "Run on-policy distillation of a student toward a teacher on the student's own samples.",
+    ),
+    Method(
+        "sft",
+        SFTConfig,
+        sft.train,
+        "supervised fine-tuning on rejection-sampled teacher responses",
+        "Generate teacher responses for the prompts (rejecting truncated, answerless and repetitive ones), "
+        "then fine-tune the student on them by maximum likelihood (docs/baselines.md).",
+    ),
+    Method(
+        "kd",
+        KDConfig,
+        kd.train,
+        "word-level knowledge distillation on fixed sequences",
+        "Distil the teacher's full next-token distributions into the student (forward KL at a temperature) "
+        "on gold solutions or an SFT run's teacher data (docs/baselines.md).",
     ),
 )
 

@@ -44,6 +44,7 @@ from opd.models import (
     save_model,
 )
 from opd.precision import compute_context
+from opd.rollout import tokenizer_vocab_size
 from opd.rundir import RunDir, RunInterrupted, StopSignals, locked_run_dir, prepare_train_dir
 from opd.runtime import Runtime
 
@@ -59,7 +60,7 @@ def open_run(cfg: Any) -> Iterator[tuple[RunDir, StopSignals]]:
     one run per directory, a non-empty one only with ``resume``/``overwrite``, never an input's
     directory); SIGINT/SIGTERM are caught for the run (``stop.arm()`` once training starts)."""
     models = {"student": getattr(cfg, "student", ""), "teacher": getattr(cfg, "teacher", "")}
-    data = {"prompts": getattr(cfg, "prompts", ""), "eval_prompts": getattr(cfg, "eval_prompts", "")}
+    data = {key: getattr(cfg, key, "") for key in ("prompts", "eval_prompts", "sft_data")}
     with locked_run_dir(cfg.output_dir, models=models, data=data) as run, StopSignals() as stop:
         prepare_train_dir(run, to_dict(cfg), to_dict(type(cfg)()), resume=cfg.resume, overwrite=cfg.overwrite)
         yield run, stop
@@ -107,7 +108,8 @@ class Models:
     """A student/teacher pair on their devices, the student's tokenizer and what the pair allows."""
 
     student: torch.nn.Module
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None
+    """None when the method runs without one (``cfg.teacher`` empty, e.g. SFT on an existing data file)."""
     tokenizer: Any
     compat: CompatReport
     max_prompt_tokens: int
@@ -117,9 +119,17 @@ class Models:
 def load_models(cfg: Any, runtime: Runtime) -> Models:
     """Tokenizers and models (compatibility first, so a mismatch fails before any work). The student
     loads in float32 (master weights; ``student_dtype`` is its compute dtype, :mod:`opd.precision`) on
-    ``runtime.device``, the teacher in ``teacher_dtype`` on ``runtime.teacher_device``, frozen."""
+    ``runtime.device``, the teacher in ``teacher_dtype`` on ``runtime.teacher_device``, frozen. With an
+    empty ``cfg.teacher`` (a method that does not need one) only the student loads."""
     trust = cfg.trust_remote_code
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=trust)
+    if not cfg.teacher:
+        student = load_model(cfg.student, dtype="float32", trust_remote_code=trust, device=runtime.device)
+        cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, student)
+        if why:
+            log.info("max_prompt_tokens=%d (%s)", cap, why)
+        student.eval()
+        return Models(student, None, tokenizer, CompatReport(tokenizer_vocab_size(tokenizer)), cap, why)
     teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=trust)
     student = load_model(cfg.student, dtype="float32", trust_remote_code=trust, device=runtime.device)
     teacher = load_model(
@@ -141,10 +151,11 @@ def load_models(cfg: Any, runtime: Runtime) -> Models:
     return Models(student, teacher, tokenizer, compat, cap, why)
 
 
-def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet, PromptSet | None]:
-    """The training prompts and (when ``eval_every``) the evaluation prompts, rendered with the student's
-    tokenizer; prompts over the length cap are dropped and counted (``data.load_prompts`` logs it).
-    ``eval_limit`` takes a seeded random subset, not the first rows."""
+def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet | None, PromptSet | None]:
+    """The training prompts (None when ``cfg.prompts`` is empty: a method training on a data file) and
+    (when ``eval_every``) the evaluation prompts, rendered with the student's tokenizer; prompts over the
+    length cap are dropped and counted (``data.load_prompts`` logs it). ``eval_limit`` takes a seeded
+    random subset, not the first rows."""
 
     def prompt_set(source: str, **kw: Any) -> PromptSet:
         return load_prompts(
@@ -160,7 +171,7 @@ def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet, PromptSet | N
             **kw,
         )
 
-    prompts = prompt_set(cfg.prompts)
+    prompts = prompt_set(cfg.prompts) if cfg.prompts else None
     eval_set = None
     if cfg.eval_every:
         eval_set = prompt_set(
@@ -251,8 +262,10 @@ def finish_completed(
     history: list[dict[str, Any]],
     cost: CostMeter | None = None,
     stopped_by_budget: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Save ``final/`` atomically (float32 master weights + tokenizer), write and return the summary."""
+    """Save ``final/`` atomically (float32 master weights + tokenizer), write and return the summary
+    (``extra``: a method's own entries, e.g. SFT's teacher-data counts)."""
     final_dir = out_dir / "final"
     save_model(model, tokenizer, final_dir)  # atomic (temporary sibling, then rename); the float32 masters
     summary = {
@@ -266,6 +279,7 @@ def finish_completed(
         "stopped_by_budget": stopped_by_budget,
         "cost": cost.row() if cost is not None else None,
         "last": history[-1] if history else {},
+        **(extra or {}),
     }
     _write_summary(out_dir, summary)
     return summary
