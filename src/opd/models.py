@@ -185,9 +185,10 @@ def context_length(model) -> int | None:
 
 def prompt_token_cap(max_prompt_tokens: int, max_new_tokens: int, student, teacher) -> tuple[int, str | None]:
     """``(cap, why)``: ``max_prompt_tokens`` lowered so that prompt + ``max_new_tokens`` fits the shorter of
-    the two models' contexts; ``why`` explains a lowered cap (None when ``max_prompt_tokens`` already fits).
+    the two models' contexts (``teacher=None``: the student's alone); ``why`` explains a lowered cap (None when ``max_prompt_tokens`` already fits).
     Raises ``ValueError`` when no prompt token would fit."""
-    lengths = {role: context_length(m) for role, m in (("student", student), ("teacher", teacher))}
+    pairs = (("student", student), ("teacher", teacher))
+    lengths = {role: context_length(m) for role, m in pairs if m is not None}  # teacher None: no teacher
     known = {role: n for role, n in lengths.items() if n is not None}
     if not known:
         return max_prompt_tokens, None

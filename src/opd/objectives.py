@@ -20,6 +20,8 @@ entries, ``_V`` vocabulary. Every ``[b, t]`` entry is about the distribution tha
 (the logits/tokens shift is done once, in scoring). Log-probs are full-vocabulary log-probs, computed
 and returned in float32. Masks are 0/1 (bool, int or float); any non-zero entry counts as kept.
 
+Outside OPD, :func:`group_advantages` gives the GRPO baseline its group-normalised advantages.
+
 Deliberately left out: models and scoring (see ``scoring.py``), baselines / GAE / discounting /
 entropy bonus / KL-to-reference terms (OPD uses none of them), chunking over positions (callers chunk),
 and cross-process reduction (``aggregate`` normalises by the local token count only).
@@ -43,6 +45,7 @@ __all__ = [
     "aggregate",
     "build_support",
     "full_vocab_divergence",
+    "group_advantages",
     "policy_gradient_loss",
     "sampled_token_rewards",
     "renormalized_advantages",
@@ -667,3 +670,34 @@ def policy_gradient_loss(
             "ratio_mean": float((ratio * keep).sum() / n),
         }
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# group-relative advantages (the GRPO baseline, methods/grpo.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards_P_G: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalised advantage of each of the ``G`` responses to each of ``P`` prompts:
+
+        A[p, g] = (r[p, g] − mean_g r[p, ·]) / (std_g r[p, ·] + eps)     (``scale=True``, GRPO)
+        A[p, g] =  r[p, g] − mean_g r[p, ·]                               (``scale=False``, Dr. GRPO)
+
+    ``std`` is the sample standard deviation (Bessel's correction, ``G − 1`` in the denominator, as TRL's
+    GRPO trainer computes it), so ``G ≥ 2``. A group whose rewards are all equal gets advantage exactly 0
+    (it carries no learning signal). Returns float32 ``adv_P_G``.
+    """
+    _check_rank("rewards_P_G", rewards_P_G, "P_G")
+    _check_floating("rewards_P_G", rewards_P_G)
+    if rewards_P_G.shape[1] < 2:
+        raise ValueError(
+            f"rewards_P_G has G={rewards_P_G.shape[1]} response(s) per prompt; group normalisation needs "
+            "G >= 2 (set rollouts_per_prompt >= 2)."
+        )
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps!r}; use e.g. 1e-4.")
+    r_P_G = rewards_P_G.float()
+    centred_P_G = r_P_G - r_P_G.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred_P_G
+    return centred_P_G / (r_P_G.std(dim=1, keepdim=True) + eps)

@@ -297,6 +297,29 @@ def make_backend(
     raise ValueError(f"rollout_backend={name!r}: unknown backend; choose one of {', '.join(BACKENDS)}")
 
 
+def fixed_batch(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], *, stop_ids: list[int], pad_id: int
+) -> RolloutBatch:
+    """Given (not sampled) responses in the :class:`RolloutBatch` layout of the module CONTRACT: row ``b``
+    is ``prompt_ids[b]`` then ``response_ids[b]`` cut after its first stop id (``truncated_B``: no stop id
+    in it). For training on fixed sequences (gold solutions, cached teacher outputs) with the same code
+    that scores rollouts."""
+    if len(prompt_ids) != len(response_ids) or not prompt_ids:
+        raise ValueError(
+            f"fixed_batch: {len(prompt_ids)} prompts and {len(response_ids)} responses; pass one response "
+            "per prompt (at least one)"
+        )
+    for b, r in enumerate(response_ids):
+        if not r:
+            raise ValueError(f"fixed_batch: response_ids[{b}] is empty; every response needs a token")
+    width = max(len(r) for r in response_ids)
+    resp_B_R = torch.full((len(response_ids), width), pad_id, dtype=torch.long)
+    for b, r in enumerate(response_ids):
+        resp_B_R[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    generated_B = torch.tensor([len(r) for r in response_ids])
+    return _assemble(list(prompt_ids), resp_B_R, generated_B, stop_ids, pad_id, 1)
+
+
 def _check_generate_args(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, vocab_limit) -> None:
     if not prompt_ids:
         raise ValueError("prompt_ids=[]: pass at least one prompt (a list of token ids)")

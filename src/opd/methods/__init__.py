@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opd.config import OPDConfig
-from opd.methods import kd, opd, sft
+from opd.methods import gkd, grpo, kd, opd, sft
 from opd.methods.kd import KDConfig
 from opd.methods.sft import SFTConfig
 
@@ -63,6 +63,22 @@ METHODS: tuple[Method, ...] = (
         "word-level knowledge distillation on fixed sequences",
         "Distil the teacher's full next-token distributions into the student (forward KL at a temperature) "
         "on gold solutions or an SFT run's teacher data (docs/baselines.md).",
+    ),
+    Method(
+        "gkd",
+        gkd.GKDConfig,
+        gkd.train,
+        "distillation baseline: GKD (generalized JSD on a mix of student samples and fixed sequences)",
+        "Distil with GKD as TRL configures it: the generalized JSD(beta) between teacher and student over "
+        "the full vocabulary, on the student's own samples with probability lmbda, else on fixed sequences.",
+    ),
+    Method(
+        "grpo",
+        grpo.GRPOConfig,
+        grpo.train,
+        "RL baseline: GRPO with the grader's 0/1 reward (no teacher)",
+        "Train the student with GRPO: G samples per prompt, a 0/1 reward from grading each against the "
+        "prompt's answer, group-normalised advantages and the PPO-clipped policy-gradient loss.",
     ),
 )
 

@@ -1,0 +1,508 @@
+"""GKD: generalized knowledge distillation (Agarwal et al. 2024, "On-Policy Distillation of Language
+Models: Learning from Self-Generated Mistakes"), the distillation baseline next to OPD, one file.
+
+Configured as TRL's ``GKDTrainer`` is, so results are comparable: ``beta`` (β), ``lmbda`` (λ),
+``temperature``, ``seq_kd``, with TRL's defaults (β = 0.5, λ = 0.5, τ = 0.9).
+
+What this file deliberately leaves out: the policy-gradient machinery (GKD differentiates the exact
+divergence, so there are no rewards, advantages, old log-probs or PPO epochs: one optimiser step per
+batch), sampled-token or top-K approximations of the divergence, and alerts (the OPD failure signatures
+are about its rewards). The run frame is :mod:`opd.methods.common`'s, shared with every method.
+
+The loss. At every response position t of a batch, with the student ``p_t = softmax(z^s_t / τ)`` and
+the teacher ``q_t = softmax(z^q_t / τ)`` over the full vocabulary (the same τ for both, as TRL),
+``m_t = β·q_t + (1 − β)·p_t`` and
+
+    JSD_β(t) = β·KL(q_t ‖ m_t) + (1 − β)·KL(p_t ‖ m_t)          for 0 < β < 1
+    JSD_0(t) = KL(q_t ‖ p_t)   forward KL (what word-level KD minimises; mode-covering)
+    JSD_1(t) = KL(p_t ‖ q_t)   reverse KL (what OPD minimises; mode-seeking)
+
+(``objectives.full_vocab_divergence(kind="jsd")``; TRL's ``generalized_jsd_loss`` has the same endpoints
+and mixture), averaged over the batch's response tokens (``loss_aggregation=token-mean``, TRL's
+"batchmean" over the non-masked labels). It is streamed in position chunks through the student's
+``PolicyScorer`` (``scoring.full_vocab_pair``: the teacher without grad, each chunk's heads and
+divergence checkpointed), so no B x T x V tensor is ever kept.
+
+Each step:
+  1. ``prompts_per_step`` prompts; with probability λ (one draw per step, as TRL draws per batch) the
+     responses are the student's own samples (``rollouts_per_prompt`` each, at ``temperature``, through
+     ``make_backend``); otherwise the fixed sequences: with ``seq_kd=true`` samples of the teacher (TRL's
+     sequence-level KD), else one fixed response per prompt read from the prompt rows'
+     ``response_field`` (gold solutions, or a cached teacher-output JSONL with prompt / response fields);
+  2. one optimiser step on the streamed JSD_β, micro-batches with gradient accumulation; then
+     ``backend.sync_weights``;
+  3. log the step (metrics.jsonl), checkpoint atomically every ``save_every`` steps.
+
+The draw of step s is ``random.Random(f"opd-gkd:{seed}:{s}")``, so a resumed run mixes exactly as the
+uninterrupted one. A fixed response is tokenised without special tokens and ends with the end-of-turn
+token (``<|im_end|>`` etc., or EOS without one); a longer one is cut at ``max_new_tokens`` (flagged
+truncated).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opd import objectives as obj
+from opd.checkpoint import load_newest_checkpoint, save_checkpoint
+from opd.config import (
+    DataConfig,
+    ModelsConfig,
+    OptimConfig,
+    RolloutConfig,
+    RunConfig,
+    _coerce_types,
+    part_errors,
+)
+from opd.cost import CostMeter, count_parameters, peak_memory_mb
+from opd.data import PromptSampler, PromptSet, read_rows
+from opd.errors import ConfigError
+from opd.methods.common import (
+    budget_spent,
+    evaluate_during_training,
+    finish_completed,
+    finish_interrupted,
+    load_models,
+    load_prompt_sets,
+    make_optimizer,
+    make_scheduler,
+    open_run,
+    seed_everything,
+    write_config,
+)
+from opd.precision import compute_context
+from opd.rollout import END_OF_TURN_TOKENS, RolloutBackend, RolloutBatch, fixed_batch, make_backend
+from opd.runtime import Runtime
+from opd.scoring import PolicyScorer
+from opd.tracking import MetricsLogger, progress
+
+log = logging.getLogger("opd")
+
+
+@dataclass
+class GKDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig):
+    """GKD run: the generalized JSD between teacher and student on a λ-mix of student samples and fixed
+    sequences. The shared parts (models, data, rollout, optimiser, run) are inherited; the fields below
+    are GKD's own (plus TRL's defaults for ``temperature`` and ``rollouts_per_prompt``)."""
+
+    output_dir: str = "runs/gkd"
+    """Where metrics.jsonl, checkpoints and the final model go."""
+    temperature: float = 0.9
+    """Sampling temperature of the student (and, with seq_kd, the teacher) and the τ both models' logits are divided by in the loss (TRL's default 0.9)."""
+    rollouts_per_prompt: int = 1
+    """Samples per prompt on on-policy (and seq_kd) steps; a fixed-data step uses each prompt's one response."""
+    beta: float = 0.5
+    """β of the generalized JSD: 0 = forward KL(teacher‖student), 1 = reverse KL(student‖teacher) (TRL's convention), 0.5 = symmetric JSD."""
+    lmbda: float = 0.5
+    """λ: probability that a step trains on the student's own samples (drawn once per step); otherwise on the fixed sequences. 1 = fully on-policy, 0 = fixed sequences only."""
+    seq_kd: bool = False
+    """Fixed sequences are samples of the teacher at ``temperature`` (sequence-level KD) instead of ``response_field``."""
+    response_field: str = ""
+    """Field of the prompt rows holding the fixed response (dotted paths allowed): a gold solution (``solution_a`` on lab prompts) or a cached teacher output (a JSONL with prompt / response fields). Needed when lmbda < 1 and not seq_kd."""
+    loss_aggregation: str = "token-mean"
+    """token-mean (TRL's batchmean over response tokens), seq-mean-token-sum or seq-mean-token-mean."""
+    score_chunk_size: int = 256
+    """Positions per chunk of the streamed divergence (peak memory O(chunk * vocab))."""
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        errs = part_errors(self)
+        for key in ("beta", "lmbda"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                errs.append(f"{key}={getattr(self, key)}: must be in [0, 1]")
+        if self.loss_aggregation not in obj.AGGREGATIONS:
+            errs.append(
+                f"loss_aggregation={self.loss_aggregation!r}: choose one of {', '.join(obj.AGGREGATIONS)}"
+            )
+        if self.score_chunk_size < 1:
+            errs.append(f"score_chunk_size={self.score_chunk_size}: must be >= 1")
+        if errs:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+    def check_runnable(self) -> None:
+        """Rules that only matter when actually training (not when printing help or defaults)."""
+        missing = [k for k in ("student", "teacher", "prompts") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(
+                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as "
+                "key=value, e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train"
+            )
+        if self.lmbda < 1 and not self.seq_kd and not self.response_field:
+            raise ConfigError(
+                f"lmbda={self.lmbda} < 1 needs fixed sequences: set response_field to the field holding a "
+                "response (e.g. response_field=solution_a on lab prompts), or seq_kd=true to sample them from "
+                "the teacher, or lmbda=1 for on-policy only"
+            )
+
+
+# --------------------------------------------------------------------------- the fixed sequences
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token a response ends with: the chat template's end-of-turn marker if the vocabulary has one
+    (``<|im_end|>``, ``<|eot_id|>``, ...), else EOS."""
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            return int(vocab[token])
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no end-of-turn token and no EOS: a fixed response "
+            "cannot be terminated. Set tokenizer.eos_token"
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def load_fixed_responses(cfg: GKDConfig, prompts: PromptSet, tokenizer) -> list[list[int]]:
+    """Token ids of each prompt's fixed response (``response_field`` of its source row), ending with
+    :func:`end_of_turn_id` and cut at ``max_new_tokens``. ConfigError naming the row when one is missing."""
+    rows = read_rows(cfg.prompts)
+    eot = end_of_turn_id(tokenizer)
+    out = []
+    for ex in prompts.examples:
+        i = ex.meta["row"]
+        value = _field(rows[i], cfg.response_field)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(
+                f"prompts={cfg.prompts!r} row {i}: response_field={cfg.response_field!r} is "
+                f"{'missing' if value is None else repr(value)[:60]}; every training row needs a non-empty "
+                f"response text there (fields of this row: {', '.join(map(str, rows[i]))})"
+            )
+        ids = tokenizer.encode(value, add_special_tokens=False)
+        if not ids or ids[-1] != eot:
+            ids.append(eot)
+        out.append(ids[: cfg.max_new_tokens])
+    return out
+
+
+def _field(row: dict, name: str) -> Any:
+    """``row[name]``, or the dotted path ``a.b.c`` through nested dicts; None if absent."""
+    if name in row:
+        return row[name]
+    value: Any = row
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """λ's draw for ``step``: True (student samples) with probability ``lmbda``; a function of the seed and
+    the step only, so a resumed run draws as the uninterrupted one."""
+    return random.Random(f"opd-gkd:{seed}:{step}").random() < lmbda
+
+
+# --------------------------------------------------------------------------- the loss and the update
+
+
+def generalized_jsd(beta: float):
+    """``divergence(student_logits_N_V, teacher_logits_N_V) -> jsd_N`` for ``scoring.full_vocab_pair``:
+    JSD_β per position (logits already divided by τ by the scorers)."""
+
+    def divergence(s_logits_N_V: torch.Tensor, t_logits_N_V: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(1, s_logits_N_V.shape[0], device=s_logits_N_V.device)
+        return obj.full_vocab_divergence(s_logits_N_V[None], t_logits_N_V[None], ones, kind="jsd", beta=beta)[
+            0
+        ]
+
+    return divergence
+
+
+def update(student: PolicyScorer, teacher: PolicyScorer, batch: RolloutBatch, optimizer, cfg: GKDConfig):
+    """One optimiser step on the aggregated JSD_β of the batch (streamed per micro-batch and position
+    chunk). Returns (loss, grad_norm, skipped)."""
+    mask_all = batch.response_mask_B_T
+    B = batch.input_ids_B_T.shape[0]
+    divergence = generalized_jsd(cfg.beta)
+    params = [p for p in student.parameters() if p.requires_grad]
+    student.train()
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for lo in range(0, B, cfg.micro_batch_size):
+        sl = slice(lo, lo + cfg.micro_batch_size)
+        mb, mask = batch.select(sl), mask_all[sl]
+        if mask.sum() == 0:
+            continue
+        w = _micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
+        div_B_T = student(
+            mb.input_ids_B_T,
+            mb.attention_mask_B_T,
+            mb.response_mask_B_T,
+            teacher=teacher.model,
+            divergence=divergence,
+            teacher_temperature=teacher.temperature,
+        )
+        loss = obj.aggregate(div_B_T, mask, cfg.loss_aggregation)
+        (loss * w).backward()
+        total += float(loss.detach()) * w
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    skipped = 0
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        skipped = 1
+        log.warning("non-finite gradient norm (%s): update skipped", norm)
+    else:
+        optimizer.step()
+    student.eval()
+    return total, norm, skipped
+
+
+def _micro_batch_weight(mask_mb_B_T, mask_all_B_T, aggregation: str) -> float:
+    """Scale of a micro-batch's aggregated loss so the accumulated sum is the whole batch's aggregate."""
+    if aggregation == "token-mean":
+        total = mask_all_B_T.sum()
+        return float(mask_mb_B_T.sum() / total) if total > 0 else 0.0
+    total = (mask_all_B_T.sum(-1) > 0).sum()
+    return float((mask_mb_B_T.sum(-1) > 0).sum() / total) if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- the training run
+
+
+def train(cfg: GKDConfig) -> dict[str, Any]:
+    """Run GKD as configured. Returns the run summary (also written to ``output_dir/summary.json``).
+
+    Same run contract as ``opd train``: devices first, then the locked run directory; SIGINT/SIGTERM
+    stop at the next step boundary with a checkpoint; ``resume=true`` continues exactly.
+    """
+    cfg.check_runnable()
+    runtime = Runtime.from_config(cfg)
+    with open_run(cfg) as (run, stop):
+        return _train(cfg, runtime, run, stop)
+
+
+def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+    log.info("%s", runtime.describe())
+
+    models = load_models(cfg, runtime)
+    student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
+    prompts, eval_set = load_prompt_sets(cfg, models)
+    fixed = load_fixed_responses(cfg, prompts, tokenizer) if cfg.lmbda < 1 and not cfg.seq_kd else None
+    sampler = PromptSampler(prompts, seed=cfg.seed)
+    backends = {
+        "student": make_backend(
+            cfg.rollout_backend,
+            student,
+            tokenizer,
+            batch_size=cfg.rollout_batch_size or None,
+            vocab_limit=vocab_limit,
+        )
+    }
+    if cfg.seq_kd and cfg.lmbda < 1:
+        backends["teacher"] = make_backend(
+            cfg.rollout_backend,
+            models.teacher,
+            tokenizer,
+            batch_size=cfg.rollout_batch_size or None,
+            vocab_limit=vocab_limit,
+        )
+    # every grad-carrying student pass goes through this module (a DDP/FSDP wrapper would wrap it)
+    student_scorer = PolicyScorer(
+        student,
+        temperature=cfg.temperature,
+        chunk_size=cfg.score_chunk_size,
+        vocab_limit=vocab_limit,
+        compute_dtype=cfg.student_dtype,
+    )
+    teacher_scorer = PolicyScorer(
+        models.teacher, temperature=cfg.temperature, chunk_size=cfg.score_chunk_size, vocab_limit=vocab_limit
+    )
+    optimizer = make_optimizer(student, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
+    metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
+
+    start_step, skipped_total = 0, 0
+    if cfg.resume:
+        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
+        if found is None:
+            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
+        else:
+            ckpt, state = found
+            start_step = state["step"]
+            skipped_total = state.get("skipped_steps", 0)
+            sampler.load_state_dict(state["sampler"])
+            cost.load_state_dict(state["cost"])
+            log.info("resumed from %s (step %d)", ckpt, start_step)
+    run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
+    metrics_log.truncate_after(start_step)
+    write_config(out_dir, cfg)
+
+    if eval_set is not None and start_step == 0:
+        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
+    history: list[dict[str, Any]] = []
+    run_t0 = time.perf_counter()
+    stopped_by_budget = None
+    bar = progress(total=cfg.steps, initial=start_step, desc="gkd", enabled=cfg.progress, unit="step")
+    interrupted = None
+    stop.arm()
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(
+            out_dir,
+            step,
+            model=student,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            keep=cfg.keep_checkpoints,
+            state={
+                "sampler": sampler.state_dict(),
+                "skipped_steps": skipped_total,
+                "cost": cost.state_dict(),
+            },
+        )
+
+    for step in range(start_step + 1, cfg.steps + 1):
+        row = gkd_step(
+            student_scorer,
+            teacher_scorer,
+            backends,
+            tokenizer,
+            prompts,
+            fixed,
+            sampler,
+            optimizer,
+            scheduler,
+            cfg,
+            runtime,
+            step,
+            cost,
+        )
+        skipped_total += row.pop("_skipped")
+        row["skipped_steps"] = skipped_total
+        if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
+        metrics_log.log(row)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss/gkd']:.4f}", on_policy=row["data/on_policy"])
+        bar.update(1)
+        saved = None
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            saved = checkpoint(step)
+        if stop.requested and step < cfg.steps:
+            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
+            bar.write(
+                f"[gkd] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
+            )
+            break
+        if budget_spent(cfg, cost):
+            stopped_by_budget = step
+            bar.write(f"[gkd] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
+            break
+    bar.close()
+    metrics_log.close()
+    loop_time = time.perf_counter() - run_t0
+    if interrupted is not None:
+        finish_interrupted(
+            out_dir,
+            interrupted["signal"],
+            interrupted["checkpoint"],
+            steps_done=step,
+            skipped_steps=skipped_total,
+            loop_time=loop_time,
+            history=history,
+        )
+    return finish_completed(
+        out_dir,
+        student,
+        tokenizer,
+        steps_done=history[-1]["step"] if history else start_step,
+        skipped_steps=skipped_total,
+        loop_time=loop_time,
+        run_t0=run_t0,
+        stopped_by_alert=None,
+        history=history,
+        cost=cost,
+        stopped_by_budget=stopped_by_budget,
+    )
+
+
+def gkd_step(
+    student: PolicyScorer,
+    teacher: PolicyScorer,
+    backends: dict[str, RolloutBackend],
+    tokenizer,
+    prompts: PromptSet,
+    fixed: list[list[int]] | None,
+    sampler: PromptSampler,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: GKDConfig,
+    runtime: Runtime,
+    step: int,
+    cost: CostMeter,
+) -> dict[str, Any]:
+    """One GKD step (choose the data by λ → batch → one update on JSD_β → weight sync). Returns the row."""
+    t_step = time.perf_counter()
+    idx = sampler.next_batch(cfg.prompts_per_step)
+    prompt_ids = [prompts.examples[i].input_ids for i in idx]
+    on_policy = on_policy_step(cfg.seed, step, cfg.lmbda)
+    source = "student" if on_policy else ("teacher" if cfg.seq_kd else "fixed")
+    t0 = time.perf_counter()
+    if source == "fixed":
+        eot = end_of_turn_id(tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+        batch = fixed_batch(prompt_ids, [fixed[i] for i in idx], stop_ids=[eot], pad_id=int(pad))
+    else:
+        sampler_model = student.model if on_policy else teacher.model
+        with compute_context(sampler_model, cfg.student_dtype if on_policy else None):
+            batch = backends[source].generate(
+                prompt_ids,
+                n=cfg.rollouts_per_prompt,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.rollout_top_k,
+                seed=None,
+            )
+    batch = batch.to(runtime.device)
+    t_data = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    lr = scheduler.get_last_lr()[0]
+    loss, grad_norm, skipped = update(student, teacher, batch, optimizer, cfg)
+    scheduler.step()
+    backends["student"].sync_weights(student.model)
+    t_update = time.perf_counter() - t0
+
+    n_tokens = int(batch.response_mask_B_T.sum())
+    seq_tokens = int(batch.attention_mask_B_T.sum())
+    generated = int(batch.response_lengths_B.sum())
+    if source == "student":
+        cost.add(student_prefill_tokens=seq_tokens - generated, student_generated_tokens=generated)
+    elif source == "teacher":
+        cost.add(teacher_prefill_tokens=seq_tokens - generated, teacher_generated_tokens=generated)
+    cost.add(
+        teacher_forward_tokens=seq_tokens,  # the teacher's no-grad pass inside the streamed divergence
+        student_train_tokens=seq_tokens,
+        student_loss_tokens=n_tokens,
+    )
+    step_time = time.perf_counter() - t_step
+    return {
+        "step": step,
+        "loss/gkd": loss,
+        "data/on_policy": int(on_policy),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "response/length_mean": float(batch.response_lengths_B.float().mean()),
+        "response/truncated_frac": float(batch.truncated_B.float().mean()),
+        "time/data": t_data,
+        "time/update": t_update,
+        "time/step": step_time,
+        **cost.row(),
+        "memory/peak_mb": peak_memory_mb(runtime.device),
+        "_skipped": skipped,
+    }

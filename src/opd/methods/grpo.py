@@ -1,0 +1,475 @@
+"""GRPO: reinforcement learning with a verifiable 0/1 reward, the RL baseline next to OPD, one file.
+
+What this file deliberately leaves out: a teacher (the reward is the grader, :mod:`opd.grading`, on
+prompts with answers), a value function, a KL-to-reference penalty (off by default in current GRPO
+recipes; not implemented here, so no reference copy of the student is kept), an entropy bonus, and
+format or length rewards. The run frame — run directory, seeding, optimiser and schedule, prompt loading,
+evaluation, the end of a run — is :mod:`opd.methods.common`'s, shared with every method.
+
+Each step:
+  1. sample ``prompts_per_step`` prompts x G = ``rollouts_per_prompt`` student responses (the rollout
+     backend from ``opd.rollout.make_backend``) at ``temperature``;
+  2. grade each response against its prompt's answer: reward ``r ∈ {0, 1}`` (the last ``\\boxed{}``,
+     :func:`opd.grading.grade`);
+  3. group-normalised advantages, one per response, given to each of its tokens
+     (:func:`opd.objectives.group_advantages`):
+        A[p, g] = (r[p, g] − mean_g r[p, ·]) / (std_g r[p, ·] + eps)   (``scale_rewards=false``: no division,
+     Dr. GRPO); a group whose G rewards are all equal has A = 0 and teaches nothing;
+  4. ``ppo_epochs`` passes of the PPO-clipped policy-gradient loss
+     (:func:`opd.objectives.policy_gradient_loss`, no dual clip) with ``ratio = π_θ(y_t)/π_old(y_t)``,
+     aggregated over tokens (``loss_aggregation``, token-mean by default); every grad-carrying pass
+     through the student's ``PolicyScorer``; then ``backend.sync_weights``. With ``ppo_epochs = 1`` the
+     old log-probs are the update's own (detached), the ratio is 1 and the gradient is
+     ``−Σ_t A ∇log π_θ(y_t)`` / (number of tokens);
+  5. log the step (metrics.jsonl), checkpoint atomically every ``save_every`` steps.
+
+The student is scored at ``temperature`` (the distribution its tokens were drawn from), so the ratio
+is on-policy; top-p / top-k rollouts are refused by the config as in OPD.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from opd import objectives as obj
+from opd.checkpoint import load_newest_checkpoint, save_checkpoint
+from opd.config import (
+    DataConfig,
+    ModelsConfig,
+    OptimConfig,
+    RolloutConfig,
+    RunConfig,
+    _coerce_types,
+    part_errors,
+)
+from opd.cost import CostMeter, count_parameters, peak_memory_mb
+from opd.data import PromptSampler
+from opd.errors import ConfigError
+from opd.evaluate import grade_responses
+from opd.methods.common import (
+    Models,
+    budget_spent,
+    evaluate_during_training,
+    finish_completed,
+    finish_interrupted,
+    load_prompt_sets,
+    make_optimizer,
+    make_scheduler,
+    open_run,
+    seed_everything,
+    write_config,
+)
+from opd.models import CompatReport, load_model, load_tokenizer, prompt_token_cap
+from opd.precision import compute_context
+from opd.rollout import RolloutBackend, make_backend, tokenizer_vocab_size
+from opd.runtime import Runtime
+from opd.scoring import PolicyScorer
+from opd.tracking import MetricsLogger, progress
+
+log = logging.getLogger("opd")
+
+
+@dataclass
+class GRPOConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig):
+    """GRPO run: the student trained on a 0/1 grader reward, no teacher (leave ``teacher`` empty).
+
+    The shared parts (models, data, rollout, optimiser, run) are inherited; the fields below are GRPO's own.
+    ``prompts`` must carry answers (``answer_field``); ``rollouts_per_prompt`` is the group size G.
+    """
+
+    output_dir: str = "runs/grpo"
+    """Where metrics.jsonl, checkpoints and the final model go."""
+    scale_rewards: bool = True
+    """Divide the group-centred reward by the group's std (+ ``adv_eps``): GRPO. false: only centre (Dr. GRPO)."""
+    adv_eps: float = 1e-4
+    """Added to the group std before dividing (an all-equal group gets advantage 0 either way)."""
+    loss_aggregation: str = "token-mean"
+    """token-mean, seq-mean-token-sum or seq-mean-token-mean."""
+    ppo_epochs: int = 1
+    """Passes (optimiser steps) over each rollout batch; ratio clipping matters only when > 1."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon."""
+    score_chunk_size: int = 256
+    """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        errs = part_errors(self)
+        if self.teacher:
+            errs.append(
+                f"teacher={self.teacher!r}: GRPO learns from the grader's reward and loads no teacher; "
+                "remove the teacher key (or use `opd train` / `opd gkd` to distil from it)"
+            )
+        if self.rollouts_per_prompt < 2:
+            errs.append(
+                f"rollouts_per_prompt={self.rollouts_per_prompt}: GRPO normalises rewards within a group of "
+                "responses to one prompt, so it needs >= 2 (e.g. 8)"
+            )
+        if self.loss_aggregation not in obj.AGGREGATIONS:
+            errs.append(
+                f"loss_aggregation={self.loss_aggregation!r}: choose one of {', '.join(obj.AGGREGATIONS)}"
+            )
+        for key in ("ppo_epochs", "score_chunk_size"):
+            if getattr(self, key) < 1:
+                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        if not 0 < self.clip_eps < 1:
+            errs.append(f"clip_eps={self.clip_eps}: must be in (0, 1); the usual value is 0.2")
+        if self.adv_eps <= 0:
+            errs.append(f"adv_eps={self.adv_eps}: must be > 0 (e.g. 1e-4)")
+        if errs:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+
+    def check_runnable(self) -> None:
+        """Rules that only matter when actually training (not when printing help or defaults)."""
+        missing = [k for k in ("student", "prompts") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(
+                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as "
+                "key=value, e.g. student=lab:student prompts=lab:train"
+            )
+
+
+# --------------------------------------------------------------------------- the student alone
+
+
+def load_student(cfg: GRPOConfig, runtime: Runtime) -> Models:
+    """The student (float32 master weights on ``runtime.device``) and its tokenizer, in the frame's
+    :class:`~opd.methods.common.Models` with ``teacher=None``; ``vocab_limit`` = the ids the tokenizer
+    can produce (capped at the head's rows)."""
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    student = load_model(
+        cfg.student, dtype="float32", trust_remote_code=cfg.trust_remote_code, device=runtime.device
+    )
+    head = student.get_output_embeddings()
+    vocab_limit = tokenizer_vocab_size(tokenizer)
+    if head is not None:
+        vocab_limit = min(vocab_limit, int(head.weight.shape[0]))
+    cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, None)
+    if why:
+        log.info("max_prompt_tokens=%d (%s)", cap, why)
+    student.eval()
+    compat = CompatReport(vocab_limit=vocab_limit)
+    return Models(student, None, tokenizer, compat, cap, why)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- rewards and update
+
+
+def rewards_and_advantages(
+    tokenizer, batch, answers: list[str], cfg: GRPOConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grade every response (``reward_B``, 0/1 float) and the group-normalised advantage of each row
+    (``adv_B``); rows are prompt-major (row = p·G + g, the rollout CONTRACT)."""
+    G = cfg.rollouts_per_prompt
+    responses = [
+        batch.input_ids_B_T[b][batch.response_mask_B_T[b] > 0].tolist()
+        for b in range(batch.input_ids_B_T.shape[0])
+    ]
+    truths = [answers[int(p)] for p in batch.prompt_index_B]
+    reward_B = torch.tensor([float(c) for c in grade_responses(tokenizer, responses, truths)])
+    adv_B = obj.group_advantages(reward_B.view(-1, G), scale=cfg.scale_rewards, eps=cfg.adv_eps).view(-1)
+    return reward_B, adv_B
+
+
+def update(student: PolicyScorer, batch, adv_B: torch.Tensor, optimizer, cfg: GRPOConfig):
+    """``ppo_epochs`` optimiser updates of the clipped policy-gradient loss over the rollout batch, each
+    token of row b carrying the advantage ``adv_B[b]``. Returns (loss, grad_norm, skipped, clip_frac)."""
+    mask_all = batch.response_mask_B_T
+    B = batch.input_ids_B_T.shape[0]
+    adv_B_T = adv_B.to(mask_all.device)[:, None] * mask_all
+    micro = [slice(lo, lo + cfg.micro_batch_size) for lo in range(0, B, cfg.micro_batch_size)]
+    old_logp_B_T = None
+    if cfg.ppo_epochs > 1:  # the ratio's denominator: the policy that sampled, before any update
+        parts = []
+        with torch.no_grad():
+            for sl in micro:
+                mb = batch.select(sl)
+                parts.append(
+                    student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T).token_logp_B_T
+                )
+        old_logp_B_T = torch.cat(parts)
+    params = [p for p in student.parameters() if p.requires_grad]
+    losses, norms, clip_fracs, skipped = [], [], [], 0
+    student.train()
+    for _ in range(cfg.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for sl in micro:
+            mb, mask = batch.select(sl), mask_all[sl]
+            if mask.sum() == 0:
+                continue
+            w = _micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
+            logp = student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T).token_logp_B_T
+            old = old_logp_B_T[sl] if old_logp_B_T is not None else logp.detach()
+            loss, stats = obj.policy_gradient_loss(
+                logp,
+                old,
+                adv_B_T[sl],
+                mask,
+                clip_eps=cfg.clip_eps,
+                dual_clip=None,
+                aggregation=cfg.loss_aggregation,
+            )
+            (loss * w).backward()
+            total += float(loss.detach()) * w
+            clip_fracs.append(stats["clip_frac"])
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            log.warning("non-finite gradient norm (%s): update skipped", norm)
+        else:
+            optimizer.step()
+        losses.append(total)
+        norms.append(norm)
+    student.eval()
+    clip = float(np.mean(clip_fracs)) if clip_fracs else 0.0
+    return float(np.mean(losses)), norms[-1], skipped, clip
+
+
+def _micro_batch_weight(mask_mb_B_T, mask_all_B_T, aggregation: str) -> float:
+    """Scale of a micro-batch's aggregated loss so the accumulated sum is the whole batch's aggregate."""
+    if aggregation == "token-mean":
+        total = mask_all_B_T.sum()
+        return float(mask_mb_B_T.sum() / total) if total > 0 else 0.0
+    total = (mask_all_B_T.sum(-1) > 0).sum()
+    return float((mask_mb_B_T.sum(-1) > 0).sum() / total) if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- the training run
+
+
+def train(cfg: GRPOConfig) -> dict[str, Any]:
+    """Run GRPO as configured. Returns the run summary (also written to ``output_dir/summary.json``).
+
+    Same run contract as ``opd train``: devices first, then the locked run directory; SIGINT/SIGTERM
+    stop at the next step boundary with a checkpoint; ``resume=true`` continues exactly.
+    """
+    cfg.check_runnable()
+    runtime = Runtime.from_config(cfg)
+    with open_run(cfg) as (run, stop):
+        return _train(cfg, runtime, run, stop)
+
+
+def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+    log.info("%s", runtime.describe())
+
+    models = load_student(cfg, runtime)
+    student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
+    prompts, eval_set = load_prompt_sets(cfg, models)
+    answers = [e.answer for e in prompts.examples]
+    if any(a is None for a in answers):
+        n_missing = sum(a is None for a in answers)
+        raise ConfigError(
+            f"prompts={cfg.prompts!r}: {n_missing} of {len(answers)} prompts have no answer "
+            f"(answer_field={cfg.answer_field!r}); GRPO's reward grades against it. Fix: set answer_field to "
+            "the ground-truth field, or drop the rows without one"
+        )
+    sampler = PromptSampler(prompts, seed=cfg.seed)
+    backend = make_backend(
+        cfg.rollout_backend,
+        student,
+        tokenizer,
+        batch_size=cfg.rollout_batch_size or None,
+        vocab_limit=vocab_limit,
+    )
+    student_scorer = PolicyScorer(
+        student,
+        temperature=cfg.temperature,
+        chunk_size=cfg.score_chunk_size,
+        vocab_limit=vocab_limit,
+        compute_dtype=cfg.student_dtype,
+    )
+    optimizer = make_optimizer(student, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    cost = CostMeter(count_parameters(student), teacher_params=0)
+    metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
+
+    start_step, skipped_total = 0, 0
+    if cfg.resume:
+        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
+        if found is None:
+            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
+        else:
+            ckpt, state = found
+            start_step = state["step"]
+            skipped_total = state.get("skipped_steps", 0)
+            sampler.load_state_dict(state["sampler"])
+            cost.load_state_dict(state["cost"])
+            log.info("resumed from %s (step %d)", ckpt, start_step)
+    run.clear_previous_run()  # overwrite=true: only now that the model and data have loaded
+    metrics_log.truncate_after(start_step)
+    write_config(out_dir, cfg)
+
+    if eval_set is not None and start_step == 0:
+        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
+    history: list[dict[str, Any]] = []
+    run_t0 = time.perf_counter()
+    stopped_by_budget = None
+    bar = progress(total=cfg.steps, initial=start_step, desc="grpo", enabled=cfg.progress, unit="step")
+    interrupted = None
+    stop.arm()
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(
+            out_dir,
+            step,
+            model=student,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            keep=cfg.keep_checkpoints,
+            state={
+                "sampler": sampler.state_dict(),
+                "skipped_steps": skipped_total,
+                "cost": cost.state_dict(),
+            },
+        )
+
+    for step in range(start_step + 1, cfg.steps + 1):
+        row = grpo_step(
+            student_scorer,
+            backend,
+            tokenizer,
+            prompts,
+            answers,
+            sampler,
+            optimizer,
+            scheduler,
+            cfg,
+            runtime,
+            step,
+            cost,
+        )
+        skipped_total += row.pop("_skipped")
+        row["skipped_steps"] = skipped_total
+        if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
+        metrics_log.log(row)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss/pg']:.4f}", reward=f"{row['reward/mean']:.3f}")
+        bar.update(1)
+        saved = None
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            saved = checkpoint(step)
+        if stop.requested and step < cfg.steps:
+            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
+            bar.write(
+                f"[grpo] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
+            )
+            break
+        if budget_spent(cfg, cost):
+            stopped_by_budget = step
+            bar.write(f"[grpo] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
+            break
+    bar.close()
+    metrics_log.close()
+    loop_time = time.perf_counter() - run_t0
+    if interrupted is not None:
+        finish_interrupted(
+            out_dir,
+            interrupted["signal"],
+            interrupted["checkpoint"],
+            steps_done=step,
+            skipped_steps=skipped_total,
+            loop_time=loop_time,
+            history=history,
+        )
+    return finish_completed(
+        out_dir,
+        student,
+        tokenizer,
+        steps_done=history[-1]["step"] if history else start_step,
+        skipped_steps=skipped_total,
+        loop_time=loop_time,
+        run_t0=run_t0,
+        stopped_by_alert=None,
+        history=history,
+        cost=cost,
+        stopped_by_budget=stopped_by_budget,
+    )
+
+
+def grpo_step(
+    student: PolicyScorer,
+    backend: RolloutBackend,
+    tokenizer,
+    prompts,
+    answers: list[str],
+    sampler: PromptSampler,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: GRPOConfig,
+    runtime: Runtime,
+    step: int,
+    cost: CostMeter,
+) -> dict[str, Any]:
+    """One GRPO step (rollout → grade → group advantages → update → weight sync). Returns the metrics row."""
+    t_step = time.perf_counter()
+    idx = sampler.next_batch(cfg.prompts_per_step)
+    t0 = time.perf_counter()
+    with compute_context(student.model, cfg.student_dtype):
+        batch = backend.generate(
+            [prompts.examples[i].input_ids for i in idx],
+            n=cfg.rollouts_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.rollout_top_k,
+            seed=None,
+        )
+    t_rollout = time.perf_counter() - t0
+    # prompt_index_B indexes the step's prompt list; map it to the answers of the chosen prompts
+    reward_B, adv_B = rewards_and_advantages(tokenizer, batch, [answers[i] for i in idx], cfg)
+    batch = batch.to(runtime.device)
+
+    t0 = time.perf_counter()
+    lr = scheduler.get_last_lr()[0]
+    loss, grad_norm, skipped, clip_frac = update(student, batch, adv_B, optimizer, cfg)
+    scheduler.step()
+    backend.sync_weights(student.model)
+    t_update = time.perf_counter() - t0
+
+    n_tokens = int(batch.response_mask_B_T.sum())
+    seq_tokens = int(batch.attention_mask_B_T.sum())
+    cost.add(
+        student_prefill_tokens=seq_tokens - int(batch.response_lengths_B.sum()),
+        student_generated_tokens=batch.response_lengths_B,
+        student_forward_tokens=seq_tokens if cfg.ppo_epochs > 1 else 0,  # the old-log-prob pass
+        student_train_tokens=seq_tokens * cfg.ppo_epochs,
+        student_loss_tokens=n_tokens * cfg.ppo_epochs,
+    )
+    groups_P_G = reward_B.view(-1, cfg.rollouts_per_prompt)
+    step_time = time.perf_counter() - t_step
+    return {
+        "step": step,
+        "loss/pg": loss,
+        "reward/mean": float(reward_B.mean()),
+        "reward/std": float(reward_B.std(correction=0)),
+        "reward/zero_adv_group_frac": float((groups_P_G == groups_P_G[:, :1]).all(dim=1).float().mean()),
+        "adv/abs_mean": float(adv_B.abs().mean()),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "clip_frac": clip_frac,
+        "response/length_mean": float(batch.response_lengths_B.float().mean()),
+        "response/truncated_frac": float(batch.truncated_B.float().mean()),
+        "time/rollout": t_rollout,
+        "time/update": t_update,
+        "time/step": step_time,
+        **cost.row(),
+        "memory/peak_mb": peak_memory_mb(runtime.device),
+        "_skipped": skipped,
+    }
