@@ -692,7 +692,8 @@ def build_summary(
     runs = []
     for name in names:
         ps = by_name[name]
-        teacher = getattr(ps[0].config, "teacher", "") or cfg.teacher
+        own_teacher = getattr(ps[0].config, "teacher", "")
+        teacher = own_teacher or cfg.teacher  # the gap of a run without a teacher: the comparison's
         per_seed = []
         for p in ps:
             s = summaries[(p.name, p.seed)]
@@ -736,7 +737,8 @@ def build_summary(
             {
                 "name": name,
                 "method": ps[0].method.command,
-                "teacher": teacher,
+                "teacher": own_teacher or None,
+                "gap_teacher": teacher,
                 "overrides": next(
                     (dict(r.get("overrides") or {}) for r in cfg.runs if str(r.get("name")) == name), {}
                 ),
@@ -902,9 +904,10 @@ def budget_rows(summary: dict[str, Any]) -> list[list[str]]:
 def _gap_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     benches = _acc_columns(summary)
     rows = [
-        [r["name"], r["teacher"], *[_pct(r["gap_recovered"][b]) for b in benches]] for r in summary["runs"]
+        [r["name"], r["gap_teacher"], *[_pct(r["gap_recovered"][b]) for b in benches]]
+        for r in summary["runs"]
     ]
-    return ["run", "teacher", *benches], rows
+    return ["run", "teacher (gap measured against)", *benches], rows
 
 
 def write_compare_report(
@@ -1031,7 +1034,10 @@ def write_compare_report(
             else ""
         )
         dirs = ", ".join(s["output_dir"] for s in r["seeds"])
-        run_items.append(f"{r['name']}: opd {r['method']}, teacher {r['teacher']}, {ov}{extra} ({dirs})")
+        teacher = (
+            f"teacher {r['teacher']}" if r["teacher"] else f"no teacher (gap against {r['gap_teacher']})"
+        )
+        run_items.append(f"{r['name']}: opd {r['method']}, {teacher}, {ov}{extra} ({dirs})")
     sections = [
         Section(
             "Results", [Table(results_rows(summary), results_headers(summary)), Paragraph(err_note), acc_plot]
