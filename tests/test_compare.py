@@ -341,15 +341,18 @@ def test_cli_compare_reports_config_errors_in_one_line(tmp_path, capsys):
     assert "'learning_rate'" in err
 
 
-def test_shipped_lab_config_lists_every_method(tmp_path):
+def test_shipped_lab_config_is_valid_and_lists_every_method():
     from pathlib import Path
 
     cfg = load_compare_config(Path(__file__).resolve().parents[1] / "configs" / "compare_lab.yaml")
-    methods = {r["method"] for r in cfg.runs}
-    assert {"train", "sft", "kd", "gkd", "grpo"} <= methods
-    teachers = {r.get("overrides", {}).get("teacher", cfg.teacher) for r in cfg.runs}
-    assert teachers == {"lab:teacher-a-plus", "lab:teacher-b-plus"}
-    assert cfg.budget_unit in ("flops", "student_loss_tokens") and cfg.budget > 0
+    plan = plan_runs(cfg)  # every run's config validates through its method's config class
+    assert {p.method.command for p in plan} == {"train", "sft", "kd", "gkd", "grpo"}
+    teachers = {p.name: getattr(p.config, "teacher", "") for p in plan}
+    assert teachers["opd-b-plus"] == "lab:teacher-b-plus" and teachers["grpo"] == ""
+    assert {t for n, t in teachers.items() if n not in ("opd-b-plus", "grpo")} == {"lab:teacher-a-plus"}
+    assert {p.config.top_k for p in plan if p.name.startswith("opd-")} == {16, 0}
+    assert cfg.budget_unit == "flops" and cfg.budget > 0
+    assert all(p.config.budget == cfg.budget and p.config.steps >= 1000 for p in plan)
 
 
 def test_compare_with_the_real_evaluator(tiny_pair, tmp_path):
