@@ -241,6 +241,8 @@ def test_compare_end_to_end_equal_budget_and_report(tiny_pair, tmp_path, fake_ev
         assert 30 <= s["budget_spent"] < 30 + s["largest_step"]
         assert rows[-2]["cost/student_loss_tokens"] < 30  # the step before had not reached it
         spent.append(s["budget_spent"])
+        # training time: the timed train call (loading included), not only the summary's loop time
+        assert s["train_time_measures"] == "call" and s["train_time_s"] >= s["wall_time_s"] > 0
         assert s["flops"] == rows[-1]["cost/flops"] > 0
     assert summary["budget_check"] == []
     md = (out / "report.md").read_text()
@@ -293,7 +295,7 @@ def test_finished_runs_are_collected_not_retrained(tiny_pair, tmp_path, fake_eva
     )
     monkeypatch.setattr(opd.methods, "METHODS", methods)
     second = run_compare(cfg)
-    assert [r["seeds"] for r in second["runs"]] == [r["seeds"] for r in first["runs"]]
+    assert [r["seeds"] for r in second["runs"]] == [r["seeds"] for r in first["runs"]]  # times kept too
     assert len(fake_eval.calls) == n_calls  # evaluations collected too
 
     # a changed setting: refused without overwrite, naming the run and the fix

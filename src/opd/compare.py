@@ -432,8 +432,43 @@ def train_or_collect(cfg: CompareConfig, planned: list[PlannedRun]) -> dict[tupl
         elif action == "retrain":
             run_cfg = dataclasses.replace(run_cfg, overwrite=True)
         print(f"{tag}: opd {run.method.command} ({action}: {why}) -> {run.out_dir}", flush=True)
+        t0 = time.perf_counter()
         summaries[(run.name, run.seed)] = run.method.train(run_cfg)
+        record_train_time(Path(cfg.output_dir), run, time.perf_counter() - t0, resumed=action == "resume")
     return summaries
+
+
+TRAIN_TIMES = "train_times.json"
+"""``output_dir/train_times.json``: the wall time of each ``train(config)`` call ``opd compare`` made —
+model loading, teacher-data generation and periodic evaluation included, which a summary's
+``wall_time_s`` (the training loop) leaves out — keyed by run and seed, with the hash of the
+``summary.json`` it produced so a retrained run's old time is never used."""
+
+
+def record_train_time(out: Path, run: PlannedRun, seconds: float, *, resumed: bool) -> None:
+    path = out / TRAIN_TIMES
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[f"{run.name}/seed-{run.seed}"] = {
+        "seconds": seconds,
+        "resumed": resumed,
+        "summary_sha256": _summary_identity(run.out_dir),
+    }
+    write_text_atomic(path, json.dumps(times, indent=1))
+
+
+def train_time(out: Path, run: PlannedRun, summary: dict[str, Any]) -> tuple[float | None, str]:
+    """(seconds, what they measure) of one run's training: the ``train`` call ``opd compare`` timed
+    ("call"; "call, resumed part" for a resumed run), else the summary's loop time ("loop", a run
+    trained outside ``opd compare``)."""
+    path = out / TRAIN_TIMES
+    entry = (json.loads(path.read_text()) if path.is_file() else {}).get(f"{run.name}/seed-{run.seed}")
+    if (
+        entry
+        and (run.out_dir / "summary.json").is_file()
+        and entry["summary_sha256"] == _summary_identity(run.out_dir)
+    ):
+        return entry["seconds"], "call, resumed part" if entry["resumed"] else "call"
+    return summary.get("loop_time_s"), "loop"
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -710,6 +745,8 @@ def build_summary(
                     "flops": (s.get("cost") or {}).get("cost/flops"),
                     "student_loss_tokens": (s.get("cost") or {}).get("cost/student_loss_tokens"),
                     "wall_time_s": s.get("wall_time_s"),
+                    "train_time_s": train_time(Path(cfg.output_dir), p, s)[0],
+                    "train_time_measures": train_time(Path(cfg.output_dir), p, s)[1],
                     "accuracy": {b: _acc(run_evals[(p.name, p.seed)], b)[0] for b in bench_names}
                     | {"overall": _acc(run_evals[(p.name, p.seed)], None)[0]},
                 }
@@ -748,6 +785,8 @@ def build_summary(
                 "gap_recovered": gap,
                 "speed": {k: mean_of(k, speeds) for k in speeds[0]} if speeds else None,
                 "wall_time_s": mean_of("wall_time_s", per_seed),
+                "train_time_s": mean_of("train_time_s", per_seed),
+                "train_time_measures": sorted({s["train_time_measures"] for s in per_seed}),
                 "flops": mean_of("flops", per_seed),
                 "budget_spent": mean_of("budget_spent", per_seed),
                 "seeds": per_seed,
@@ -860,7 +899,7 @@ def results_rows(summary: dict[str, Any]) -> list[list[str]]:
                 _pct(r["gap_recovered"]["overall"]),
                 f"{r['params']:,}" if r.get("params") is not None else "—",
                 *_speed_cells(r.get("speed")),
-                _num(r["wall_time_s"], ".0f"),
+                _num(r["train_time_s"], ".0f") + ("" if r["train_time_measures"] == ["call"] else " †"),
                 _num(r["flops"], ".3g"),
             ]
         )
@@ -998,6 +1037,12 @@ def write_compare_report(
         if len(seeds) > 1
         else "Accuracy is avg@k; ± is the standard error over prompts (one seed; run more seeds for the "
         "spread between training runs). Teacher and student rows are evaluated once."
+    )
+    err_note += (
+        " Training time: the wall time of the run's train call (model loading, teacher-data generation and "
+        "periodic evaluation included; mean over seeds); † marks a run trained outside opd compare (its "
+        "training loop only) or resumed (the last part only). Serving speed: Hugging Face generate on this "
+        "machine; on a shared CPU it is noisy between models."
     )
     gap_note = (
         "Gap recovered = (acc − acc_student_initial) / (acc_teacher − acc_student_initial), with the run's "
