@@ -118,6 +118,10 @@ class CompareConfig:
     file); empty = ``[eval_prompts]``."""
     data_dir: str = ""
     """Directory that benchmark names are looked up in (empty = the evaluator's default)."""
+    benchmark_prompt_field: str = "auto"
+    """Field of the benchmark rows holding the problem ('auto': prompt, problem, question, ...)."""
+    benchmark_answer_field: str = "auto"
+    """Field of the benchmark rows holding the answer (dotted paths allowed; 'auto': reward_model.ground_truth, answer, ...)."""
     budget_unit: str = "flops"
     """What is held equal across runs: flops (the estimate of ``opd.cost``), student_loss_tokens
     (response tokens trained on) or none (each run does its configured ``steps``)."""
@@ -587,7 +591,7 @@ def budget_spent_amount(summary: dict[str, Any], unit: str) -> float | None:
     return cost.get(f"cost/{unit}")
 
 
-def last_step_amount(metrics: list[dict[str, Any]], unit: str) -> float | None:
+def largest_step_amount(metrics: list[dict[str, Any]], unit: str) -> float | None:
     """How much of ``unit`` the run's largest single step spent (the most an equal-budget run can
     overshoot by), from consecutive cumulative ``cost/*`` rows of metrics.jsonl."""
     key = "cost/flops" if unit in ("none", "flops") else f"cost/{unit}"
@@ -628,7 +632,14 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     ev = _evaluation()
     specs = cfg.benchmarks or [cfg.eval_prompts]
     benchmarks = [
-        ev.load_benchmark(str(s), cfg.data_dir or None, limit=settings.limit, seed=settings.seed)
+        ev.load_benchmark(
+            str(s),
+            cfg.data_dir or None,
+            prompt_field=cfg.benchmark_prompt_field,
+            answer_field=cfg.benchmark_answer_field,
+            limit=settings.limit,
+            seed=settings.seed,
+        )
         for s in specs
     ]
     if cfg.threads:
@@ -741,7 +752,7 @@ def build_summary(
                     "steps_done": s.get("steps_done"),
                     "stopped_by_budget": s.get("stopped_by_budget"),
                     "budget_spent": budget_spent_amount(s, cfg.budget_unit),
-                    "largest_step": last_step_amount(metrics, cfg.budget_unit),
+                    "largest_step": largest_step_amount(metrics, cfg.budget_unit),
                     "flops": (s.get("cost") or {}).get("cost/flops"),
                     "student_loss_tokens": (s.get("cost") or {}).get("cost/student_loss_tokens"),
                     "wall_time_s": s.get("wall_time_s"),
