@@ -341,6 +341,8 @@ def test_cli_compare_reports_config_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("opd: config error: run 'x' (opd train): unknown config key(s)") and "\n" not in err
     assert "'learning_rate'" in err
+    assert main(["compare"]) == 2
+    assert "opd compare needs a compare config" in capsys.readouterr().err
 
 
 def test_shipped_lab_config_is_valid_and_lists_every_method():

@@ -267,6 +267,11 @@ def _cmd_compare(args) -> int:
     if config is not None and "=" in config:  # no YAML file, only overrides
         overrides.insert(0, config)
         config = None
+    if config is None and not overrides:
+        raise ConfigError(
+            "opd compare needs a compare config: `opd compare CONFIG.yaml [key=value ...]` "
+            "(configs/compare_lab.yaml is an example; `opd compare --help` lists the keys)"
+        )
     run_compare(load_compare_config(config, overrides))
     return 0
 
