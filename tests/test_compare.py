@@ -394,3 +394,12 @@ def test_compare_with_the_real_evaluator(tiny_pair, tmp_path):
         "student.json",
         compare._slug(f"teacher-{tiny_pair[1]}") + ".json",
     ]
+
+
+def test_collect_only_names_the_runs_that_are_not_finished(tiny_pair, tmp_path):
+    cfg = compare_cfg(tiny_pair, tmp_path, collect_only=True)
+    with pytest.raises(
+        ConfigError, match=r"collect_only=true but .*opd-topk seed 0 \(new\), opd-sampled seed 0 \(new\)"
+    ):
+        compare.train_or_collect(cfg, plan_runs(cfg))
+    assert not (tmp_path / "cmp").exists()
