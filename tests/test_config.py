@@ -128,8 +128,13 @@ def test_cli_reports_config_errors(capsys):
 def test_shipped_configs_parse():
     from pathlib import Path
 
+    from opd.compare import load_compare_config, plan_runs
+
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.glob("*.yaml")):
+        if path.name.startswith("compare"):  # an `opd compare` config: every run validates
+            plan_runs(load_compare_config(path))
+            continue
         cfg = load_config(OPDConfig, path)
         cfg.check_runnable()
 

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from opd.compare import CompareConfig, RunSpec, load_compare_config, run_compare
 from opd.config import ConfigError, OPDConfig
 from opd.config_io import help_text, load_config
 from opd.diagnose import DiagnoseConfig, DiagnoseThresholds, diagnose
@@ -66,6 +67,18 @@ Examples:
   opd eval --model lab:student --benchmark lab:test --quick --output-dir runs/eval-lab
   opd eval --model ./run/final --model Qwen/Qwen3-1.7B --benchmark aime24 --benchmark amc23 \\
       --data-dir data/benchmarks dtype=bfloat16 --output-dir runs/eval
+"""
+
+
+COMPARE_EPILOG = """\
+Compare keys (set in CONFIG.yaml or as key=value overrides, which win):
+{keys}
+
+Each entry of runs:
+{run_keys}
+
+Example:
+  opd compare configs/compare_lab.yaml seeds=[0,1,2] output_dir=runs/compare-3seeds
 """
 
 
@@ -147,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default=None, help="output directory (default: the predictions file's folder)"
     )
     g.add_argument("--no-progress", action="store_true")
+    _config_parser(
+        sub,
+        "compare",
+        COMPARE_EPILOG.format(keys=help_text(CompareConfig), run_keys=help_text(RunSpec)),
+        help="train several methods at equal compute, evaluate them and the teacher, one report",
+        description="Run (or collect finished runs of) several training methods from the same student, "
+        "prompts and compute budget; evaluate them, the initial student and the teacher(s); write "
+        "OUTPUT_DIR/report.{md,html} with PNG plots and compare.json.",
+    )
     d = sub.add_parser("demo", help="the main job: OPD end to end on CPU-sized models, with a report")
     d.add_argument("--smoke", action="store_true", help="a reduced, fast version (CI)")
     d.add_argument("--output-dir", default=None, help="output directory (default runs/demo-<time>)")
@@ -186,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "diagnose":
             return _cmd_diagnose(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
         if args.command == "lab":
             return _cmd_lab(args, parser)
         if args.command == "eval":
@@ -241,6 +265,20 @@ def _cmd_diagnose(args) -> int:
         print(f"  - {r}")
     out = Path(cfg.output_dir)
     print(f"reports: {out / 'diagnosis.json'}, {out / 'diagnosis.md'}, {out / 'diagnosis.html'}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no YAML file, only overrides
+        overrides.insert(0, config)
+        config = None
+    if config is None and not overrides:
+        raise ConfigError(
+            "opd compare needs a compare config: `opd compare CONFIG.yaml [key=value ...]` "
+            "(configs/compare_lab.yaml is an example; `opd compare --help` lists the keys)"
+        )
+    run_compare(load_compare_config(config, overrides))
     return 0
 
 
