@@ -17,6 +17,7 @@ from opd.compare import (
     plan_runs,
     run_compare,
 )
+from opd.compare import run as compare_run
 from opd.config import ConfigError
 from opd.tracking import read_metrics
 
@@ -83,7 +84,7 @@ class FakeEvaluation:
 def fake_eval(tiny_pair, monkeypatch):
     student, teacher, _ = tiny_pair
     fake = FakeEvaluation(str(teacher), str(student))
-    monkeypatch.setattr(compare, "_evaluation", lambda: fake)
+    monkeypatch.setattr(compare_run, "_evaluation", lambda: fake)
     return fake
 
 
@@ -397,7 +398,7 @@ def test_compare_with_the_real_evaluator(tiny_pair, tmp_path):
         "opd-sampled-seed-0.json",
         "opd-topk-seed-0.json",
         "student.json",
-        compare._slug(f"teacher-{tiny_pair[1]}") + ".json",
+        compare_run._slug(f"teacher-{tiny_pair[1]}") + ".json",
     ]
 
 

@@ -12,17 +12,8 @@ from conftest import SHARED_DATA, require
 from opd.benchmarks import load_benchmark
 from opd.cli import main
 from opd.config import ConfigError
-from opd.evaluation import (
-    EvalSettings,
-    evaluate_model,
-    load_eval_config,
-    mean_stderr,
-    metrics_from_predictions,
-    pass_at_k,
-    read_predictions,
-    regrade,
-    summarize,
-)
+from opd.estimators import mean_stderr, metrics_from_predictions, pass_at_k, regrade, summarize
+from opd.evaluation import EvalSettings, evaluate_model, load_eval_config, read_predictions
 
 BENCH_DIR = SHARED_DATA / "benchmarks"
 SCHEMA = {"id", "prompt", "answer", "source"}

@@ -14,11 +14,13 @@ from opd.compare import CompareConfig, RunSpec, load_compare_config, run_compare
 from opd.config import ConfigError, OPDConfig
 from opd.config_io import help_text, load_config
 from opd.diagnose import DiagnoseConfig, DiagnoseThresholds, diagnose
+from opd.eval_report import accuracy_rows
 from opd.evaluation import EvalConfig, load_eval_config, run_eval, run_grade
 from opd.lab import zoo
 from opd.lab.build import build as build_zoo
 from opd.lab.demo import run_demo
 from opd.methods import METHODS, Method
+from opd.report import markdown_table
 from opd.rundir import RunInterrupted
 
 METHOD_EPILOG = """\
@@ -315,9 +317,6 @@ def _cmd_grade(args) -> int:
 
 
 def _print_accuracy(models: list[dict]) -> None:
-    from opd.evaluation import accuracy_rows
-    from opd.report import markdown_table
-
     headers, rows = accuracy_rows(models)
     print(markdown_table(rows, headers), end="")
 

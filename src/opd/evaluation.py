@@ -15,17 +15,8 @@ Library layer (``opd compare`` and the CLI call these):
 - :func:`run_eval` (``opd eval``) and :func:`run_grade` (``opd grade``) — the commands: several models
   and benchmarks, ``eval.json`` / ``eval.md`` / ``eval.html`` and ``predictions.jsonl`` in ``output_dir``.
 
-The estimators (n samples per prompt, c of them correct, P prompts):
-
-- ``avg@k`` (k = n): the mean over prompts of ``c / n``; its standard error is the sample standard
-  deviation of the per-prompt ``c / n`` over prompts (ddof 1) divided by ``sqrt(P)``: the uncertainty of
-  drawing these prompts, with the sampling noise of each prompt's n samples inside it;
-- ``pass@k``: the mean over prompts of the unbiased estimator of Chen et al. (2021),
-  ``1 - C(n - c, k) / C(n, k)`` (the probability that k samples drawn without replacement from the n
-  contain a correct one); reported at k = n, and at every power of two up to n in ``pass_at``
-  (``pass@1`` equals ``avg@k``); standard error as for avg@k;
-- ``overall`` pools every prompt of every benchmark (each prompt weighs the same; not the mean of the
-  benchmark means).
+The estimators (avg@k, the unbiased pass@k, standard errors, ``overall``) are :mod:`opd.estimators`'s;
+the report tables :mod:`opd.eval_report`'s.
 
 Greedy decoding (``temperature=0``) takes one sample per prompt (k = 1). With fewer than 2 prompts a
 standard error is None (undefined).
@@ -36,8 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,15 +38,15 @@ from opd.benchmarks import Benchmark, load_benchmark
 from opd.config import DEVICE_PATTERN, ConfigError
 from opd.config_io import _coerce_types, build_config, load_yaml_text, parse_overrides, to_dict
 from opd.data import load_prompts
+from opd.estimators import _has_answer, metrics_from_predictions, regrade
+from opd.eval_report import write_eval_report
 from opd.evaluate import grade_responses, sample_responses
-from opd.grading import extract_boxed, grade
 from opd.models import load_model, load_tokenizer, prompt_token_cap
-from opd.report import Bullets, Paragraph, Section, Table, write_report, write_text_atomic
+from opd.report import write_text_atomic
 from opd.rundir import locked_run_dir
 from opd.runtime import resolve_device
 from opd.serving import measure_speed, model_size
 from opd.textfiles import read_utf8
-from opd.tracking import progress as progress_bar
 
 __all__ = [
     "EvalConfig",
@@ -65,14 +55,9 @@ __all__ = [
     "evaluate_model",
     "load_benchmark",
     "load_eval_config",
-    "mean_stderr",
-    "metrics_from_predictions",
-    "pass_at_k",
     "read_predictions",
-    "regrade",
     "run_eval",
     "run_grade",
-    "summarize",
 ]
 
 log = logging.getLogger("opd.eval")
@@ -93,118 +78,6 @@ PREDICTION_KEYS = (
     "length",
 )
 """The fields of one record of ``predictions.jsonl`` (one sampled response)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# estimators
-# ---------------------------------------------------------------------------------------------------------
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of one prompt with ``c`` correct among ``n`` samples (Chen et al., 2021):
-    ``1 - C(n - c, k) / C(n, k)``, the chance that ``k`` of the ``n`` drawn without replacement include a
-    correct one. Exact integer binomials, one division."""
-    if not 0 <= c <= n:
-        raise ValueError(f"pass_at_k: c={c} correct out of n={n} samples; need 0 <= c <= n")
-    if not 1 <= k <= n:
-        raise ValueError(f"pass_at_k: k={k} with n={n} samples; need 1 <= k <= n")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def mean_stderr(xs: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and standard error (sample std, ddof 1, over ``sqrt(len)``); the error is None below 2 values."""
-    if not xs:
-        raise ValueError("mean_stderr: no values")
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None
-    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return m, math.sqrt(var / len(xs))
-
-
-def _powers_of_two(n: int) -> list[int]:
-    ks, k = [], 1
-    while k < n:
-        ks.append(k)
-        k *= 2
-    return [*ks, n]
-
-
-def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy and response statistics of prediction records (keys of :data:`PREDICTION_KEYS`).
-
-    Records are grouped into prompts by ``(model, benchmark, id)``; every prompt must have the same
-    number of samples n, which is the k of ``avg@k`` and ``pass@k`` (module docstring). Returns
-    ``avg@k``, ``avg@k_stderr``, ``pass@k``, ``pass@k_stderr``, ``pass_at`` (``{k: pass@k}`` at powers of two),
-    ``k``, ``n_prompts``, ``n_samples``, ``mean_length``, ``truncated_rate``, ``no_answer_rate``.
-    """
-    records = list(records)
-    if not records:
-        raise ValueError("summarize: no prediction records")
-    prompts: dict[tuple, list[bool]] = {}
-    for r in records:
-        prompts.setdefault((r["model"], r["benchmark"], r["id"]), []).append(bool(r["correct"]))
-    sizes = {len(v) for v in prompts.values()}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"predictions: prompts have different sample counts {sorted(sizes)}; avg@k and pass@k need the "
-            "same n for every prompt: re-run opd eval, or remove the incomplete prompts"
-        )
-    n = sizes.pop()
-    counts = [sum(v) for v in prompts.values()]
-    avg, avg_se = mean_stderr([c / n for c in counts])
-    pass_at = {str(k): mean_stderr([pass_at_k(n, c, k) for c in counts])[0] for k in _powers_of_two(n)}
-    pk, pk_se = mean_stderr([pass_at_k(n, c, n) for c in counts])
-    return {
-        "avg@k": avg,
-        "avg@k_stderr": avg_se,
-        "pass@k": pk,
-        "pass@k_stderr": pk_se,
-        "pass_at": pass_at,
-        "k": n,
-        "n_prompts": len(prompts),
-        "n_samples": len(records),
-        "mean_length": sum(r["length"] for r in records) / len(records),
-        "truncated_rate": sum(bool(r["truncated"]) for r in records) / len(records),
-        "no_answer_rate": sum(not r["has_answer"] for r in records) / len(records),
-    }
-
-
-def metrics_from_predictions(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{model: {"benchmarks": {name: summarize(...)}, "overall": summarize(all)}}`` of prediction records
-    (models and benchmarks in the order they first appear)."""
-    by_model: dict[str, dict[str, list[dict]]] = {}
-    for r in records:
-        by_model.setdefault(r["model"], {}).setdefault(r["benchmark"], []).append(r)
-    return {
-        model: {
-            "benchmarks": {name: summarize(rs) for name, rs in benches.items()},
-            "overall": summarize(r for rs in benches.values() for r in rs),
-        }
-        for model, benches in by_model.items()
-    }
-
-
-def regrade(records: Iterable[dict[str, Any]], *, progress: bool = True) -> list[dict[str, Any]]:
-    """Copies of prediction records with ``correct`` and ``has_answer`` recomputed from ``response`` and
-    ``answer`` by the current grader (:func:`opd.grading.grade`, :func:`opd.grading.extract_boxed`)."""
-    records = list(records)
-    out = []
-    for r in progress_bar(records, desc="grade", enabled=progress, unit="resp"):
-        out.append(
-            {
-                **r,
-                "correct": bool(grade(r["response"], r["answer"])),
-                "has_answer": _has_answer(r["response"]),
-            }
-        )
-    return out
-
-
-def _has_answer(response: str) -> bool:
-    return extract_boxed(response) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -634,138 +507,3 @@ def run_grade(
     write_text_atomic(out / "grade.json", json.dumps(summary, indent=2) + "\n")
     write_eval_report(out / "grade", "opd grade", summary)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------------------
-# report
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _pm(value: float, se: float | None) -> str:
-    return f"{100 * value:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
-
-
-def accuracy_rows(models: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Headers and rows (one per model x benchmark, then each model's overall) of the accuracy table."""
-    headers = [
-        "model",
-        "benchmark",
-        "avg@k (%)",
-        "pass@k (%)",
-        "k",
-        "prompts",
-        "mean length",
-        "truncated",
-        "no answer",
-    ]
-    rows = []
-    for res in models:
-        for name, m in [*res["benchmarks"].items(), ("overall", res["overall"])]:
-            rows.append(
-                [
-                    res["model"],
-                    name,
-                    _pm(m["avg@k"], m["avg@k_stderr"]),
-                    _pm(m["pass@k"], m["pass@k_stderr"]),
-                    m["k"],
-                    m["n_prompts"],
-                    round(m["mean_length"], 1),
-                    f"{100 * m['truncated_rate']:.1f}%",
-                    f"{100 * m['no_answer_rate']:.1f}%",
-                ]
-            )
-    return headers, rows
-
-
-def speed_rows(models: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Headers and rows (one per model with a speed measurement) of the size and speed table."""
-    headers = [
-        "model",
-        "params",
-        "MB",
-        "tok/s batch 1",
-        "tok/s batch B",
-        "B",
-        "TTFT (ms)",
-        "ms/token",
-        "device",
-    ]
-    rows = []
-    for res in models:
-        s = res.get("speed")
-        if s is None:
-            continue
-        rows.append(
-            [
-                res["model"],
-                res["params"],
-                round(res["bytes"] / 1e6, 2),
-                round(s["tokens_per_s_batch1"], 1),
-                round(s["tokens_per_s_batch"], 1),
-                s["batch_size"],
-                round(1e3 * s["ttft_s"], 2),
-                round(1e3 * s["per_token_latency_s"], 3),
-                f"{s['device']} {s['dtype']}",
-            ]
-        )
-    return headers, rows
-
-
-def write_eval_report(stem: str | Path, title: str, summary: dict[str, Any]) -> tuple[Path, Path]:
-    """``<stem>.md`` and ``<stem>.html`` of an ``opd eval`` / ``opd grade`` summary."""
-    models = summary["models"]
-    headers, rows = accuracy_rows(models)
-    intro = []
-    if "config" in summary:
-        c = summary["config"]
-        intro.append(
-            Paragraph(
-                f"Sampling: {c['samples'] if c['temperature'] else 1} response(s) per prompt, temperature "
-                f"{c['temperature']}, top-p {c['top_p']}, at most {c['max_new_tokens']} new tokens, seed "
-                f"{c['seed']}"
-                + (f", {c['limit']} prompts per benchmark (seeded sample)" if c["limit"] else "")
-                + f" (preset {c['preset']})."
-            )
-        )
-    else:
-        intro.append(
-            Paragraph(
-                f"Re-graded {summary['predictions']} with the current grader: {summary['changed']} "
-                "response(s) changed verdict. Speed and size are not re-measured."
-            )
-        )
-    sections = [
-        Section(
-            "Accuracy",
-            [
-                Table(rows, headers),
-                Bullets(
-                    [
-                        "avg@k: mean over prompts of the fraction of the k samples graded correct; ± one "
-                        "standard error over prompts.",
-                        "pass@k: mean over prompts of 1 - C(n-c, k)/C(n, k) (Chen et al. 2021), here k = n.",
-                        "mean length: response tokens; truncated: share of responses cut at max_new_tokens; "
-                        "no answer: share without a \\boxed{} answer.",
-                        "overall: every prompt of every benchmark, each weighing the same.",
-                    ]
-                ),
-            ],
-        )
-    ]
-    s_headers, s_rows = speed_rows(models)
-    if s_rows:
-        sections.append(
-            Section(
-                "Size and serving speed",
-                [
-                    Table(s_rows, s_headers),
-                    Paragraph(
-                        "Hugging Face generate with a KV cache, greedy, exactly the measured number of new "
-                        "tokens, median of repeated runs after a warm-up; TTFT = a 1-token generate at batch 1; "
-                        "ms/token = decode time per token after the first at batch 1. Compare rows measured "
-                        "on the same machine only."
-                    ),
-                ],
-            )
-        )
-    return write_report(stem, title, sections, intro=intro)
