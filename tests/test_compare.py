@@ -409,3 +409,17 @@ def test_collect_only_names_the_runs_that_are_not_finished(tiny_pair, tmp_path):
     ):
         compare.train_or_collect(cfg, plan_runs(cfg))
     assert not (tmp_path / "cmp").exists()
+
+
+def test_flops_to_reach_an_accuracy():
+    from opd.compare.report import flops_to_reach, reach_rows
+
+    curve = [(0.0, 0.5), (10.0, 0.55), (20.0, 0.7), (30.0, 0.65)]
+    assert flops_to_reach(curve, 0.55) == 10.0 and flops_to_reach(curve, 0.6) == 20.0
+    assert flops_to_reach(curve, 0.8) is None
+    summary = {"runs": [{"name": "a", "seeds": [{"seed": 0}, {"seed": 1}]}]}
+    rows_a = [{"step": 0, "eval/accuracy": 0.5}, {"step": 2, "eval/accuracy": 0.7, "cost/flops": 40.0}]
+    rows_b = [{"step": 0, "eval/accuracy": 0.5}, {"step": 2, "eval/accuracy": 0.6, "cost/flops": 20.0}]
+    headers, rows = reach_rows(summary, {("a", 0): rows_a, ("a", 1): rows_b}, [0.6, 0.7])
+    assert headers[1:] == ["FLOPs to eval/accuracy ≥ 0.6", "FLOPs to eval/accuracy ≥ 0.7"]
+    assert rows == [["a", "30 (2/2 seeds)", "40 (1/2 seeds)"]]

@@ -96,10 +96,13 @@ class CompareConfig:
     """Show progress bars."""
     threads: int = 0
     """torch CPU threads for every run and the evaluation (0 = torch default)."""
+    reach_accuracy: list = field(default_factory=list)
+    """Accuracy levels of the runs' periodic evaluation (``eval/accuracy``) for the report's "compute to reach"
+    table: the training FLOPs at which each run first reached each level, e.g. [0.6, 0.7]. Empty: no table."""
 
     def __post_init__(self) -> None:
         errs: list[str] = []
-        for key in ("benchmarks", "seeds", "runs"):
+        for key in ("benchmarks", "seeds", "runs", "reach_accuracy"):
             value = getattr(self, key)
             if isinstance(value, str):  # a key=value override: `seeds=[0,1,2]`
                 value = load_yaml_text(value, key, f", e.g. {key}=[...]")

@@ -37,6 +37,31 @@ def accuracy_curve(metrics: list[dict[str, Any]]) -> list[tuple[float, float]]:
     return pts
 
 
+def flops_to_reach(curve: list[tuple[float, float]], level: float) -> float | None:
+    """The training FLOPs of the first periodic evaluation at or above ``level`` (None: never reached)."""
+    return next((flops for flops, acc in curve if acc >= level), None)
+
+
+def reach_rows(
+    summary: dict[str, Any], metrics: dict[tuple[str, int], list[dict[str, Any]]], levels: list[float]
+) -> tuple[list[str], list[list[str]]]:
+    """One row per run: for each level, the mean over seeds of the FLOPs to first reach it, with how many
+    seeds reached it (a seed that never did is left out of the mean and counted)."""
+    headers = ["run"] + [f"FLOPs to eval/accuracy ≥ {lv:g}" for lv in levels]
+    rows = []
+    for r in summary["runs"]:
+        cells = [r["name"]]
+        curves = [accuracy_curve(metrics.get((r["name"], s["seed"]), [])) for s in r["seeds"]]
+        for lv in levels:
+            hits = [f for f in (flops_to_reach(c, lv) for c in curves) if f is not None]
+            if not hits:
+                cells.append(f"not reached (0/{len(curves)} seeds)")
+            else:
+                cells.append(f"{sum(hits) / len(hits):.3g} ({len(hits)}/{len(curves)} seeds)")
+        rows.append(cells)
+    return headers, rows
+
+
 def _pm(block: dict[str, Any]) -> str:
     if block.get("mean") is None:
         return "—"
@@ -238,6 +263,18 @@ def write_compare_report(
     )
     if not any_curve:
         curve_note += " No run logged a periodic evaluation: set eval_every (and eval_limit) in shared."
+    reach_blocks = []
+    levels = [float(x) for x in summary.get("reach_accuracy") or []]
+    if levels and any_curve:
+        reach_headers, reach_table = reach_rows(summary, metrics, levels)
+        reach_blocks = [
+            Table(reach_table, reach_headers),
+            Paragraph(
+                "Compute to reach an accuracy: the training FLOPs of each run's first periodic evaluation at or "
+                "above the level (reach_accuracy), the mean over the seeds that reached it. A run evaluates "
+                "every eval_every steps, so this is an upper bound by up to eval_every - 1 steps."
+            ),
+        ]
     curve_plot = Plot(fig_to_data_uri(fig), "Accuracy against training FLOPs", file="accuracy_vs_flops.png")
 
     seeds = summary["seeds"]
@@ -298,7 +335,7 @@ def write_compare_report(
         ),
         Section("Gap recovered per benchmark", [Table(gap_rows, gap_headers), Paragraph(gap_note)]),
         Section("Equal budget", budget_blocks),
-        Section("Accuracy against training compute", [curve_plot, Paragraph(curve_note)]),
+        Section("Accuracy against training compute", [curve_plot, Paragraph(curve_note)] + reach_blocks),
         Section("Runs", [Bullets(run_items)]),
     ]
     return write_report(out_dir / "report", "opd compare report", sections, intro=intro)

@@ -465,6 +465,7 @@ def build_summary(
         "prompts": cfg.prompts,
         "budget_unit": cfg.budget_unit,
         "budget": cfg.budget,
+        "reach_accuracy": cfg.reach_accuracy,
         "seeds": cfg.seeds,
         "benchmarks": bench_names,
         "evaluation": cfg.evaluation,
