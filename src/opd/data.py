@@ -38,6 +38,12 @@ Prompt text:
 Row order, ``limit`` and ``seed``: with ``seed`` the rows are shuffled (deterministically) first;
 then rows are rendered in order until ``limit`` prompts are kept, so ``limit`` counts kept prompts and
 only the rows visited are validated and counted as dropped.
+
+Exclusion (``exclude``, the ``exclude_prompts`` key of the methods): a row is left out when its prompt
+text, before or after ``prompt_template``, is exactly one of the given texts (no normalisation);
+:func:`prompt_texts` reads them from any source, e.g. an SFT run's ``teacher_data.jsonl`` (whose
+``prompt`` field is the problem text after the template). Left-out rows are counted in
+``PromptSet.excluded`` and logged; they do not count towards ``limit``.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import io
 import json
 import logging
 import random
-from collections.abc import Sized
+from collections.abc import Collection, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +73,7 @@ __all__ = [
     "PromptSet",
     "PromptSampler",
     "load_prompts",
+    "prompt_texts",
     "read_rows",
     "PROMPT_FIELDS",
     "ANSWER_FIELDS",
@@ -103,6 +110,7 @@ class PromptSet:
     dropped_overlong: int = 0  # rows dropped because their prompt exceeded max_prompt_tokens
     prompt_field: str | None = None  # the field the prompts were read from (resolved from "auto")
     answer_field: str | None = None  # the field the answers were read from; None: no answers
+    excluded: int = 0  # rows left out because their prompt text is in ``exclude``
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -291,6 +299,7 @@ def load_prompts(
     seed: int | None = None,
     max_prompt_tokens_why: str | None = None,
     rows: list[dict] | None = None,
+    exclude: Collection[str] | None = None,
 ) -> PromptSet:
     """Load, template, render and tokenise the prompts of ``source`` (see the module docstring).
 
@@ -312,6 +321,8 @@ def load_prompts(
             to fit the model's context), quoted in the drop log and the no-prompts-left error.
         rows: the rows of ``source`` already read (e.g. a benchmark from :func:`opd.benchmarks.load_benchmark`);
             ``source`` then only names them in messages. None: ``read_rows(source)``.
+        exclude: prompt texts to leave out (exact match of the text before or after ``prompt_template``;
+            :func:`prompt_texts` reads them from a file); the count is ``PromptSet.excluded``.
     """
     name = str(source)
     if limit is not None and limit <= 0:
@@ -353,10 +364,13 @@ def load_prompts(
         random.Random(seed).shuffle(order)
 
     examples: list[PromptExample] = []
-    dropped = 0
+    dropped = excluded = 0
     for i in order:
         row = rows[i]
         text, messages = _prompt_of(row, i, name, p_field, prompt_template, system_prompt)
+        if exclude and (text in exclude or _raw_prompt_text(_get_field(row, p_field)) in exclude):
+            excluded += 1
+            continue
         if use_chat_template:
             try:
                 rendered = tokenizer.apply_chat_template(
@@ -394,6 +408,13 @@ def load_prompts(
             break
 
     why = f" ({max_prompt_tokens_why})" if max_prompt_tokens_why else ""
+    if excluded:
+        log.info("%s: left out %d prompt(s) listed in the exclusion set", name, excluded)
+    if not examples and excluded and not dropped:
+        raise ValueError(
+            f"{name}: no prompts left: all {excluded} prompt(s) are in the exclusion set (exclude_prompts); "
+            "use a larger prompt pool or exclude fewer prompts"
+        )
     if dropped:
         log.warning(
             "%s: dropped %d prompt(s) longer than max_prompt_tokens=%d%s; %d kept",
@@ -410,12 +431,47 @@ def load_prompts(
             else "raise max_prompt_tokens"
         )
         raise ValueError(
-            f"{name}: no prompts left: all {dropped} visited prompt(s) are longer than "
-            f"max_prompt_tokens={max_prompt_tokens}{why}; {fix}"
+            f"{name}: no prompts left: {'all ' if not excluded else ''}{dropped} visited prompt(s) are longer than "
+            f"max_prompt_tokens={max_prompt_tokens}{why}"
+            + (f" and {excluded} are in the exclusion set" if excluded else "")
+            + f"; {fix}"
         )
     return PromptSet(
-        examples=examples, source=name, dropped_overlong=dropped, prompt_field=p_field, answer_field=a_field
+        examples=examples,
+        source=name,
+        dropped_overlong=dropped,
+        prompt_field=p_field,
+        answer_field=a_field,
+        excluded=excluded,
     )
+
+
+def _raw_prompt_text(value: Any) -> str | None:
+    """The prompt text of a prompt field's value before any template: the string itself, or the content
+    of a chat list's last user message (None for anything else)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        return users[-1] if users and isinstance(users[-1], str) else None
+    return None
+
+
+def prompt_texts(source: str | Path) -> set[str]:
+    """The prompt texts of every row of ``source`` (any source :func:`read_rows` reads), for
+    ``load_prompts(exclude=...)``: per row the first of :data:`PROMPT_FIELDS` it has, a string as is or a
+    chat list's last user message. A row with none of them is an error naming the source and the row."""
+    texts: set[str] = set()
+    for i, row in enumerate(read_rows(source)):
+        field_name = next((f for f in PROMPT_FIELDS if _get_field(row, f) not in (_MISSING, None)), None)
+        text = _raw_prompt_text(_get_field(row, field_name)) if field_name else None
+        if text is None:
+            raise ValueError(
+                f"{source}: row {i} has no prompt text in any of the fields {list(PROMPT_FIELDS)} (fields: "
+                f"{sorted(row)}); an exclusion list needs one of them per row (e.g. teacher_data.jsonl's prompt)"
+            )
+        texts.add(text)
+    return texts
 
 
 # Variables ``apply_chat_template`` fills itself (plus the tokenizer's special tokens): not user kwargs.
