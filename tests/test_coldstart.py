@@ -1,6 +1,8 @@
 """opd coldstart: SFT on teacher responses, then OPD on the other prompts, in one run directory."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from opd.methods import opd as opd_method
 from opd.methods.coldstart import SFT_KEYS, ColdstartConfig
 from opd.methods.sft import SFTConfig
 from opd.models import load_tokenizer
+from opd.rundir import RunInterrupted
 from opd.tracking import read_metrics
 
 
@@ -159,6 +162,27 @@ def test_resume_in_stage_two_does_not_redo_stage_one_and_equals_an_uninterrupted
     assert not changed(weights(ref["final_model"]), weights(res["final_model"]))
     assert [r["step"] for r in read_metrics(run / "opd" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert res["cost"] == ref["cost"]
+
+
+def test_a_signal_in_stage_two_stops_with_a_checkpoint_and_names_the_coldstart_directory(
+    tmp_path, monkeypatch
+):
+    real_step = opd_method.opd_step
+
+    def signalled_step(*args, **kw):
+        if args[-1] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C during step 1: it finishes, then stops
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(opd_method, "opd_step", signalled_step)
+    with pytest.raises(RunInterrupted) as e:
+        coldstart.train(lab_cfg(tmp_path))
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert f"output_dir={run}" in e.value.message() and "resume=true" in e.value.message()
+    res = coldstart.train(lab_cfg(tmp_path, resume=True))
+    assert [r["step"] for r in read_metrics(run / "opd" / "metrics.jsonl")] == [1, 2, 3]
+    assert res["steps_done"] == 3
 
 
 def test_budget_is_for_both_stages(tmp_path):

@@ -42,7 +42,7 @@ from opd.errors import ConfigError
 from opd.methods import opd as opd_method
 from opd.methods import sft as sft_method
 from opd.methods.sft import TEACHER_DATA, SFTConfig
-from opd.rundir import locked_run_dir, prepare_train_dir
+from opd.rundir import RunInterrupted, locked_run_dir, prepare_train_dir
 
 log = logging.getLogger("opd")
 
@@ -186,8 +186,19 @@ def train(cfg: ColdstartConfig) -> dict[str, Any]:
     root = Path(cfg.output_dir)
     inputs = {"student": cfg.student, "teacher": cfg.teacher}
     data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}
+    try:
+        return _train(cfg, root, inputs, data)
+    except RunInterrupted as e:  # name the coldstart's directory in "continue with resume=true ..."
+        raise RunInterrupted(
+            e.signal_name, {**e.summary, "output_dir": str(root)} if e.summary else None
+        ) from None
+
+
+def _train(cfg: ColdstartConfig, root: Path, inputs: dict[str, str], data: dict[str, str]) -> dict[str, Any]:
     with locked_run_dir(root, models=inputs, data=data) as run:
-        prepare_train_dir(run, to_dict(cfg), to_dict(ColdstartConfig()), resume=cfg.resume, overwrite=cfg.overwrite)
+        prepare_train_dir(
+            run, to_dict(cfg), to_dict(ColdstartConfig()), resume=cfg.resume, overwrite=cfg.overwrite
+        )
         limited = cfg.budget_unit != "none"
 
         # ---- stage 1: cold start
@@ -206,11 +217,15 @@ def train(cfg: ColdstartConfig) -> dict[str, Any]:
         left = cfg.budget - _spent(sft_summary["cost"], cfg.budget_unit) if limited else None
         if left is not None and left <= 0:
             log.warning(
-                "[coldstart] the budget of %g %s was spent in stage 1: no OPD stage", cfg.budget, cfg.budget_unit
+                "[coldstart] the budget of %g %s was spent in stage 1: no OPD stage",
+                cfg.budget,
+                cfg.budget_unit,
             )
             opd_summary = None
         else:
-            log.info("[coldstart] stage 2 of 2: OPD from %s into %s", sft_summary["final_model"], root / OPD_DIR)
+            log.info(
+                "[coldstart] stage 2 of 2: OPD from %s into %s", sft_summary["final_model"], root / OPD_DIR
+            )
             opd_summary = opd_method.train(opd_config(cfg, left))
 
         summaries = {"sft": sft_summary, "opd": opd_summary}
