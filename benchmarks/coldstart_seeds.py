@@ -16,6 +16,7 @@ then prints a markdown table from the runs' metrics.jsonl: greedy accuracy on al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -59,22 +60,22 @@ def run_all(seeds: list[int], out: Path, jobs: int) -> None:
         for name, cmd in commands(s, out).items()
         if not (out / name / "summary.json").is_file()
     ]
-    running: list[tuple[str, subprocess.Popen, float]] = []
     out.mkdir(parents=True, exist_ok=True)
-    while todo or running:
-        while todo and len(running) < jobs:
-            name, cmd = todo.pop(0)
-            log = open(out / f"{name}.log", "w")
-            print(f"start {name}: {' '.join(cmd[2:])}", flush=True)
-            running.append(
-                (name, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), time.time())
-            )
-        time.sleep(5)
-        for item in list(running):
-            name, proc, t0 = item
-            if proc.poll() is not None:
-                running.remove(item)
-                print(f"done {name}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
+    with contextlib.ExitStack() as logs:  # each run's stdout + stderr in OUT/<name>.log
+        running: list[tuple[str, subprocess.Popen, float]] = []
+        while todo or running:
+            while todo and len(running) < jobs:
+                name, cmd = todo.pop(0)
+                log = logs.enter_context(open(out / f"{name}.log", "w"))
+                print(f"start {name}: {' '.join(cmd[2:])}", flush=True)
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                running.append((name, proc, time.time()))
+            time.sleep(5)
+            for item in list(running):
+                name, proc, t0 = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    print(f"done {name}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
 
 
 def rows(path: Path) -> list[dict]:
