@@ -92,6 +92,8 @@ class ColdstartConfig(OPDConfig):
     """SFT schedule: cosine (the study) or constant, both with linear warmup."""
     sft_warmup_steps: int = 5
     """SFT linear warmup steps (the study: 5% of the steps)."""
+    sft_eval_every: int = 0
+    """Evaluate on ``eval_prompts`` every N SFT steps (0 = every ``eval_every`` steps, as the OPD stage)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # _coerce_types (sft_ keys included), the shared parts' and OPD's rules
@@ -100,6 +102,8 @@ class ColdstartConfig(OPDConfig):
             errs.append(
                 f"sft_num_prompts={self.sft_num_prompts}: must be >= 1 (the SFT prompts; OPD trains on the others)"
             )
+        if self.sft_eval_every < 0:
+            errs.append(f"sft_eval_every={self.sft_eval_every}: must be >= 0 (0 = eval_every)")
         if self.exclude_prompts:
             errs.append(
                 f"exclude_prompts={self.exclude_prompts!r}: opd coldstart sets it for its OPD stage (the SFT "
@@ -126,7 +130,8 @@ SFT_KEYS: dict[str, str] = {
     "warmup_steps": "sft_warmup_steps",
 }
 """``SFTConfig`` key → the ``ColdstartConfig`` key that sets it; every other SFT key takes the OPD key of
-the same name (or a value of the stage's own: :func:`sft_config`)."""
+the same name (``eval_every``: ``sft_eval_every`` when that is set) or a value of the stage's own
+(:func:`sft_config`)."""
 
 
 def sft_config(cfg: ColdstartConfig, budget: float | None = None) -> SFTConfig:
@@ -140,6 +145,7 @@ def sft_config(cfg: ColdstartConfig, budget: float | None = None) -> SFTConfig:
             values[f.name] = getattr(cfg, f.name)
     values.update(
         output_dir=str(Path(cfg.output_dir) / SFT_DIR),
+        eval_every=cfg.sft_eval_every or cfg.eval_every,
         stop_on_alert=False,  # the alerts watch OPD's signatures
         report_to="none",  # SFT logs to metrics.jsonl only
         sft_data="",
