@@ -58,7 +58,7 @@ def changed(a, b):
 
 
 def test_both_stages_run_into_one_directory(tmp_path):
-    cfg = lab_cfg(tmp_path, eval_every=3, eval_prompts="lab:test", eval_limit=8)
+    cfg = lab_cfg(tmp_path, eval_every=3, sft_eval_every=2, eval_prompts="lab:test", eval_limit=8)
     summary = coldstart.train(cfg)
     run = tmp_path / "run"
     for stage in ("sft", "opd"):
@@ -76,7 +76,9 @@ def test_both_stages_run_into_one_directory(tmp_path):
     assert opd_saved["student"] == str(run / "sft" / "final") and opd_saved["teacher_temperature"] == 1.0
     assert [r["step"] for r in read_metrics(run / "sft" / "metrics.jsonl")] == [0, 1, 2, 3]
     assert [r["step"] for r in read_metrics(run / "opd" / "metrics.jsonl")] == [0, 1, 2, 3]
-    assert "eval/accuracy" in read_metrics(run / "opd" / "metrics.jsonl")[-1]
+    sft_evals = [r["step"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "eval/accuracy" in r]
+    opd_evals = [r["step"] for r in read_metrics(run / "opd" / "metrics.jsonl") if "eval/accuracy" in r]
+    assert (sft_evals, opd_evals) == ([0, 2, 3], [0, 3])  # sft_eval_every, eval_every; each stage's last step
 
     # learning happened in both stages, and the summary adds up
     student = AutoModelForCausalLM.from_pretrained(str(_lab_dir("student"))).state_dict()
