@@ -10,7 +10,8 @@ Per seed S it runs (at most ``--jobs`` at once, one thread each), unless the run
     opd coldstart configs/coldstart_lab.yaml seed=S threads=1 progress=false output_dir=OUT/cold-sS
 
 then prints a markdown table from the runs' metrics.jsonl: greedy accuracy on all 400 lab:test problems
-(before, after SFT, during and after OPD), the overlap ratio and the entropy gap of the OPD steps.
+(before, after SFT, during and after OPD), and means over OPD steps of the overlap ratio (k = 16), the
+teacher's probability mass on the overlap, the sampled-token KL and the entropy gap.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def summarise(out: Path, seeds: list[int]) -> str:
                     **{f"step {k}": acc.get(k, float("nan")) for k in EVAL_STEPS},
                     "overlap 1-5": window(opd, "overlap/ratio", 1, 5),
                     "overlap 96-100": window(opd, "overlap/ratio", 96, 100),
+                    "teacher mass 1-5": window(opd, "overlap/mass_teacher", 1, 5),
+                    "KL 1-5": window(opd, "kl/sampled", 1, 5),
                     "entropy gap 1-5": window(opd, "entropy/gap", 1, 5),
                     "entropy gap 46-50": window(opd, "entropy/gap", 46, 50),
                     "entropy gap 96-100": window(opd, "entropy/gap", 96, 100),
