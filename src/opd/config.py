@@ -103,6 +103,9 @@ class DataConfig:
     """Extra keyword arguments for apply_chat_template, e.g. {enable_thinking: false}."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this many tokens are dropped (the count is logged)."""
+    exclude_prompts: str = ""
+    """Leave out of ``prompts`` every row whose prompt text (before or after prompt_template) is exactly one of
+    this source's, e.g. an SFT run's teacher_data.jsonl (the count is logged). Empty = keep all."""
 
     def _check(self) -> list[str]:
         return (

@@ -3,8 +3,8 @@
 ``load_prompts(source, tokenizer, ...) -> PromptSet`` reads a prompt pool or benchmark and turns every
 row into a :class:`PromptExample`: the problem text (after ``prompt_template``), the string the model
 sees (after the tokenizer's chat template), its token ids and the ground-truth answer. ``read_rows``
-is the lower layer (source → list of dict rows); ``PromptSampler`` draws prompt indices for training,
-epoch by epoch, resumably.
+is the lower layer (source → list of dict rows); :class:`opd.sampler.PromptSampler` draws prompt
+indices for training, epoch by epoch, resumably.
 
 Sources (``read_rows``):
   ``*.jsonl``, ``*.json`` (a list of objects), ``*.parquet``, ``*.csv``, a directory written by
@@ -38,6 +38,12 @@ Prompt text:
 Row order, ``limit`` and ``seed``: with ``seed`` the rows are shuffled (deterministically) first;
 then rows are rendered in order until ``limit`` prompts are kept, so ``limit`` counts kept prompts and
 only the rows visited are validated and counted as dropped.
+
+Exclusion (``exclude``, the ``exclude_prompts`` key of the methods): a row is left out when its prompt
+text, before or after ``prompt_template``, is exactly one of the given texts (no normalisation);
+:func:`prompt_texts` reads them from any source, e.g. an SFT run's ``teacher_data.jsonl`` (whose
+``prompt`` field is the problem text after the template). Left-out rows are counted in
+``PromptSet.excluded`` and logged; they do not count towards ``limit``.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import io
 import json
 import logging
 import random
-from collections.abc import Sized
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +71,8 @@ from opd.textfiles import read_utf8
 __all__ = [
     "PromptExample",
     "PromptSet",
-    "PromptSampler",
     "load_prompts",
+    "prompt_texts",
     "read_rows",
     "PROMPT_FIELDS",
     "ANSWER_FIELDS",
@@ -103,6 +109,7 @@ class PromptSet:
     dropped_overlong: int = 0  # rows dropped because their prompt exceeded max_prompt_tokens
     prompt_field: str | None = None  # the field the prompts were read from (resolved from "auto")
     answer_field: str | None = None  # the field the answers were read from; None: no answers
+    excluded: int = 0  # rows left out because their prompt text is in ``exclude``
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -291,6 +298,7 @@ def load_prompts(
     seed: int | None = None,
     max_prompt_tokens_why: str | None = None,
     rows: list[dict] | None = None,
+    exclude: Collection[str] | None = None,
 ) -> PromptSet:
     """Load, template, render and tokenise the prompts of ``source`` (see the module docstring).
 
@@ -312,6 +320,8 @@ def load_prompts(
             to fit the model's context), quoted in the drop log and the no-prompts-left error.
         rows: the rows of ``source`` already read (e.g. a benchmark from :func:`opd.benchmarks.load_benchmark`);
             ``source`` then only names them in messages. None: ``read_rows(source)``.
+        exclude: prompt texts to leave out (exact match of the text before or after ``prompt_template``;
+            :func:`prompt_texts` reads them from a file); the count is ``PromptSet.excluded``.
     """
     name = str(source)
     if limit is not None and limit <= 0:
@@ -353,10 +363,13 @@ def load_prompts(
         random.Random(seed).shuffle(order)
 
     examples: list[PromptExample] = []
-    dropped = 0
+    dropped = excluded = 0
     for i in order:
         row = rows[i]
         text, messages = _prompt_of(row, i, name, p_field, prompt_template, system_prompt)
+        if exclude and (text in exclude or _raw_prompt_text(_get_field(row, p_field)) in exclude):
+            excluded += 1
+            continue
         if use_chat_template:
             try:
                 rendered = tokenizer.apply_chat_template(
@@ -394,6 +407,13 @@ def load_prompts(
             break
 
     why = f" ({max_prompt_tokens_why})" if max_prompt_tokens_why else ""
+    if excluded:
+        log.info("%s: left out %d prompt(s) listed in the exclusion set", name, excluded)
+    if not examples and excluded and not dropped:
+        raise ValueError(
+            f"{name}: no prompts left: all {excluded} prompt(s) are in the exclusion set (exclude_prompts); "
+            "use a larger prompt pool or exclude fewer prompts"
+        )
     if dropped:
         log.warning(
             "%s: dropped %d prompt(s) longer than max_prompt_tokens=%d%s; %d kept",
@@ -410,12 +430,47 @@ def load_prompts(
             else "raise max_prompt_tokens"
         )
         raise ValueError(
-            f"{name}: no prompts left: all {dropped} visited prompt(s) are longer than "
-            f"max_prompt_tokens={max_prompt_tokens}{why}; {fix}"
+            f"{name}: no prompts left: {'all ' if not excluded else ''}{dropped} visited prompt(s) are longer than "
+            f"max_prompt_tokens={max_prompt_tokens}{why}"
+            + (f" and {excluded} are in the exclusion set" if excluded else "")
+            + f"; {fix}"
         )
     return PromptSet(
-        examples=examples, source=name, dropped_overlong=dropped, prompt_field=p_field, answer_field=a_field
+        examples=examples,
+        source=name,
+        dropped_overlong=dropped,
+        prompt_field=p_field,
+        answer_field=a_field,
+        excluded=excluded,
     )
+
+
+def _raw_prompt_text(value: Any) -> str | None:
+    """The prompt text of a prompt field's value before any template: the string itself, or the content
+    of a chat list's last user message (None for anything else)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        return users[-1] if users and isinstance(users[-1], str) else None
+    return None
+
+
+def prompt_texts(source: str | Path) -> set[str]:
+    """The prompt texts of every row of ``source`` (any source :func:`read_rows` reads), for
+    ``load_prompts(exclude=...)``: per row the first of :data:`PROMPT_FIELDS` it has, a string as is or a
+    chat list's last user message. A row with none of them is an error naming the source and the row."""
+    texts: set[str] = set()
+    for i, row in enumerate(read_rows(source)):
+        field_name = next((f for f in PROMPT_FIELDS if _get_field(row, f) not in (_MISSING, None)), None)
+        text = _raw_prompt_text(_get_field(row, field_name)) if field_name else None
+        if text is None:
+            raise ValueError(
+                f"{source}: row {i} has no prompt text in any of the fields {list(PROMPT_FIELDS)} (fields: "
+                f"{sorted(row)}); an exclusion list needs one of them per row (e.g. teacher_data.jsonl's prompt)"
+            )
+        texts.add(text)
+    return texts
 
 
 # Variables ``apply_chat_template`` fills itself (plus the tokenizer's special tokens): not user kwargs.
@@ -525,66 +580,3 @@ def _check_messages(value: list | tuple, i: int, name: str, p_field: str) -> lis
             raise ValueError(f"{name}: row {i}: message {j} ({m['role']}) has empty content")
         out.append({"role": m["role"], "content": m["content"]})
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# sampling
-# ---------------------------------------------------------------------------------------------------------
-
-
-class PromptSampler:
-    """Deterministic epoch-wise shuffled prompt indices, resumable at the exact data position.
-
-    Epoch ``e`` visits every index once, in the permutation drawn from ``random.Random`` seeded with
-    ``(seed, e)``; a batch that runs past the end of an epoch continues into the next one. The state is
-    ``(epoch, position)``, so ``load_state_dict(state_dict())`` on a fresh sampler with the same data
-    size and seed reproduces every later batch.
-    """
-
-    def __init__(self, prompt_set: Sized, seed: int = 0):
-        self.size = len(prompt_set)
-        if self.size == 0:
-            raise ValueError("PromptSampler: the prompt set is empty; load at least one prompt")
-        self.seed = int(seed)
-        self.epoch = 0
-        self.position = 0
-        self._perm = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        perm = list(range(self.size))
-        random.Random(f"opd-prompt-sampler:{self.seed}:{epoch}").shuffle(perm)
-        return perm
-
-    def next_batch(self, n: int) -> list[int]:
-        """The next ``n`` prompt indices (crossing into the next epoch when this one runs out)."""
-        if n <= 0:
-            raise ValueError(f"next_batch(n={n}): n must be a positive number of prompts")
-        out: list[int] = []
-        while len(out) < n:
-            if self.position >= self.size:
-                self.epoch += 1
-                self.position = 0
-                self._perm = self._permutation(self.epoch)
-            take = min(n - len(out), self.size - self.position)
-            out.extend(self._perm[self.position : self.position + take])
-            self.position += take
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": self.size}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "size"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"PromptSampler.load_state_dict: checkpoint has {key}={state[key]} but this sampler has "
-                    f"{key}={getattr(self, key)}; resume with the same prompt data and data seed"
-                )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.size:
-            raise ValueError(
-                f"PromptSampler.load_state_dict: epoch={epoch}, position={position} out of range for "
-                f"{self.size} prompts"
-            )
-        self.epoch, self.position = epoch, position
-        self._perm = self._permutation(epoch)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from opd.config_io import to_dict
-from opd.data import load_prompts
+from opd.data import load_prompts, prompt_texts
 from opd.diagnose import measure
 from opd.diagnose.config import DiagnoseConfig
 from opd.diagnose.report import render_markdown, write_html
@@ -130,6 +130,7 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
         limit=cfg.num_prompts,
         seed=cfg.seed,
         max_prompt_tokens_why=cap_why,
+        exclude=prompt_texts(cfg.exclude_prompts) if cfg.exclude_prompts else None,
     )
     examples = prompts.examples
     N, R, M = len(examples), cfg.rollouts_per_prompt, cfg.max_new_tokens

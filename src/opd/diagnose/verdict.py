@@ -419,7 +419,7 @@ def _decide_untruncated(ev: Evidence, th: DiagnoseThresholds) -> Verdict:
             remedies.append(REMEDY_COLD_START)
             reasons.append(
                 "The teacher is confident on these prompts but disagrees with the student's way of solving them: "
-                "SFT the student on teacher responses first (off-policy cold start), then run OPD."
+                "SFT the student on teacher responses first, then run OPD (off-policy cold start: `opd coldstart`)."
             )
     if not measured:
         reasons.append("Condition (ii) is unmeasured: the prompts carry no answers.")

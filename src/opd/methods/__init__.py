@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opd.config import OPDConfig
-from opd.methods import gkd, grpo, kd, opd, sft
+from opd.methods import coldstart, gkd, grpo, kd, opd, sft
 from opd.methods.kd import KDConfig
 from opd.methods.sft import SFTConfig
 
@@ -55,6 +55,16 @@ METHODS: tuple[Method, ...] = (
         "supervised fine-tuning on rejection-sampled teacher responses",
         "Generate teacher responses for the prompts (rejecting truncated, answerless and repetitive ones), "
         "then fine-tune the student on them by maximum likelihood (docs/baselines.md).",
+    ),
+    Method(
+        "coldstart",
+        coldstart.ColdstartConfig,
+        coldstart.train,
+        "the recipe's off-policy cold start: SFT on teacher responses, then OPD on the other prompts",
+        "Stage 1: SFT of the student on rejection-sampled teacher responses to sft_num_prompts prompts (the "
+        "sft_ keys, as opd sft); stage 2: OPD from the SFT model on the prompts not used for SFT (every opd "
+        "train key). One run directory (sft/, opd/, summary.json); resume=true continues either stage "
+        "(docs/recipe.md).",
     ),
     Method(
         "kd",

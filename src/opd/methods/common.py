@@ -35,7 +35,7 @@ from opd import evaluate
 from opd.alerts import AlertConfig, AlertMonitor
 from opd.config_io import to_dict
 from opd.cost import CostMeter
-from opd.data import PromptSet, load_prompts
+from opd.data import PromptSet, load_prompts, prompt_texts
 from opd.errors import ConfigError
 from opd.models import (
     CompatReport,
@@ -63,7 +63,7 @@ def open_run(cfg: Any) -> Iterator[tuple[RunDir, StopSignals]]:
     one run per directory, a non-empty one only with ``resume``/``overwrite``, never an input's
     directory); SIGINT/SIGTERM are caught for the run (``stop.arm()`` once training starts)."""
     models = {"student": getattr(cfg, "student", ""), "teacher": getattr(cfg, "teacher", "")}
-    data = {key: getattr(cfg, key, "") for key in ("prompts", "eval_prompts", "sft_data")}
+    data = {key: getattr(cfg, key, "") for key in ("prompts", "eval_prompts", "sft_data", "exclude_prompts")}
     with locked_run_dir(cfg.output_dir, models=models, data=data) as run, StopSignals() as stop:
         prepare_train_dir(run, to_dict(cfg), to_dict(type(cfg)()), resume=cfg.resume, overwrite=cfg.overwrite)
         yield run, stop
@@ -214,7 +214,8 @@ def add_lora(student: torch.nn.Module, cfg: Any) -> Any:
 def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet | None, PromptSet | None]:
     """The training prompts (None when ``cfg.prompts`` is empty: a method training on a data file) and
     (when ``eval_every``) the evaluation prompts, rendered with the student's tokenizer; prompts over the
-    length cap are dropped and counted (``data.load_prompts`` logs it). ``eval_limit`` takes a seeded
+    length cap are dropped and counted (``data.load_prompts`` logs it), and so are training prompts whose
+    text is in ``cfg.exclude_prompts`` (never evaluation prompts). ``eval_limit`` takes a seeded
     random subset, not the first rows."""
 
     def prompt_set(source: str, **kw: Any) -> PromptSet:
@@ -231,7 +232,8 @@ def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet | None, Prompt
             **kw,
         )
 
-    prompts = prompt_set(cfg.prompts) if cfg.prompts else None
+    exclude = prompt_texts(cfg.exclude_prompts) if getattr(cfg, "exclude_prompts", "") else None
+    prompts = prompt_set(cfg.prompts, exclude=exclude) if cfg.prompts else None
     eval_set = None
     if cfg.eval_every:
         eval_set = prompt_set(

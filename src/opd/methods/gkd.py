@@ -56,7 +56,7 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.data import PromptSampler, PromptSet, read_rows
+from opd.data import PromptSet, read_rows
 from opd.errors import ConfigError
 from opd.methods.common import (
     budget_spent,
@@ -74,6 +74,7 @@ from opd.methods.common import (
 from opd.precision import compute_context
 from opd.rollout import END_OF_TURN_TOKENS, RolloutBackend, RolloutBatch, fixed_batch, make_backend
 from opd.runtime import Runtime
+from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
 from opd.tracking import MetricsLogger, progress
 

@@ -46,7 +46,6 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.data import PromptSampler
 from opd.errors import ConfigError
 from opd.evaluate import grade_responses
 from opd.methods.common import (
@@ -66,6 +65,7 @@ from opd.models import load_model
 from opd.precision import compute_context
 from opd.rollout import RolloutBackend, make_backend
 from opd.runtime import Runtime
+from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
 from opd.tracking import MetricsLogger, progress
 

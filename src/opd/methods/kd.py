@@ -40,7 +40,6 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.data import PromptSampler
 from opd.errors import ConfigError
 from opd.methods.common import (
     budget_spent,
@@ -57,6 +56,7 @@ from opd.methods.common import (
 )
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
+from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
 from opd.teacher_data import ForcedSequence, collate, field_sequences, read_sequences
 from opd.tracking import MetricsLogger, progress

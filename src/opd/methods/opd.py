@@ -43,7 +43,6 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import OPDConfig, tracking_backends
 from opd.config_io import to_dict
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.data import PromptSampler
 from opd.errors import ConfigError
 from opd.methods.common import (
     budget_spent,
@@ -66,6 +65,7 @@ from opd.precision import compute_context
 from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed
 from opd.rundir import RunInterrupted, StopSignals
 from opd.runtime import Runtime
+from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
 from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 

@@ -45,7 +45,7 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.data import PromptSampler, PromptSet
+from opd.data import PromptSet
 from opd.errors import ConfigError
 from opd.methods.common import (
     budget_spent,
@@ -63,6 +63,7 @@ from opd.methods.common import (
 from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
 from opd.rollout import RolloutBatch, make_backend
 from opd.runtime import Runtime
+from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
 from opd.teacher_data import (
     REJECTION_REASONS,
