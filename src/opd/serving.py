@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from opd.models import context_length
 from opd.runtime import model_device
@@ -49,8 +50,6 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def _timed_generate(model, prompt_ids: list[int], batch: int, new_tokens: int, pad_id: int) -> float:
     """Seconds of one greedy generate of exactly ``new_tokens`` tokens for ``batch`` copies of the prompt."""
-    from transformers import GenerationConfig
-
     device = model_device(model)
     ids_B_L = torch.tensor([prompt_ids] * batch, dtype=torch.long, device=device)
     config = GenerationConfig(

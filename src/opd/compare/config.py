@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import opd.methods
 from opd.config import BUDGET_UNITS
 from opd.config_io import build_config, load_yaml_text, parse_overrides
 from opd.errors import ConfigError
@@ -227,12 +228,10 @@ class PlannedRun:
 
 
 def _method(command: str, run_name: str):
-    from opd.methods import METHODS
-
-    for m in METHODS:
+    for m in opd.methods.METHODS:  # read at call time (a test may replace the registry)
         if m.command == command:
             return m
-    known = [m.command for m in METHODS]
+    known = [m.command for m in opd.methods.METHODS]
     close = difflib.get_close_matches(command, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(

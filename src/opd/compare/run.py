@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from opd import evaluation
+from opd.checkpoint import list_checkpoints
 from opd.compare.config import IGNORED_WHEN_COLLECTING, CompareConfig, PlannedRun, _one_line, plan_runs
 from opd.compare.report import results_headers, results_rows, write_compare_report
 from opd.config_io import to_dict
@@ -22,6 +26,7 @@ from opd.report import (
     markdown_table,
     write_text_atomic,
 )
+from opd.rundir import config_changes
 from opd.tracking import read_metrics
 
 log = logging.getLogger("opd")
@@ -38,9 +43,6 @@ def run_state(run: PlannedRun) -> tuple[str, str]:
     """What to do with ``run``'s directory: ``("collect", why)`` for a finished run with the same config,
     ``("resume", why)``, ``("train", why)`` (empty or absent), ``("retrain", why)`` (a finished run with
     other settings, or debris without a checkpoint: only with ``overwrite``)."""
-    from opd.checkpoint import list_checkpoints
-    from opd.rundir import config_changes
-
     d = run.out_dir
     if not d.is_dir() or not any(p.name != ".opd.lock" for p in d.iterdir()):
         return "train", "new"
@@ -148,9 +150,7 @@ def train_time(out: Path, run: PlannedRun, summary: dict[str, Any]) -> tuple[flo
 
 
 def _evaluation():
-    """The evaluation module (imported lazily: it is only needed once training is done)."""
-    from opd import evaluation
-
+    """The evaluation module (a function, so a test can put a fake evaluator in its place)."""
     return evaluation
 
 
@@ -275,8 +275,6 @@ def largest_step_amount(metrics: list[dict[str, Any]], unit: str) -> float | Non
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Plan, train or collect, evaluate and report (see the module docstring). Returns the comparison
     summary, also written to ``output_dir/compare.json`` next to ``report.md`` / ``report.html``."""
-    import torch
-
     t0 = time.perf_counter()
     if not cfg.student or not cfg.prompts:
         raise ConfigError(
