@@ -100,6 +100,9 @@ class PromptExample:
     input_ids: list[int]
     answer: str | None = None  # ground truth for grading, when the source has one
     meta: dict = field(default_factory=dict)  # {"row": index in the source, plus the META_FIELDS present}
+    # the teacher's rendering (teacher_prompt_template / teacher_system_prompt set), else None: the
+    # teacher scores the student's response after the student's own prompt
+    teacher_input_ids: list[int] | None = None
 
 
 @dataclass
@@ -293,6 +296,8 @@ def load_prompts(
     use_chat_template: bool = True,
     chat_template_kwargs: dict | None = None,
     system_prompt: str | None = None,
+    teacher_prompt_template: str | None = None,
+    teacher_system_prompt: str | None = None,
     max_prompt_tokens: int | None = 1024,
     limit: int | None = None,
     seed: int | None = None,
@@ -313,6 +318,11 @@ def load_prompts(
         use_chat_template: render with ``tokenizer.apply_chat_template``; False uses the text raw.
         chat_template_kwargs: extra keyword arguments for the chat template, e.g. ``{"enable_thinking": False}``.
         system_prompt: a system message put before each conversation (needs the chat template).
+        teacher_prompt_template / teacher_system_prompt: when either is set, each prompt is rendered a
+            second time for the teacher (``PromptExample.teacher_input_ids``), with these in place of
+            ``prompt_template`` / ``system_prompt`` (None: the student's template / no system message);
+            the same tokenizer renders both. A row is dropped when either rendering is over
+            ``max_prompt_tokens``.
         max_prompt_tokens: prompts with more tokens are dropped and counted; None keeps all.
         limit: stop after this many kept prompts.
         seed: shuffle the rows with this seed before applying ``limit``.
@@ -328,11 +338,14 @@ def load_prompts(
         raise ValueError(f"limit={limit}: must be a positive number of prompts, or None for all")
     if max_prompt_tokens is not None and max_prompt_tokens <= 0:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens}: must be positive, or None for no limit")
-    if system_prompt is not None and not use_chat_template:
-        raise ValueError(
-            "system_prompt is set but use_chat_template=False: a system message needs the chat template; "
-            "set use_chat_template=True or put the instruction into prompt_template"
-        )
+    for key, value in (("system_prompt", system_prompt), ("teacher_system_prompt", teacher_system_prompt)):
+        if value is not None and not use_chat_template:
+            raise ValueError(
+                f"{key} is set but use_chat_template=False: a system message needs the chat template; "
+                "set use_chat_template=True or put the instruction into the prompt template"
+            )
+    for_teacher = teacher_prompt_template is not None or teacher_system_prompt is not None
+    t_template = prompt_template if teacher_prompt_template is None else teacher_prompt_template
     if use_chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"use_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no chat_template; "
@@ -370,21 +383,12 @@ def load_prompts(
         if exclude and (text in exclude or _raw_prompt_text(_get_field(row, p_field)) in exclude):
             excluded += 1
             continue
-        if use_chat_template:
-            try:
-                rendered = tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True, **tmpl_kwargs
-                )
-            except Exception as e:
-                raise ValueError(
-                    f"{name}: row {i}: the chat template failed on messages {_short(messages)}: {e}; check "
-                    "the messages' roles or pass use_chat_template=False"
-                ) from e
-            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        else:
-            rendered = text
-            ids = tokenizer(rendered)["input_ids"]
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        rendered, ids = _render(tokenizer, text, messages, use_chat_template, tmpl_kwargs, name, i)
+        t_ids = None
+        if for_teacher:
+            t_text, t_messages = _prompt_of(row, i, name, p_field, t_template, teacher_system_prompt)
+            t_ids = _render(tokenizer, t_text, t_messages, use_chat_template, tmpl_kwargs, name, i)[1]
+        if max_prompt_tokens is not None and max(len(ids), len(t_ids or ())) > max_prompt_tokens:
             dropped += 1
             continue
         answer = None
@@ -401,7 +405,14 @@ def load_prompts(
             if key in row:
                 meta[key] = row[key]
         examples.append(
-            PromptExample(text=text, rendered=rendered, input_ids=list(ids), answer=answer, meta=meta)
+            PromptExample(
+                text=text,
+                rendered=rendered,
+                input_ids=list(ids),
+                answer=answer,
+                meta=meta,
+                teacher_input_ids=None if t_ids is None else list(t_ids),
+            )
         )
         if limit is not None and len(examples) >= limit:
             break
@@ -516,6 +527,24 @@ def warn_unread_template_kwargs(tokenizer, chat_template_kwargs: dict) -> list[s
             f" ({hints})" if hints else "",
         )
     return unread
+
+
+def _render(
+    tokenizer, text: str, messages: list[dict], use_chat_template: bool, tmpl_kwargs: dict, name: str, i: int
+) -> tuple[str, list[int]]:
+    """(what the model sees, its token ids) of one prompt: the chat template over ``messages``, or ``text`` raw."""
+    if use_chat_template:
+        try:
+            rendered = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **tmpl_kwargs
+            )
+        except Exception as e:
+            raise ValueError(
+                f"{name}: row {i}: the chat template failed on messages {_short(messages)}: {e}; check "
+                "the messages' roles or pass use_chat_template=False"
+            ) from e
+        return rendered, tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return text, tokenizer(text)["input_ids"]
 
 
 def _prompt_of(
