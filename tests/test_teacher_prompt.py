@@ -85,6 +85,11 @@ def test_prompts_are_rendered_twice_only_when_a_teacher_key_is_set(tiny_pair, mo
     assert [e.input_ids for e in sys.examples] == [e.input_ids for e in plain.examples]
     assert [e.teacher_input_ids for e in sys.examples] == [e.input_ids for e in with_sys.examples]
 
+    # each teacher key left None falls back to the student's setting
+    kept = load_prompts(path, tok, system_prompt="Be exact.", teacher_prompt_template=TEACHER_T)
+    want = load_prompts(path, tok, system_prompt="Be exact.", prompt_template=TEACHER_T)
+    assert [e.teacher_input_ids for e in kept.examples] == [e.input_ids for e in want.examples]
+
     # the length cap applies to both renderings (here the teacher's is the longer one)
     t_cap = max(len(e.input_ids) for e in as_teacher.examples)
     assert t_cap > max(len(e.input_ids) for e in plain.examples)

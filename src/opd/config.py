@@ -124,7 +124,7 @@ class TeacherPromptConfig:
     and is scored under ``prompt_template``, the teacher scores the same response tokens after its own
     rendering. None = the student's ``prompt_template``. Same tokenizer required."""
     teacher_system_prompt: str | None = None
-    """A system message only the teacher sees (needs use_chat_template=true). None = no system message."""
+    """A system message only the teacher sees (needs use_chat_template=true). None = the student's (none)."""
 
     def _check(self) -> list[str]:
         if self.teacher_system_prompt is not None and not getattr(self, "use_chat_template", True):

@@ -100,8 +100,7 @@ class PromptExample:
     input_ids: list[int]
     answer: str | None = None  # ground truth for grading, when the source has one
     meta: dict = field(default_factory=dict)  # {"row": index in the source, plus the META_FIELDS present}
-    # the teacher's rendering (teacher_prompt_template / teacher_system_prompt set), else None: the
-    # teacher scores the student's response after the student's own prompt
+    # the teacher's rendering when teacher_prompt_template / teacher_system_prompt is set, else None
     teacher_input_ids: list[int] | None = None
 
 
@@ -318,11 +317,10 @@ def load_prompts(
         use_chat_template: render with ``tokenizer.apply_chat_template``; False uses the text raw.
         chat_template_kwargs: extra keyword arguments for the chat template, e.g. ``{"enable_thinking": False}``.
         system_prompt: a system message put before each conversation (needs the chat template).
-        teacher_prompt_template / teacher_system_prompt: when either is set, each prompt is rendered a
-            second time for the teacher (``PromptExample.teacher_input_ids``), with these in place of
-            ``prompt_template`` / ``system_prompt`` (None: the student's template / no system message);
-            the same tokenizer renders both. A row is dropped when either rendering is over
-            ``max_prompt_tokens``.
+        teacher_prompt_template / teacher_system_prompt: either set: each prompt is rendered again, by
+            the same tokenizer, with these in place of ``prompt_template`` / ``system_prompt`` (None: the
+            student's), as ``PromptExample.teacher_input_ids``; rows with either rendering over
+            ``max_prompt_tokens`` are dropped.
         max_prompt_tokens: prompts with more tokens are dropped and counted; None keeps all.
         limit: stop after this many kept prompts.
         seed: shuffle the rows with this seed before applying ``limit``.
@@ -346,6 +344,7 @@ def load_prompts(
             )
     for_teacher = teacher_prompt_template is not None or teacher_system_prompt is not None
     t_template = prompt_template if teacher_prompt_template is None else teacher_prompt_template
+    t_system = system_prompt if teacher_system_prompt is None else teacher_system_prompt
     if use_chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"use_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no chat_template; "
@@ -386,7 +385,7 @@ def load_prompts(
         rendered, ids = _render(tokenizer, text, messages, use_chat_template, tmpl_kwargs, name, i)
         t_ids = None
         if for_teacher:
-            t_text, t_messages = _prompt_of(row, i, name, p_field, t_template, teacher_system_prompt)
+            t_text, t_messages = _prompt_of(row, i, name, p_field, t_template, t_system)
             t_ids = _render(tokenizer, t_text, t_messages, use_chat_template, tmpl_kwargs, name, i)[1]
         if max_prompt_tokens is not None and max(len(ids), len(t_ids or ())) > max_prompt_tokens:
             dropped += 1
@@ -405,14 +404,7 @@ def load_prompts(
             if key in row:
                 meta[key] = row[key]
         examples.append(
-            PromptExample(
-                text=text,
-                rendered=rendered,
-                input_ids=list(ids),
-                answer=answer,
-                meta=meta,
-                teacher_input_ids=None if t_ids is None else list(t_ids),
-            )
+            PromptExample(text, rendered, list(ids), answer, meta, None if t_ids is None else list(t_ids))
         )
         if limit is not None and len(examples) >= limit:
             break
