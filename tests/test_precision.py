@@ -50,8 +50,8 @@ def test_train_scores_the_student_at_the_rollout_temperature(tiny_pair, tmp_path
         opd_method._full_vocab_loss,
     )
 
-    def spy_score_batch(student, teacher, batch, cfg):
-        out, times = real_score_batch(student, teacher, batch, cfg)
+    def spy_score_batch(student, teacher, batch, cfg, teacher_batch=None):
+        out, times = real_score_batch(student, teacher, batch, cfg, teacher_batch=teacher_batch)
         ref = direct_logp_B_T_V(student.model, batch.input_ids_B_T, batch.attention_mask_B_T, T)
         m = batch.response_mask_B_T.bool()
         want = ref.gather(-1, batch.input_ids_B_T[..., None])[..., 0]
@@ -106,8 +106,8 @@ def test_train_metrics_use_the_temperature_scored_student(tiny_pair, tmp_path, m
     seen = []
     real = opd_method.score_batch
 
-    def spy(student, teacher, batch, cfg):
-        out = real(student, teacher, batch, cfg)
+    def spy(student, teacher, batch, cfg, teacher_batch=None):
+        out = real(student, teacher, batch, cfg, teacher_batch=teacher_batch)
         p = direct_logp_B_T_V(student.model, batch.input_ids_B_T, batch.attention_mask_B_T, 0.7)
         q = direct_logp_B_T_V(teacher.model, batch.input_ids_B_T, batch.attention_mask_B_T, 1.0)
         ids = batch.input_ids_B_T[..., None]

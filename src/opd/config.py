@@ -116,6 +116,31 @@ class DataConfig:
 
 
 @dataclass
+class TeacherPromptConfig:
+    """The teacher's own rendering of each prompt (template alignment: docs/recipe.md)."""
+
+    teacher_prompt_template: str | None = None
+    """Template the teacher reads the prompt with when scoring (``{problem}`` placeholder); the student samples
+    and is scored under ``prompt_template``, the teacher scores the same response tokens after its own
+    rendering. None = the student's ``prompt_template``. Same tokenizer required."""
+    teacher_system_prompt: str | None = None
+    """A system message only the teacher sees (needs use_chat_template=true). None = the student's (none)."""
+
+    def _check(self) -> list[str]:
+        if self.teacher_system_prompt is not None and not getattr(self, "use_chat_template", True):
+            return [
+                "teacher_system_prompt is set but use_chat_template=false: a system message needs the chat "
+                "template; set use_chat_template=true or put the instruction into teacher_prompt_template"
+            ]
+        return []
+
+    @property
+    def teacher_prompts(self) -> bool:
+        """Whether the teacher reads its own rendering of the prompts."""
+        return self.teacher_prompt_template is not None or self.teacher_system_prompt is not None
+
+
+@dataclass
 class RolloutConfig:
     """How many on-policy samples each step draws, and how."""
 
@@ -294,7 +319,7 @@ class RunConfig:
 
 
 @dataclass
-class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig):
+class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, DataConfig, ModelsConfig):
     """On-policy distillation run. Defaults follow the study's reference recipe, scaled for small runs.
 
     The shared parts (models, data, rollout, optimiser, run) are inherited; the fields below are OPD's own.
@@ -367,6 +392,12 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
             errs.append(f"teacher_temperature={self.teacher_temperature}: must be > 0; use 1.0")
         if self.clip_eps <= 0 or self.dual_clip <= 1:
             errs.append("clip_eps must be > 0 and dual_clip > 1")
+        if self.objective == "full" and self.teacher_prompts:
+            errs.append(
+                "objective=full with teacher_prompt_template / teacher_system_prompt: the full-vocabulary pair "
+                "streams both models over one sequence, so the teacher cannot read its own prompt; use "
+                "objective=topk or sampled, or drop the teacher prompt keys"
+            )
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -404,7 +435,14 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 """Device strings ``device`` / ``teacher_device`` accept (``opd.runtime`` checks availability)."""
 
 
-PARTS: tuple[type, ...] = (ModelsConfig, DataConfig, RolloutConfig, OptimConfig, RunConfig)
+PARTS: tuple[type, ...] = (
+    ModelsConfig,
+    DataConfig,
+    TeacherPromptConfig,
+    RolloutConfig,
+    OptimConfig,
+    RunConfig,
+)
 """The shared config parts, each with a ``_check() -> list[str]`` of its own rules."""
 
 

@@ -100,6 +100,8 @@ class PromptExample:
     input_ids: list[int]
     answer: str | None = None  # ground truth for grading, when the source has one
     meta: dict = field(default_factory=dict)  # {"row": index in the source, plus the META_FIELDS present}
+    # the teacher's rendering when teacher_prompt_template / teacher_system_prompt is set, else None
+    teacher_input_ids: list[int] | None = None
 
 
 @dataclass
@@ -293,6 +295,8 @@ def load_prompts(
     use_chat_template: bool = True,
     chat_template_kwargs: dict | None = None,
     system_prompt: str | None = None,
+    teacher_prompt_template: str | None = None,
+    teacher_system_prompt: str | None = None,
     max_prompt_tokens: int | None = 1024,
     limit: int | None = None,
     seed: int | None = None,
@@ -313,6 +317,10 @@ def load_prompts(
         use_chat_template: render with ``tokenizer.apply_chat_template``; False uses the text raw.
         chat_template_kwargs: extra keyword arguments for the chat template, e.g. ``{"enable_thinking": False}``.
         system_prompt: a system message put before each conversation (needs the chat template).
+        teacher_prompt_template / teacher_system_prompt: either set: each prompt is rendered again, by
+            the same tokenizer, with these in place of ``prompt_template`` / ``system_prompt`` (None: the
+            student's), as ``PromptExample.teacher_input_ids``; rows with either rendering over
+            ``max_prompt_tokens`` are dropped.
         max_prompt_tokens: prompts with more tokens are dropped and counted; None keeps all.
         limit: stop after this many kept prompts.
         seed: shuffle the rows with this seed before applying ``limit``.
@@ -328,11 +336,15 @@ def load_prompts(
         raise ValueError(f"limit={limit}: must be a positive number of prompts, or None for all")
     if max_prompt_tokens is not None and max_prompt_tokens <= 0:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens}: must be positive, or None for no limit")
-    if system_prompt is not None and not use_chat_template:
-        raise ValueError(
-            "system_prompt is set but use_chat_template=False: a system message needs the chat template; "
-            "set use_chat_template=True or put the instruction into prompt_template"
-        )
+    for key, value in (("system_prompt", system_prompt), ("teacher_system_prompt", teacher_system_prompt)):
+        if value is not None and not use_chat_template:
+            raise ValueError(
+                f"{key} is set but use_chat_template=False: a system message needs the chat template; "
+                "set use_chat_template=True or put the instruction into the prompt template"
+            )
+    for_teacher = teacher_prompt_template is not None or teacher_system_prompt is not None
+    t_template = prompt_template if teacher_prompt_template is None else teacher_prompt_template
+    t_system = system_prompt if teacher_system_prompt is None else teacher_system_prompt
     if use_chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"use_chat_template=True but the tokenizer ({type(tokenizer).__name__}) has no chat_template; "
@@ -370,21 +382,12 @@ def load_prompts(
         if exclude and (text in exclude or _raw_prompt_text(_get_field(row, p_field)) in exclude):
             excluded += 1
             continue
-        if use_chat_template:
-            try:
-                rendered = tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True, **tmpl_kwargs
-                )
-            except Exception as e:
-                raise ValueError(
-                    f"{name}: row {i}: the chat template failed on messages {_short(messages)}: {e}; check "
-                    "the messages' roles or pass use_chat_template=False"
-                ) from e
-            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        else:
-            rendered = text
-            ids = tokenizer(rendered)["input_ids"]
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        rendered, ids = _render(tokenizer, text, messages, use_chat_template, tmpl_kwargs, name, i)
+        t_ids = None
+        if for_teacher:
+            t_text, t_messages = _prompt_of(row, i, name, p_field, t_template, t_system)
+            t_ids = _render(tokenizer, t_text, t_messages, use_chat_template, tmpl_kwargs, name, i)[1]
+        if max_prompt_tokens is not None and max(len(ids), len(t_ids or ())) > max_prompt_tokens:
             dropped += 1
             continue
         answer = None
@@ -401,7 +404,7 @@ def load_prompts(
             if key in row:
                 meta[key] = row[key]
         examples.append(
-            PromptExample(text=text, rendered=rendered, input_ids=list(ids), answer=answer, meta=meta)
+            PromptExample(text, rendered, list(ids), answer, meta, None if t_ids is None else list(t_ids))
         )
         if limit is not None and len(examples) >= limit:
             break
@@ -516,6 +519,24 @@ def warn_unread_template_kwargs(tokenizer, chat_template_kwargs: dict) -> list[s
             f" ({hints})" if hints else "",
         )
     return unread
+
+
+def _render(
+    tokenizer, text: str, messages: list[dict], use_chat_template: bool, tmpl_kwargs: dict, name: str, i: int
+) -> tuple[str, list[int]]:
+    """(what the model sees, its token ids) of one prompt: the chat template over ``messages``, or ``text`` raw."""
+    if use_chat_template:
+        try:
+            rendered = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **tmpl_kwargs
+            )
+        except Exception as e:
+            raise ValueError(
+                f"{name}: row {i}: the chat template failed on messages {_short(messages)}: {e}; check "
+                "the messages' roles or pass use_chat_template=False"
+            ) from e
+        return rendered, tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return text, tokenizer(text)["input_ids"]
 
 
 def _prompt_of(

@@ -339,6 +339,60 @@ def fixed_batch(
     return _assemble(list(prompt_ids), resp_B_R, generated_B, stop_ids, pad_id, 1)
 
 
+def relay_responses(batch: RolloutBatch, prompt_ids: list[list[int]]) -> RolloutBatch:
+    """``batch``'s responses re-laid after other prompts (the teacher's rendering of each row's prompt).
+
+    Row ``b`` of the result is ``[left padding | prompt_ids[b] | the response tokens of row b | right
+    padding]`` in the module CONTRACT's layout, with the new ``prompt_len`` P' = the longest of
+    ``prompt_ids``. The response part is copied column for column: position ``P' + j`` of the result holds
+    the token at ``batch.prompt_len + j`` (same response mask, attention, padding), so response position
+    ``j`` is the same token in both batches and :func:`shift_positions` moves per-position tensors between
+    them. Padding uses ``batch``'s own pad id (its first masked-out id; 0 when nothing is padded).
+    Identical prompts give back an identical batch."""
+    B, T = batch.input_ids_B_T.shape
+    if len(prompt_ids) != B:
+        raise ValueError(
+            f"relay_responses: {len(prompt_ids)} prompts for a batch of {B} rows; pass one prompt per row "
+            "(repeat each prompt rollouts_per_prompt times)"
+        )
+    empty = [b for b, p in enumerate(prompt_ids) if not p]
+    if empty:
+        raise ValueError(f"relay_responses: prompt_ids[{empty[0]}] is empty; every prompt needs a token")
+    pads = batch.input_ids_B_T[batch.attention_mask_B_T == 0]
+    pad_id = int(pads[0]) if pads.numel() else 0
+    P, P2 = batch.prompt_len, max(len(p) for p in prompt_ids)
+    R = T - P
+    dev = batch.input_ids_B_T.device
+    input_ids_B_T = torch.full((B, P2 + R), pad_id, dtype=batch.input_ids_B_T.dtype, device=dev)
+    attention_mask_B_T = torch.zeros((B, P2 + R), dtype=batch.attention_mask_B_T.dtype, device=dev)
+    for b, p in enumerate(prompt_ids):
+        input_ids_B_T[b, P2 - len(p) : P2] = torch.tensor(p, dtype=input_ids_B_T.dtype, device=dev)
+        attention_mask_B_T[b, P2 - len(p) : P2] = 1
+    input_ids_B_T[:, P2:] = batch.input_ids_B_T[:, P:]
+    attention_mask_B_T[:, P2:] = batch.attention_mask_B_T[:, P:]
+    return RolloutBatch(
+        input_ids_B_T=input_ids_B_T,
+        attention_mask_B_T=attention_mask_B_T,
+        response_mask_B_T=shift_positions(batch.response_mask_B_T, P, P2),
+        prompt_len=P2,
+        prompt_index_B=batch.prompt_index_B,
+        truncated_B=batch.truncated_B,
+    )
+
+
+def shift_positions(x_B_T: torch.Tensor, prompt_len: int, new_prompt_len: int) -> torch.Tensor:
+    """A per-position tensor (dim 1 = positions, any trailing dims) of a batch with ``prompt_len`` moved to
+    the layout of the same responses after ``new_prompt_len`` prompt columns (:func:`relay_responses`):
+    ``out[:, new_prompt_len + j] = x_B_T[:, prompt_len + j]``; the new prompt columns are 0 (scoring's
+    value at non-response positions). The same layout gives ``x_B_T`` itself."""
+    if prompt_len == new_prompt_len:
+        return x_B_T
+    R = x_B_T.shape[1] - prompt_len
+    out = x_B_T.new_zeros((x_B_T.shape[0], new_prompt_len + R, *x_B_T.shape[2:]))
+    out[:, new_prompt_len:] = x_B_T[:, prompt_len:]
+    return out
+
+
 def _check_generate_args(prompt_ids, n, max_new_tokens, temperature, top_p, top_k, vocab_limit) -> None:
     if not prompt_ids:
         raise ValueError("prompt_ids=[]: pass at least one prompt (a list of token ids)")

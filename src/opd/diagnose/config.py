@@ -9,7 +9,7 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 
-from opd.config import DataConfig, ModelsConfig
+from opd.config import DataConfig, ModelsConfig, TeacherPromptConfig
 from opd.config_io import _coerce_types, load_yaml_text
 from opd.diagnose.verdict import DiagnoseThresholds
 from opd.errors import ConfigError
@@ -18,7 +18,7 @@ __all__ = ["DiagnoseConfig"]
 
 
 @dataclass
-class DiagnoseConfig(DataConfig, ModelsConfig):
+class DiagnoseConfig(TeacherPromptConfig, DataConfig, ModelsConfig):
     """One pre-flight diagnosis of a (student, teacher, prompts) triple; answers in the prompts enable
     condition (ii). Same conventions as ``OPDConfig``."""
 
@@ -71,7 +71,7 @@ class DiagnoseConfig(DataConfig, ModelsConfig):
             self.prefix_fractions = (float(self.prefix_fractions),)
         self.thresholds = _thresholds(self.thresholds)
         _coerce_types(self)
-        errs = []
+        errs = TeacherPromptConfig._check(self)
         for key in (
             "num_prompts",
             "rollouts_per_prompt",

@@ -199,12 +199,19 @@ def sample_rollouts(student, tokenizer, prompt_ids: list[list[int]], cfg: Diagno
 
 
 def score_rollouts(
-    student, teacher, batch: RolloutBatch, cfg: DiagnoseConfig, vocab_limit: int
+    student,
+    teacher,
+    batch: RolloutBatch,
+    cfg: DiagnoseConfig,
+    vocab_limit: int,
+    teacher_batch: RolloutBatch | None = None,
 ) -> tuple[ScoreOutput, ScoreOutput]:
     """Student and teacher ScoreOutputs of the rollout batch (no grad), in micro-batches of ``batch_size``:
     the student at the rollout temperature (its top-k ids, log-probs, entropy), the teacher at
     ``teacher_temperature`` (log-probs at the student's top-k ids, its own top-k, entropy) — the training
-    loop's scoring, through the same :func:`opd.scoring.score_pair`."""
+    loop's scoring, through the same :func:`opd.scoring.score_pair`. ``teacher_batch``: the responses after
+    the teacher's own prompts (``teacher_prompt_template`` / ``teacher_system_prompt``), scored by the
+    teacher as ``opd train`` would."""
     s_scorer = PolicyScorer(
         student, temperature=cfg.temperature, chunk_size=cfg.score_chunk_size, vocab_limit=vocab_limit
     )
@@ -214,7 +221,13 @@ def score_rollouts(
     B = batch.input_ids_B_T.shape[0]
     with progress(total=B, desc="score", enabled=cfg.progress, unit="seq") as bar:
         s_out, t_out, _ = score_pair(
-            s_scorer, t_scorer, batch, cfg.batch_size, cfg.metrics_top_k, on_micro_batch=bar.update
+            s_scorer,
+            t_scorer,
+            batch,
+            cfg.batch_size,
+            cfg.metrics_top_k,
+            on_micro_batch=bar.update,
+            teacher_batch=teacher_batch,
         )
     return s_out, t_out
 

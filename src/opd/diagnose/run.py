@@ -31,7 +31,7 @@ from opd.models import (
     prompt_token_cap,
 )
 from opd.report import write_text_atomic
-from opd.rollout import stop_token_ids
+from opd.rollout import relay_responses, stop_token_ids
 from opd.rundir import locked_run_dir
 from opd.runtime import Runtime
 
@@ -124,6 +124,8 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
         prompt_field=cfg.prompt_field,
         answer_field=cfg.answer_field,
         prompt_template=cfg.prompt_template,
+        teacher_prompt_template=cfg.teacher_prompt_template,
+        teacher_system_prompt=cfg.teacher_system_prompt,
         use_chat_template=cfg.use_chat_template,
         chat_template_kwargs=cfg.chat_template_kwargs,
         max_prompt_tokens=max_prompt_tokens,
@@ -156,7 +158,12 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
     result["tokenizer"] = tmpl
 
     # -- 6. scoring by both models → condition (i) and the rewards
-    s_out, t_out = measure.score_rollouts(student, teacher, batch, cfg, vocab_limit)
+    teacher_batch = None  # teacher_prompt_template / teacher_system_prompt: the teacher scores after its own
+    if examples[0].teacher_input_ids is not None:
+        teacher_batch = relay_responses(
+            batch, [examples[int(p)].teacher_input_ids for p in batch.prompt_index_B]
+        )
+    s_out, t_out = measure.score_rollouts(student, teacher, batch, cfg, vocab_limit, teacher_batch)
     clock.lap("scoring")
     cond_i, rewards = measure.condition_i(s_out, t_out, batch, s_stop, cfg, ev)
     graded = [c for c in rollout_correct if c is not None]

@@ -110,6 +110,11 @@ class ColdstartConfig(OPDConfig):
                 f"exclude_prompts={self.exclude_prompts!r}: opd coldstart sets it for its OPD stage (the SFT "
                 "stage's prompts); filter the prompt file beforehand instead"
             )
+        if self.teacher_prompts:
+            errs.append(
+                "teacher_prompt_template / teacher_system_prompt: opd coldstart does not support them (its SFT "
+                "stage samples the teacher under the student's prompts); use opd train, or drop the keys"
+            )
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
         sft_config(self)  # the SFT stage's own rules, reported under the sft_ names

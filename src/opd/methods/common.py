@@ -216,7 +216,8 @@ def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet | None, Prompt
     (when ``eval_every``) the evaluation prompts, rendered with the student's tokenizer; prompts over the
     length cap are dropped and counted (``data.load_prompts`` logs it), and so are training prompts whose
     text is in ``cfg.exclude_prompts`` (never evaluation prompts). ``eval_limit`` takes a seeded
-    random subset, not the first rows."""
+    random subset, not the first rows. With ``cfg.teacher_prompt_template`` / ``teacher_system_prompt``
+    the training prompts also carry the teacher's rendering (``PromptExample.teacher_input_ids``)."""
 
     def prompt_set(source: str, **kw: Any) -> PromptSet:
         return load_prompts(
@@ -233,7 +234,9 @@ def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet | None, Prompt
         )
 
     exclude = prompt_texts(cfg.exclude_prompts) if getattr(cfg, "exclude_prompts", "") else None
-    prompts = prompt_set(cfg.prompts, exclude=exclude) if cfg.prompts else None
+    # the teacher's own rendering of the training prompts (OPD's teacher_prompt_template / _system_prompt)
+    teacher_kw = {k: getattr(cfg, k, None) for k in ("teacher_prompt_template", "teacher_system_prompt")}
+    prompts = prompt_set(cfg.prompts, exclude=exclude, **teacher_kw) if cfg.prompts else None
     eval_set = None
     if cfg.eval_every:
         eval_set = prompt_set(

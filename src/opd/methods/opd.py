@@ -62,7 +62,7 @@ from opd.methods.common import (
 from opd.methods.opd_scoring import ScoredBatch, apply_gradients, can_fuse, fused_update, score_batch
 from opd.metrics import mechanism_metrics
 from opd.precision import compute_context
-from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed
+from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed, relay_responses
 from opd.rundir import RunInterrupted, StopSignals
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
@@ -414,17 +414,27 @@ def opd_step(
         )
     batch = batch.to(runtime.device)  # the student's device; the teacher scorer moves its own inputs
     t_rollout = time.perf_counter() - t0
+    teacher_batch = None  # teacher_prompt_template / teacher_system_prompt: the teacher reads its own prompts
+    if prompts.examples[idx[slots[0]]].teacher_input_ids is not None:
+        teacher_batch = relay_responses(
+            batch,
+            [
+                prompts.examples[idx[j]].teacher_input_ids
+                for j in slots
+                for _ in range(cfg.rollouts_per_prompt)
+            ],
+        )
 
     lr = scheduler.get_last_lr()[0]
     fused = can_fuse(cfg)
     if fused:  # one student pass: scoring, rewards and the update per micro-batch (opd_scoring.py)
         t0 = time.perf_counter()
         scored, score_times, loss, grad_norm, skipped, upd_stats = fused_update(
-            student, teacher, batch, optimizer, cfg, runtime
+            student, teacher, batch, optimizer, cfg, runtime, teacher_batch=teacher_batch
         )
         t0 += score_times["time/score_teacher"]  # the teacher's share is timed on its own
     else:
-        scored, score_times = score_batch(student, teacher, batch, cfg)
+        scored, score_times = score_batch(student, teacher, batch, cfg, teacher_batch=teacher_batch)
         t0 = time.perf_counter()
         loss, grad_norm, skipped, upd_stats = update(student, teacher, batch, scored, optimizer, cfg, runtime)
     mask, s, t = scored.mask_B_T, scored.student, scored.teacher
@@ -447,13 +457,14 @@ def opd_step(
     )
     n_tokens = int(mask.sum())
     seq_tokens = int(batch.attention_mask_B_T.sum())
+    t_seq_tokens = seq_tokens if teacher_batch is None else int(teacher_batch.attention_mask_B_T.sum())
     extra_student_pass = cfg.objective == "topk" and cfg.support not in ("student", "intersection")
     spent = dict(
         student_prefill_tokens=seq_tokens - int(batch.response_lengths_B.sum()),
         student_generated_tokens=int(batch.response_lengths_B.sum()),
         student_forward_tokens=0 if fused else seq_tokens * (2 if extra_student_pass else 1),
         # full vocabulary: the teacher is run again on each micro-batch of each update pass
-        teacher_forward_tokens=seq_tokens * (1 + (cfg.ppo_epochs if cfg.objective == "full" else 0)),
+        teacher_forward_tokens=t_seq_tokens * (1 + (cfg.ppo_epochs if cfg.objective == "full" else 0)),
         student_train_tokens=seq_tokens * cfg.ppo_epochs,
         student_loss_tokens=n_tokens * cfg.ppo_epochs,
     )

@@ -29,7 +29,7 @@ from opd.config import OPDConfig
 from opd.models import check_finite_logp
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
-from opd.scoring import PolicyScorer, ScoreOutput, score_pair
+from opd.scoring import PolicyScorer, ScoreOutput, score_pair, score_teacher
 
 log = logging.getLogger("opd")
 
@@ -55,18 +55,27 @@ class ScoredBatch:
 
 
 def score_batch(
-    student: PolicyScorer, teacher: PolicyScorer, batch: RolloutBatch, cfg: OPDConfig
+    student: PolicyScorer,
+    teacher: PolicyScorer,
+    batch: RolloutBatch,
+    cfg: OPDConfig,
+    teacher_batch: RolloutBatch | None = None,
 ) -> tuple[ScoredBatch, dict[str, float]]:
     """No-grad scoring of a rollout batch by both models and the per-token rewards.
 
     ``student`` / ``teacher``: the scorers (each at its own temperature; the teacher's on its device,
     its outputs come back to the batch's). Returns the :class:`ScoredBatch` and the timings
     ``time/score_student`` / ``time/score_teacher`` (seconds). Done in micro-batches to bound memory.
+    ``teacher_batch``: the responses after the teacher's own prompts (``teacher_prompt_template`` /
+    ``teacher_system_prompt``, :func:`opd.rollout.relay_responses`), which the teacher scores instead of
+    ``batch``; its outputs come back in ``batch``'s layout, so the rewards line up token for token.
     """
     mask = batch.response_mask_B_T.float()
     width = max(cfg.metrics_top_k, cfg.support_size if cfg.objective == "topk" else 0)
     # the student at ``temperature``: the distribution the rollout tokens were drawn from
-    s_out, t_out, timings = score_pair(student, teacher, batch, cfg.micro_batch_size, width)
+    s_out, t_out, timings = score_pair(
+        student, teacher, batch, cfg.micro_batch_size, width, teacher_batch=teacher_batch
+    )
     check_finite_logp("student", cfg.student, s_out.token_logp_B_T, mask)  # before any update uses them
     check_finite_logp("teacher", cfg.teacher, t_out.token_logp_B_T, mask)
 
@@ -152,13 +161,14 @@ def fused_update(
     optimizer: torch.optim.Optimizer,
     cfg: OPDConfig,
     runtime: Runtime | None = None,
+    teacher_batch: RolloutBatch | None = None,
 ) -> tuple[ScoredBatch, dict[str, float], float, float, int, dict[str, float]]:
     """Score, build rewards and update in one student pass per micro-batch (module docstring).
 
     Returns ``(scored, timings, loss, grad_norm, skipped, stats)`` as :func:`score_batch` followed by
     ``opd.update`` would: ``scored`` holds detached scorings and rewards for the metrics; ``timings`` has
     ``time/score_teacher`` and ``time/score_student`` = 0 (the student's forward and backward count as
-    ``time/update``, measured by the caller)."""
+    ``time/update``, measured by the caller). ``teacher_batch``: as in :func:`score_batch`."""
     mask_all = batch.response_mask_B_T.float()
     total = obj.loss_denominator(mask_all, cfg.loss_aggregation)
     if runtime is not None:
@@ -173,12 +183,13 @@ def fused_update(
     for lo in range(0, batch.input_ids_B_T.shape[0], cfg.micro_batch_size):
         sl = slice(lo, lo + cfg.micro_batch_size)
         mb, mask = batch.select(sl), mask_all[sl]
-        ids_attn_resp = (mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T)
-        s = student(*ids_attn_resp, top_k=width, entropy=True)  # with grad, at ``temperature``
+        tmb = None if teacher_batch is None else teacher_batch.select(sl)
+        # with grad, at ``temperature``
+        s = student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T, top_k=width, entropy=True)
         s_det = ScoreOutput(**{f.name: _detach(getattr(s, f.name)) for f in fields(ScoreOutput)})
         t0 = time.perf_counter()
         with torch.no_grad():
-            t = teacher(*ids_attn_resp, s_det.topk_ids_B_T_K, top_k=width, entropy=True)
+            t = score_teacher(teacher, mb, s_det.topk_ids_B_T_K, width, teacher_mb=tmb)
         t_teacher += time.perf_counter() - t0
         check_finite_logp("student", cfg.student, s_det.token_logp_B_T, mask)  # before its backward
         check_finite_logp("teacher", cfg.teacher, t.token_logp_B_T, mask)

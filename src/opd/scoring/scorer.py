@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from opd.rollout import RolloutBatch
+from opd.rollout import RolloutBatch, shift_positions
 from opd.scoring.chunked import ScoreOutput, full_vocab_pair, score
 
 
@@ -99,6 +99,7 @@ def score_pair(
     width: int,
     *,
     on_micro_batch: Callable[[int], object] | None = None,
+    teacher_batch: RolloutBatch | None = None,
 ) -> tuple[ScoreOutput, ScoreOutput, dict[str, float]]:
     """No-grad scoring of ``batch`` by both models, ``micro_batch_size`` rows at a time.
 
@@ -109,7 +110,9 @@ def score_pair(
     to the teacher's device and its outputs come back. Returns the two ``ScoreOutput`` of the whole batch
     (micro-batches concatenated along ``_B``) and the timings ``time/score_student`` /
     ``time/score_teacher`` (seconds). ``on_micro_batch(rows)`` is called after each micro-batch (a
-    progress bar's ``update``).
+    progress bar's ``update``). ``teacher_batch``: the same responses after the teacher's own prompts
+    (:func:`opd.rollout.relay_responses`), scored by the teacher instead of ``batch`` (:func:`score_teacher`);
+    the teacher's outputs are still in ``batch``'s layout.
     """
     if not (isinstance(micro_batch_size, int) and micro_batch_size >= 1):
         raise ValueError(f"micro_batch_size={micro_batch_size!r}: must be an int ≥ 1. Fix: use e.g. 8.")
@@ -117,12 +120,15 @@ def score_pair(
     t_student = t_teacher = 0.0
     with torch.no_grad():
         for lo in range(0, batch.input_ids_B_T.shape[0], micro_batch_size):
-            mb = batch.select(slice(lo, lo + micro_batch_size))
-            ids_attn_resp = (mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T)
+            sl = slice(lo, lo + micro_batch_size)
+            mb = batch.select(sl)
             t0 = time.perf_counter()
-            s = student(*ids_attn_resp, top_k=width, entropy=True)
+            s = student(
+                mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T, top_k=width, entropy=True
+            )
             t1 = time.perf_counter()
-            t = teacher(*ids_attn_resp, s.topk_ids_B_T_K, top_k=width, entropy=True)
+            tmb = None if teacher_batch is None else teacher_batch.select(sl)
+            t = score_teacher(teacher, mb, s.topk_ids_B_T_K, width, teacher_mb=tmb)
             t_student += t1 - t0
             t_teacher += time.perf_counter() - t1
             parts_s.append(s)
@@ -131,6 +137,40 @@ def score_pair(
                 on_micro_batch(mb.input_ids_B_T.shape[0])
     timings = {"time/score_student": t_student, "time/score_teacher": t_teacher}
     return _cat_scores(parts_s), _cat_scores(parts_t), timings
+
+
+def score_teacher(
+    teacher: PolicyScorer,
+    mb: RolloutBatch,
+    given_ids_B_T_K: torch.Tensor | None,
+    width: int,
+    *,
+    teacher_mb: RolloutBatch | None = None,
+) -> ScoreOutput:
+    """The teacher's scoring of micro-batch ``mb`` (log-probs at ``given_ids_B_T_K``, its own top-``width``,
+    entropy), in ``mb``'s layout. With ``teacher_mb`` (the same rows' responses after the teacher's own
+    prompts, :func:`opd.rollout.relay_responses`) the teacher reads that instead: the given ids are moved to
+    its layout and every output back, so response position ``j`` of the result is the teacher's
+    distribution before the ``j``-th response token given *its* prompt and the response's first ``j``
+    tokens. Without it, or with an identical layout, this is ``teacher(mb, ...)`` itself."""
+    if teacher_mb is None:
+        teacher_mb = mb
+    P, P2 = mb.prompt_len, teacher_mb.prompt_len
+    given = None if given_ids_B_T_K is None else shift_positions(given_ids_B_T_K, P, P2)
+    t = teacher(
+        teacher_mb.input_ids_B_T,
+        teacher_mb.attention_mask_B_T,
+        teacher_mb.response_mask_B_T,
+        given,
+        top_k=width,
+        entropy=True,
+    )
+    return ScoreOutput(
+        **{
+            k: None if getattr(t, k) is None else shift_positions(getattr(t, k), P2, P)
+            for k in ScoreOutput.__dataclass_fields__
+        }
+    )
 
 
 def _cat_scores(parts: list[ScoreOutput]) -> ScoreOutput:
