@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from opd.cli import main as cli_main
 from opd.config_io import load_config
-from opd.data import load_prompts, prompt_texts, read_rows
+from opd.data import load_prompts, prompt_texts
+from opd.datafiles import read_rows
 from opd.errors import ConfigError
 from opd.methods import METHODS, coldstart, sft
 from opd.methods import opd as opd_method

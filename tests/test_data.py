@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA, require, require_module
 
-from opd.data import PromptSet, load_prompts, read_rows
+from opd.data import PromptSet, load_prompts
+from opd.datafiles import read_rows
 from opd.lab import LabNameError, prompt_rows
 from opd.sampler import PromptSampler
 from opd.tiny import CHATML_TEMPLATE, build_byte_tokenizer

@@ -17,7 +17,8 @@ from opd.alerts import AlertConfig
 from opd.cli import main
 from opd.config import ConfigError, OPDConfig
 from opd.config_io import load_config
-from opd.data import load_prompts, read_rows, template_variables
+from opd.data import load_prompts, template_variables
+from opd.datafiles import read_rows
 from opd.lab import resolve
 from opd.methods import opd as opd_method
 from opd.models import (

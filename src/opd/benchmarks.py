@@ -13,7 +13,7 @@ What ``spec`` may be, tried in this order:
 
 1. ``lab:<set>`` — a lab prompt set (``lab:test``, ``lab:test-hard``, ...; :func:`opd.lab.prompt_rows`);
 2. a path to a ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` file or a ``datasets`` ``save_to_disk``
-   directory (read by :func:`opd.data.read_rows`, the reader training uses);
+   directory (read by :func:`opd.datafiles.read_rows`, the reader training uses);
 3. a bare name plus ``data_dir``: the first of ``<data_dir>/<name><suffix>`` then
    ``<data_dir>/<name>-test<suffix>`` that exists, for the suffixes ``.parquet .jsonl .json .csv``
    (``aime24`` → ``aime24.parquet``, ``gsm8k`` → ``gsm8k-test.jsonl``).
@@ -42,12 +42,11 @@ from opd.data import (
     _MISSING,
     ANSWER_FIELDS,
     PROMPT_FIELDS,
-    SUPPORTED_SUFFIXES,
     _clean_answer,
     _get_field,
     _resolve_field,
-    read_rows,
 )
+from opd.datafiles import SUPPORTED_SUFFIXES, read_rows
 from opd.lab import LAB_PREFIX
 
 __all__ = [

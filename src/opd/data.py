@@ -48,10 +48,7 @@ text, before or after ``prompt_template``, is exactly one of the given texts (no
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
-import json
 import logging
 import random
 from collections.abc import Collection
@@ -60,23 +57,18 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import pyarrow.parquet as pq
 from jinja2 import meta
 from jinja2.ext import loopcontrols
 
-from opd.lab import LabPrompts
-from opd.lab import resolve as resolve_lab
-from opd.textfiles import read_utf8
+from opd.datafiles import _short, read_rows
 
 __all__ = [
     "PromptExample",
     "PromptSet",
     "load_prompts",
     "prompt_texts",
-    "read_rows",
     "PROMPT_FIELDS",
     "ANSWER_FIELDS",
-    "SUPPORTED_SUFFIXES",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,7 +77,6 @@ PROMPT_FIELDS = ("prompt", "problem", "question", "input", "instruction")
 """Fields tried, in order, by ``prompt_field="auto"``."""
 ANSWER_FIELDS = ("reward_model.ground_truth", "answer", "solution", "ground_truth", "final_answer")
 """Fields tried, in order, by ``answer_field="auto"`` (dotted names walk nested dicts)."""
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 PLACEHOLDERS = ("{problem}", "{prompt}")
 """Placeholders a ``prompt_template`` may use for the problem text."""
 _BOXED_ARTEFACT = "\\boxed{{}}"
@@ -121,116 +112,10 @@ class PromptSet:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# sources → rows
-# ---------------------------------------------------------------------------------------------------------
-
-
-def read_rows(source: str | Path) -> list[dict]:
-    """Read every row of ``source`` as a plain dict (nested lists / dicts as Python objects).
-
-    ``source`` is a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, a ``datasets``
-    ``save_to_disk`` directory, or ``lab:<split>``.
-    """
-    name = str(source)
-    path = Path(source)
-    lab = resolve_lab(name, kind="prompts")
-    if isinstance(lab, LabPrompts):
-        rows = lab.rows()
-    elif not path.exists():
-        raise FileNotFoundError(
-            f"prompt source {name!r} does not exist; pass a {', '.join(SUPPORTED_SUFFIXES)} file, a "
-            "datasets save_to_disk directory, or lab:<split>"
-        )
-    elif path.is_dir():
-        rows = _read_hf_dir(path)
-    else:
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            rows = _read_jsonl(path)
-        elif suffix == ".json":
-            rows = _read_json(path)
-        elif suffix == ".parquet":
-            rows = pq.read_table(path).to_pylist()
-        elif suffix == ".csv":
-            rows = [dict(r) for r in csv.DictReader(io.StringIO(read_utf8(path), newline=""))]
-        else:
-            raise ValueError(
-                f"prompt source {name!r}: unsupported file type {suffix!r}; expected one of "
-                f"{', '.join(SUPPORTED_SUFFIXES)}, a datasets save_to_disk directory, or lab:<split>"
-            )
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise ValueError(
-                f"{name}: row {i} is a {type(r).__name__} ({_short(r)}), expected an object with named "
-                "fields such as 'prompt' and 'answer'"
-            )
-    return rows
-
-
-def _read_hf_dir(path: Path) -> list[dict]:
-    try:
-        import datasets  # optional extra (opd[datasets]), slow to import: only for a save_to_disk directory
-    except ImportError as e:
-        raise ImportError(
-            f"prompt source {str(path)!r} is a directory, read as a Hugging Face dataset saved with "
-            "save_to_disk, which needs the datasets package: pip install opd[datasets]"
-        ) from e
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
-        raise ValueError(
-            f"prompt source {str(path)!r} is a directory but not a dataset written by save_to_disk ({e}); "
-            f"pass a {', '.join(SUPPORTED_SUFFIXES)} file or a save_to_disk directory"
-        ) from e
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds.keys())
-        if len(splits) != 1:
-            raise ValueError(
-                f"prompt source {str(path)!r} is a DatasetDict with splits {splits}; point at one split's "
-                f"subdirectory instead, e.g. {str(path / splits[0])!r}"
-            )
-        ds = ds[splits[0]]
-    return ds.to_list()
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: line {lineno} is not valid JSON ({e.msg}): {_short(line)}; "
-                "each line of a .jsonl file must be one JSON object"
-            ) from e
-    return rows
-
-
-def _read_json(path: Path) -> list[dict]:
-    try:
-        data = json.loads(read_utf8(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected a list of objects") from e
-    if not isinstance(data, list):
-        raise ValueError(
-            f"{path}: top-level JSON value is a {type(data).__name__}, expected a list of objects "
-            "(use .jsonl for one object per line)"
-        )
-    return data
-
-
-# ---------------------------------------------------------------------------------------------------------
 # rows → prompts
 # ---------------------------------------------------------------------------------------------------------
 
 _MISSING = object()
-
-
-def _short(value: Any, n: int = 80) -> str:
-    s = repr(value)
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def _get_field(row: dict, name: str) -> Any:

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from opd.data import PromptSet, read_rows
+from opd.data import PromptSet
+from opd.datafiles import read_rows
 from opd.grading import extract_boxed, grade
 from opd.rollout import END_OF_TURN_TOKENS, RolloutBatch
 from opd.textfiles import read_utf8

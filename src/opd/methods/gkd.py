@@ -56,7 +56,8 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.data import PromptSet, read_rows
+from opd.data import PromptSet
+from opd.datafiles import read_rows
 from opd.errors import ConfigError
 from opd.methods.common import (
     budget_spent,
