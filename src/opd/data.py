@@ -2,11 +2,11 @@
 
 ``load_prompts(source, tokenizer, ...) -> PromptSet`` reads a prompt pool or benchmark and turns every
 row into a :class:`PromptExample`: the problem text (after ``prompt_template``), the string the model
-sees (after the tokenizer's chat template), its token ids and the ground-truth answer. ``read_rows``
+sees (after the tokenizer's chat template), its token ids and the ground-truth answer. :func:`opd.datafiles.read_rows`
 is the lower layer (source → list of dict rows); :class:`opd.sampler.PromptSampler` draws prompt
 indices for training, epoch by epoch, resumably.
 
-Sources (``read_rows``):
+Sources (:mod:`opd.datafiles`):
   ``*.jsonl``, ``*.json`` (a list of objects), ``*.parquet``, ``*.csv``, a directory written by
   ``datasets.Dataset.save_to_disk`` (needs ``pip install opd[datasets]``), and ``lab:<split>`` for
   the built-in lab's prompt splits (rows with ``prompt`` and ``answer``).
