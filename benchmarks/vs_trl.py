@@ -221,6 +221,24 @@ def run_floor(student, teacher, args) -> dict:
     }
 
 
+TRL, FULL, TOPK, FLOOR = (
+    "TRL DistillationTrainer (beta=1)",
+    "opd objective=full",
+    "opd objective=topk",
+    "floor (gen + teacher fwd + student fwd/bwd)",
+)
+RUNNERS = (TRL, FULL, TOPK, FLOOR)
+
+
+def run_one(name: str, student, teacher, root: Path, args, tag: str) -> dict:
+    tag = tag.replace(" ", "_")
+    if name == TRL:
+        return run_trl(student, teacher, root, args, tag)
+    if name == FLOOR:
+        return run_floor(student, teacher, args)
+    return run_opd(student, teacher, root, args, "full" if name == FULL else "topk", tag)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="small,medium", help="comma list of: " + ",".join(SIZES))
@@ -248,22 +266,14 @@ def main() -> None:
     breakdown = []
     for size in args.sizes.split(","):
         student, teacher, ps, pt, vocab = build_pair(root, size)
-        runners = {
-            "TRL DistillationTrainer (beta=1)": lambda r: run_trl(
-                student, teacher, root, args, f"{size}trl{r}"
-            ),
-            "opd objective=full": lambda r: run_opd(student, teacher, root, args, "full", f"{size}full{r}"),
-            "opd objective=topk": lambda r: run_opd(student, teacher, root, args, "topk", f"{size}topk{r}"),
-            "floor (gen + teacher fwd + student fwd/bwd)": lambda r: run_floor(student, teacher, args),
-        }
-        res: dict[str, list[dict]] = {k: [] for k in runners}
+        res: dict[str, list[dict]] = {k: [] for k in RUNNERS}
         for r in range(args.reps):
-            for name, fn in runners.items():
+            for name in RUNNERS:
                 torch.set_num_threads(1)
-                res[name].append(fn(r))
+                res[name].append(run_one(name, student, teacher, root, args, f"{size}{name[:8]}{r}"))
         best = {k: min(v, key=lambda d: d["time/step"]) for k, v in res.items()}
-        trl_t = best["TRL DistillationTrainer (beta=1)"]["time/step"]
-        floor_t = best["floor (gen + teacher fwd + student fwd/bwd)"]["time/step"]
+        trl_t = best[TRL]["time/step"]
+        floor_t = best[FLOOR]["time/step"]
         for name, b in best.items():
             ratio = f"{b['time/step'] / trl_t:.2f}" if name.startswith("opd") else "–"
             lines.append(
@@ -272,7 +282,7 @@ def main() -> None:
             )
             if name.startswith("opd"):
                 breakdown.append(f"{size} {name}: " + ", ".join(f"{k} {b[k]:.3f}" for k in TIMES))
-        f = best["floor (gen + teacher fwd + student fwd/bwd)"]
+        f = best[FLOOR]
         breakdown.append(
             f"{size} floor: generate {f['time/rollout']:.3f}, teacher fwd {f['teacher_fwd']:.3f}, "
             f"student fwd+bwd {f['student_fwd_bwd']:.3f}"
