@@ -231,7 +231,6 @@ RUNNERS = (TRL, FULL, TOPK, FLOOR)
 
 
 def run_one(name: str, student, teacher, root: Path, args, tag: str) -> dict:
-    tag = tag.replace(" ", "_")
     if name == TRL:
         return run_trl(student, teacher, root, args, tag)
     if name == FLOOR:
@@ -268,9 +267,9 @@ def main() -> None:
         student, teacher, ps, pt, vocab = build_pair(root, size)
         res: dict[str, list[dict]] = {k: [] for k in RUNNERS}
         for r in range(args.reps):
-            for name in RUNNERS:
+            for i, name in enumerate(RUNNERS):
                 torch.set_num_threads(1)
-                res[name].append(run_one(name, student, teacher, root, args, f"{size}{name[:8]}{r}"))
+                res[name].append(run_one(name, student, teacher, root, args, f"{size}-{i}-{r}"))
         best = {k: min(v, key=lambda d: d["time/step"]) for k, v in res.items()}
         trl_t = best[TRL]["time/step"]
         floor_t = best[FLOOR]["time/step"]
