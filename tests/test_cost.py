@@ -61,3 +61,26 @@ def test_budget_stops_the_run_at_the_first_step_that_reaches_it(tiny_pair, tmp_p
     assert res["cost"]["cost/student_loss_tokens"] == budget
     with pytest.raises(Exception, match="budget_unit"):
         make_cfg(tiny_pair, tmp_path, budget_unit="tokens", budget=1)
+
+
+def test_a_budget_stopped_run_evaluates_its_final_model(tiny_pair, tmp_path):
+    """The accuracy-vs-compute curve ends at the model the run ends with, not up to eval_every - 1 steps before."""
+    full = opd_method.train(make_cfg(tiny_pair, tmp_path / "a", steps=4))
+    budget = full["cost"]["cost/student_loss_tokens"] * 0.4  # reached at step 2 or 3
+    prompts = tiny_pair[2]
+    res = opd_method.train(
+        make_cfg(
+            tiny_pair,
+            tmp_path / "b",
+            steps=4,
+            budget_unit="student_loss_tokens",
+            budget=budget,
+            eval_every=10,
+            eval_prompts=str(prompts),
+            eval_limit=2,
+        )
+    )
+    rows = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
+    evaluated = [r["step"] for r in rows if "eval/accuracy" in r]
+    assert res["stopped_by_budget"] in (2, 3)
+    assert evaluated == [0, res["stopped_by_budget"]]

@@ -360,7 +360,10 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         )
         skipped_total += row.pop("_skipped")
         row["skipped_steps"] = skipped_total
-        if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+        # also at the step that spends the budget: an equal-budget curve ends at the final model
+        if eval_set is not None and (
+            step % cfg.eval_every == 0 or step == cfg.steps or budget_spent(cfg, cost)
+        ):
             row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
         metrics_log.log(row)
         history.append(row)

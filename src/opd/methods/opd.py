@@ -307,7 +307,8 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         )
         skipped_total += row.pop("_skipped")
         row["skipped_steps"] = skipped_total
-        if eval_set is not None and runtime.is_main and (step % cfg.eval_every == 0 or step == cfg.steps):
+        last = step == cfg.steps or budget_spent(cfg, cost)  # an equal-budget curve ends at the final model
+        if eval_set is not None and runtime.is_main and (step % cfg.eval_every == 0 or last):
             row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
         if monitor is not None:
             for name, msg in monitor.update(step, row).items():
