@@ -29,7 +29,7 @@ from opd.config import OPDConfig
 from opd.models import check_finite_logp
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
-from opd.scoring import PolicyScorer, ScoreOutput, score_pair, score_teacher
+from opd.scoring import PolicyScorer, ScoreOutput, cat_scores, score_pair, score_teacher
 
 log = logging.getLogger("opd")
 
@@ -237,7 +237,7 @@ def fused_update(
     norm, skipped = apply_gradients(params, optimizer, cfg, runtime)
     student.eval()
     scored = ScoredBatch(
-        mask_all, _cat_scores(parts_s), _cat_scores(parts_t), token_reward_B_T=torch.cat(rewards)
+        mask_all, cat_scores(parts_s), cat_scores(parts_t), token_reward_B_T=torch.cat(rewards)
     )
     timings = {"time/score_student": 0.0, "time/score_teacher": t_teacher}
     stats = {"clip_frac": sum(clip_fracs) / len(clip_fracs) if clip_fracs else 0.0}
@@ -266,14 +266,3 @@ def apply_gradients(
 
 def _detach(x):
     return None if x is None else x.detach()
-
-
-def _cat_scores(parts: list[ScoreOutput]) -> ScoreOutput:
-    return ScoreOutput(
-        **{
-            f.name: None
-            if getattr(parts[0], f.name) is None
-            else torch.cat([getattr(p, f.name) for p in parts])
-            for f in fields(ScoreOutput)
-        }
-    )

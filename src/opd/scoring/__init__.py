@@ -60,7 +60,7 @@ What this package deliberately leaves out:
 
 from opd.scoring.chunked import ScoreOutput, full_vocab_pair, score, score_full_logits
 from opd.scoring.head import aligned_positions, check_head_path, left_pad_position_ids
-from opd.scoring.scorer import PolicyScorer, score_pair, score_teacher
+from opd.scoring.scorer import PolicyScorer, cat_scores, score_pair, score_teacher
 
 __all__ = [
     "PolicyScorer",
@@ -71,6 +71,7 @@ __all__ = [
     "left_pad_position_ids",
     "score",
     "score_full_logits",
+    "cat_scores",
     "score_pair",
     "score_teacher",
 ]

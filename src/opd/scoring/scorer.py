@@ -136,7 +136,7 @@ def score_pair(
             if on_micro_batch is not None:
                 on_micro_batch(mb.input_ids_B_T.shape[0])
     timings = {"time/score_student": t_student, "time/score_teacher": t_teacher}
-    return _cat_scores(parts_s), _cat_scores(parts_t), timings
+    return cat_scores(parts_s), cat_scores(parts_t), timings
 
 
 def score_teacher(
@@ -173,7 +173,7 @@ def score_teacher(
     )
 
 
-def _cat_scores(parts: list[ScoreOutput]) -> ScoreOutput:
+def cat_scores(parts: list[ScoreOutput]) -> ScoreOutput:
     """One ScoreOutput of micro-batch outputs, concatenated along ``_B`` (fields that are None stay None)."""
     return ScoreOutput(
         **{
