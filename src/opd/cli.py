@@ -177,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--steps", type=int, default=None, help="OPD steps per run (default: the demo's own)")
     d.add_argument("--no-progress", action="store_true")
+    st = sub.add_parser(
+        "serve-teacher",
+        help="serve a teacher model over HTTP for `opd train teacher=http://host:port` (needs opd[serve])",
+        description="Score token-id batches for OPD training on another machine (docs/serve.md). The bearer "
+        "token can also come from the OPD_TEACHER_TOKEN environment variable (kept out of the process list).",
+    )
+    st.add_argument(
+        "--model", required=True, help="the teacher: a directory, .gguf file, hub id or lab:<name>"
+    )
+    st.add_argument("--port", type=int, default=8000)
+    st.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    st.add_argument(
+        "--token", default=None, help="require Authorization: Bearer TOKEN (or OPD_TEACHER_TOKEN)"
+    )
+    st.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    st.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    st.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (413 above it)")
     lab = sub.add_parser("lab", help="the model organism: build the zoo, list it")
     lab_sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND")
     b = lab_sub.add_parser("build", help="train the lab zoo from scratch (fixed seeds)")
@@ -218,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "grade":
             return _cmd_grade(args)
+        if args.command == "serve-teacher":
+            return _cmd_serve_teacher(args)
         parser.print_help()
         return 0
     except ConfigError as e:
@@ -225,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"opd: config error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         if _debug(args):
             raise
         print(f"opd: error: {e}", file=sys.stderr)
@@ -254,6 +275,21 @@ def _cmd_method(args, method: Method) -> int:
     summary = method.train(_load(method.config, args))
     if summary.get("rank", 0) == 0:  # multi-process: rank 0 reports (it wrote the final model)
         print(f"opd: done: {summary['steps_done']} steps, final model in {summary['final_model']}")
+    return 0
+
+
+def _cmd_serve_teacher(args) -> int:
+    from opd.remote.server import serve  # FastAPI / uvicorn: the optional extra opd[serve]
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get("OPD_TEACHER_TOKEN") or None,
+        dtype=args.dtype,
+        device=args.device,
+        max_request_mb=args.max_request_mb,
+    )
     return 0
 
 

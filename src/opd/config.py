@@ -35,7 +35,8 @@ class ModelsConfig:
     student: str = ""
     """Student model: a local directory, a hub id (online only), a .gguf file or ``lab:<name>``."""
     teacher: str = ""
-    """Teacher model (same tokenizer as the student): a local directory, hub id, .gguf file or ``lab:<name>``."""
+    """Teacher model (same tokenizer as the student): a local directory, hub id, .gguf file or ``lab:<name>``;
+    ``opd train`` also takes a served teacher, ``http://host:port`` (``opd serve-teacher``, docs/serve.md)."""
     student_dtype: str = "float32"
     """Student compute dtype: float32 or bfloat16. The weights stay float32 (AdamW master weights, saved as
     float32); bfloat16 runs the forward passes under autocast. Logits, log-probs and losses are always float32.
@@ -341,6 +342,10 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
     """Sampled-token mode: which estimate of the per-token KL is logged as reward/mean, k1 (log q - log p) or k3 (low variance). Training always uses the k1 log-ratio as the advantage (k3 is not a valid advantage; docs/objectives.md)."""
     teacher_temperature: float = 1.0
     """Temperature applied to the teacher's logits when scoring."""
+    teacher_timeout: float = 60.0
+    """Served teacher (teacher=http://...) only: seconds to wait for one scoring request."""
+    teacher_retries: int = 3
+    """Served teacher only: further tries after a failed request (backoff 0.5 s, doubling), then a clear error."""
     loss_aggregation: str = "token-mean"
     """token-mean, seq-mean-token-sum or seq-mean-token-mean."""
     metrics_top_k: int = 16
@@ -397,6 +402,18 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
                 "objective=full with teacher_prompt_template / teacher_system_prompt: the full-vocabulary pair "
                 "streams both models over one sequence, so the teacher cannot read its own prompt; use "
                 "objective=topk or sampled, or drop the teacher prompt keys"
+            )
+        served = self.teacher.lower().startswith(("http://", "https://"))
+        if served and self.objective == "full":
+            errs.append(
+                f"objective=full with a served teacher ({self.teacher}): the exact KL needs the teacher's full "
+                "logits in the student's backward pass, which the server does not send; use objective=topk "
+                "or sampled, or a local teacher"
+            )
+        if self.teacher_timeout <= 0 or self.teacher_retries < 0:
+            errs.append(
+                f"teacher_timeout={self.teacher_timeout}, teacher_retries={self.teacher_retries}: the timeout "
+                "must be > 0 seconds and the retries >= 0"
             )
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))

@@ -74,6 +74,8 @@ RESUME_MAY_CHANGE = frozenset(
         "threads",
         "device",
         "teacher_device",
+        "teacher_timeout",
+        "teacher_retries",
         "alerts",
         "stop_on_alert",
         "alert_thresholds",

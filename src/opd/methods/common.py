@@ -111,8 +111,9 @@ class Models:
     """A student/teacher pair on their devices, the student's tokenizer and what the pair allows."""
 
     student: torch.nn.Module
-    teacher: torch.nn.Module | None
-    """None when the method runs without one (``cfg.teacher`` empty, e.g. SFT on an existing data file)."""
+    teacher: torch.nn.Module | Any | None
+    """None when the method runs without one (``cfg.teacher`` empty, e.g. SFT on an existing data file); a
+    :class:`opd.remote.RemoteTeacher` for a served teacher (``teacher=http://...``, OPD only)."""
     tokenizer: Any
     compat: CompatReport
     max_prompt_tokens: int
@@ -122,16 +123,28 @@ class Models:
     the adapters injected: every pass and the optimiser see only what trains); None otherwise."""
 
 
-def load_models(cfg: Any, runtime: Runtime) -> Models:
+def load_models(cfg: Any, runtime: Runtime, *, served_teacher: bool = False) -> Models:
     """Tokenizers and models (compatibility first, so a mismatch fails before any work). The student
     loads in float32 (master weights; ``student_dtype`` is its compute dtype, :mod:`opd.precision`) on
     ``runtime.device``, the teacher in ``teacher_dtype`` on ``runtime.teacher_device``, frozen. With an
-    empty ``cfg.teacher`` (a method that does not need one) only the student loads."""
+    empty ``cfg.teacher`` (a method that does not need one) only the student loads. ``served_teacher``:
+    the method accepts ``teacher=http://...``; ``Models.teacher`` is then a
+    :class:`opd.remote.RemoteTeacher` (its tokenizer fingerprint checked against the student's)."""
+    from opd.remote.client import is_remote
+
+    if is_remote(cfg.teacher) and not served_teacher:
+        raise ConfigError(
+            f"teacher={cfg.teacher}: a served teacher works with opd train (OPD) only; this method needs the "
+            "teacher's weights here. Fix: a local teacher (directory, .gguf or lab:<name>)"
+        )
     trust = cfg.trust_remote_code
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=trust)
-    teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=trust) if cfg.teacher else None
+    local_teacher = cfg.teacher and not is_remote(cfg.teacher)
+    teacher_tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=trust) if local_teacher else None
     student = load_model(cfg.student, dtype="float32", trust_remote_code=trust, device=runtime.device)
     lora = prepare_student(student, cfg)
+    if is_remote(cfg.teacher):
+        return _with_served_teacher(cfg, student, tokenizer, lora)
     if not cfg.teacher:
         cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, None)
         if why:
@@ -159,6 +172,41 @@ def load_models(cfg: Any, runtime: Runtime) -> Models:
     teacher.requires_grad_(False)
     student.eval()
     return Models(student, teacher, tokenizer, compat, cap, why, lora)
+
+
+def _with_served_teacher(cfg: Any, student: torch.nn.Module, tokenizer: Any, lora: Any) -> Models:
+    """:func:`load_models` for ``teacher=http://...``: the scoring client in place of a teacher model,
+    scoring at the ids the student's tokenizer can produce (the fingerprints match, so they are the
+    teacher's too)."""
+    from opd.remote.client import RemoteTeacher
+
+    vocab_limit = tokenizer_vocab_size(tokenizer)
+    head = student.get_output_embeddings()
+    if head is not None:
+        vocab_limit = min(vocab_limit, int(head.weight.shape[0]))
+    teacher = RemoteTeacher(
+        cfg.teacher,
+        tokenizer,
+        temperature=getattr(cfg, "teacher_temperature", 1.0),
+        chunk_size=getattr(cfg, "score_chunk_size", 256),
+        vocab_limit=vocab_limit,
+        timeout=getattr(cfg, "teacher_timeout", 60.0),
+        retries=getattr(cfg, "teacher_retries", 3),
+    )
+    info = teacher.info
+    log.info(
+        "served teacher %s: %s (%s on %s, %d parameters)",
+        cfg.teacher,
+        info.get("model"),
+        info.get("dtype"),
+        info.get("device"),
+        teacher.num_parameters,
+    )
+    cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, teacher)
+    if why:
+        log.info("max_prompt_tokens=%d (%s)", cap, why)
+    student.eval()
+    return Models(student, teacher, tokenizer, CompatReport(vocab_limit), cap, why, lora)
 
 
 def prepare_student(student: torch.nn.Module, cfg: Any) -> Any:

@@ -62,6 +62,7 @@ from opd.methods.common import (
 from opd.methods.opd_scoring import ScoredBatch, apply_gradients, can_fuse, fused_update, score_batch
 from opd.metrics import mechanism_metrics
 from opd.precision import compute_context
+from opd.remote.client import RemoteTeacher
 from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed, relay_responses
 from opd.rundir import RunInterrupted, StopSignals
 from opd.runtime import Runtime
@@ -197,7 +198,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     if runtime.is_main:
         log.info("%s", runtime.describe())
 
-    models = load_models(cfg, runtime)
+    models = load_models(cfg, runtime, served_teacher=True)
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
     prompts, eval_set = load_prompt_sets(cfg, models)
     sampler = PromptSampler(prompts, seed=cfg.seed)
@@ -216,15 +217,22 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         vocab_limit=vocab_limit,
         compute_dtype=cfg.student_dtype,
     )
-    teacher_scorer = PolicyScorer(
-        models.teacher,
-        temperature=cfg.teacher_temperature,
-        chunk_size=cfg.score_chunk_size,
-        vocab_limit=vocab_limit,
+    # a served teacher (teacher=http://...) is its own scorer: the same call, over HTTP (opd.remote)
+    served = isinstance(models.teacher, RemoteTeacher)
+    teacher_scorer = (
+        models.teacher
+        if served
+        else PolicyScorer(
+            models.teacher,
+            temperature=cfg.teacher_temperature,
+            chunk_size=cfg.score_chunk_size,
+            vocab_limit=vocab_limit,
+        )
     )
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
+    n_teacher = models.teacher.num_parameters if served else count_parameters(models.teacher)
+    cost = CostMeter(count_parameters(student), n_teacher)
     metrics_log = (
         MetricsLogger(
             out_dir / "metrics.jsonl", backends=tracking_backends(cfg.report_to), config=to_dict(cfg)
