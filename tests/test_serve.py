@@ -378,6 +378,9 @@ def test_training_refuses_what_a_served_teacher_cannot_do(tiny_pair, tmp_path):
     cfg = KDConfig(student=str(tiny_pair[0]), teacher="http://127.0.0.1:9", prompts=str(tiny_pair[2]))
     with pytest.raises(ConfigError, match="served teacher works with opd train"):
         load_models(cfg, Runtime.from_config(cfg))
+    # every other place a model is loaded (diagnose, eval, compare): one line, not a hub lookup
+    with pytest.raises(ValueError, match="is a URL: a served teacher .* works as `opd train teacher="):
+        load_tokenizer("http://127.0.0.1:9")
 
 
 def test_serve_teacher_names_the_extra_when_it_is_missing(monkeypatch, capsys):
@@ -388,3 +391,67 @@ def test_serve_teacher_names_the_extra_when_it_is_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
     assert main(["serve-teacher", "--model", "lab:teacher-b-plus", "--port", "1"]) == 2
     assert "pip install 'opd[serve]'" in capsys.readouterr().err
+
+
+@pytest.mark.smoke
+def test_cli_serve_teacher_and_train_against_it_then_a_clear_error_once_it_is_killed(tiny_pair, tmp_path):
+    """The real commands: `opd serve-teacher` in its own process (with a token), `opd train
+    teacher=http://...` learns through it; killed, the next run stops with one line naming the URL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from opd.cli import main
+
+    student, teacher, prompts = tiny_pair
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OPD_TEACHER_TOKEN": "tok-123"}
+    cmd = [sys.executable, "-m", "opd.cli", "serve-teacher", "--model", str(teacher), "--port", str(port)]
+    server = subprocess.Popen(cmd + ["--device", "cpu"], env=env, stderr=subprocess.PIPE)
+    args = [
+        "train",
+        f"student={student}",
+        f"teacher={url}",
+        f"prompts={prompts}",
+        f"output_dir={tmp_path / 'run'}",
+        "steps=1",
+        "prompts_per_step=2",
+        "rollouts_per_prompt=2",
+        "max_new_tokens=4",
+        "progress=false",
+        "alerts=false",
+        "teacher_timeout=5",
+        "teacher_retries=1",
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the server answers
+            try:
+                r = _post(f"{url}/score", content=b"")
+                if r.status_code == 401:  # up, and it wants the token
+                    break
+            except Exception:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[
+                -2000:
+            ]
+            time.sleep(0.2)
+        os.environ["OPD_TEACHER_TOKEN"] = "tok-123"
+        try:
+            assert main(args) == 0
+            assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+            server.send_signal(signal.SIGKILL)
+            server.wait(timeout=30)
+            t0 = time.perf_counter()
+            assert main(args + ["overwrite=true"]) == 1
+            assert time.perf_counter() - t0 < 30
+        finally:
+            os.environ.pop("OPD_TEACHER_TOKEN", None)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)

@@ -376,6 +376,11 @@ def _resolve_source(
 ) -> tuple[str, str | None, bool]:
     """-> (directory or hub id, gguf file name or None, is_local)."""
     name = os.fspath(name_or_path)
+    if name.lower().startswith(("http://", "https://")):
+        raise ValueError(
+            f"{what} {name!r} is a URL: a served teacher (opd serve-teacher, docs/serve.md) works as "
+            "`opd train teacher=http://host:port` only; here give a local directory, .gguf file, hub id or lab:<name>"
+        )
     lab = resolve_lab(name, kind="model")
     if isinstance(lab, LabModel):
         return _resolve_source(lab.require_built(), gguf_file, what=what)
