@@ -13,7 +13,10 @@ The batch: ``--batch`` rows of ``--prompt`` random prompt tokens + ``--response`
 (scoring cost does not depend on the token values), ``--micro-batch`` rows per call. Each figure is the
 median of ``--repeats`` timed passes over the batch after one untimed warm-up pass; the served scores are
 checked against the local ones (max |Δ| printed). Local and server share this machine's cores, one at a
-time (the client waits while the server scores).
+time (the client waits while the server scores). The server reports its own scoring time per request
+(``X-OPD-Score-Seconds``), so the served time splits into the model's scoring and the rest — HTTP,
+encoding and decoding, request checks: the transport overhead, which does not depend on how fast the
+two processes happen to compute on a shared machine.
 
 Usage: python benchmarks/served_teacher.py [--model lab:teacher-b-plus] [--dtype float32] [--batch 16]
        [--micro-batch 8] [--prompt 32] [--response 96] [--top-k 16] [--repeats 5] [--threads 2]
@@ -124,14 +127,17 @@ def main() -> None:
                         f"the server did not start:\n{proc.stderr.read().decode()[-2000:]}"
                     ) from None
                 time.sleep(0.5)
-        times = {"local": [], "served": []}
+        times = {"local": [], "served": [], "server": []}
         outs = {}
         for teacher in (local, client):
             one_pass(teacher, batch, given, args.micro_batch, args.top_k)  # warm-up
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
             for name, teacher in (("local", local), ("served", client)):
+                before = client.server_seconds
                 sec, outs[name] = one_pass(teacher, batch, given, args.micro_batch, args.top_k)
                 times[name].append(sec)
+                if name == "served":
+                    times["server"].append(client.server_seconds - before)
         diff = max(
             float((getattr(a, f) - getattr(b, f)).abs().max())
             for a, b in zip(outs["local"], outs["served"])
@@ -158,19 +164,26 @@ def main() -> None:
         proc.wait(timeout=30)
 
     t_local, t_served = statistics.median(times["local"]), statistics.median(times["served"])
+    transport = statistics.median(a - b for a, b in zip(times["served"], times["server"]))
     params = sum(p.numel() for p in model.parameters())
     print(
         f"model {args.model} ({params / 1e6:.2f}M parameters, V={V}, {args.dtype}), batch {args.batch} x "
         f"({args.prompt} prompt + {args.response} response), micro-batch {args.micro_batch}, top-k {args.top_k}, "
         f"{args.threads} threads, median of {args.repeats}"
     )
-    print(f"{'':>8} {'s/batch':>9} {'us/token':>9}")
-    for name, t in (("local", t_local), ("served", t_served)):
-        print(f"{name:>8} {t:9.4f} {1e6 * t / n_tokens:9.1f}")
+    print(f"{'':>32} {'s/batch':>9} {'us/token':>9}")
+    rows = (
+        ("local (in this process)", t_local),
+        ("served (client wall clock)", t_served),
+        ("  of which the server's scoring", statistics.median(times["server"])),
+        ("  of which transport + coding", transport),
+    )
+    for name, t in rows:
+        print(f"{name:>32} {t:9.4f} {1e6 * t / n_tokens:9.1f}")
     print(
-        f"served/local {t_served / t_local:.2f}x; overhead {1e6 * (t_served - t_local) / n_tokens:.1f} us per "
-        f"scored token; wire per scored token: request {len(req) / mb_tokens:.0f} B, reply "
-        f"{len(reply.content) / mb_tokens:.0f} B; max |served - local| = {diff:.2e}"
+        f"served/local {t_served / t_local:.2f}x; transport + coding {1e6 * transport / n_tokens:.1f} us per scored "
+        f"token ({transport / t_served:.0%} of the served time); wire per scored token: request "
+        f"{len(req) / mb_tokens:.0f} B, reply {len(reply.content) / mb_tokens:.0f} B; max |served - local| = {diff:.2e}"
     )
 
 

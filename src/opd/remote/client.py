@@ -35,6 +35,7 @@ from opd.remote.protocol import (
     MEDIA_TYPE,
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
+    SECONDS_HEADER,
     decode_response,
     encode_request,
     tokenizer_fingerprint,
@@ -112,6 +113,8 @@ class RemoteTeacher:
         self.vocab_limit = int(vocab_limit) if vocab_limit is not None else int(self.info["vocab_size"])
         self.config = SimpleNamespace(max_position_embeddings=self.info.get("context_length"))
         self.num_parameters = int(self.info.get("parameters", 0))
+        self.server_seconds = 0.0
+        """Sum of the server's own scoring time over this client's requests (``X-OPD-Score-Seconds``)."""
 
     def __repr__(self) -> str:
         return f"RemoteTeacher({self.url!r}, model={self.info.get('model')!r})"
@@ -142,6 +145,7 @@ class RemoteTeacher:
             chunk_size=self.chunk_size,
         )
         reply = self._request("POST", "/score", content=body, headers={"Content-Type": MEDIA_TYPE})
+        self.server_seconds += float(reply.headers.get(SECONDS_HEADER, 0.0))
         return decode_response(reply.content, response_mask_B_T, input_ids_B_T.device)
 
     def _request(self, method: str, path: str, **kw: Any):

@@ -44,6 +44,7 @@ from opd.scoring import ScoreOutput
 PROTOCOL_VERSION = 1
 FINGERPRINT_HEADER = "X-OPD-Tokenizer"
 PROTOCOL_HEADER = "X-OPD-Protocol"
+SECONDS_HEADER = "X-OPD-Score-Seconds"
 MEDIA_TYPE = "application/octet-stream"
 MAX_TOP_K = 1024
 """The largest ``top_k`` / given-ids width a server answers (the reply is N × K numbers)."""

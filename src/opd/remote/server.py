@@ -17,6 +17,9 @@ device, parameter count, context length, request limits) and ``POST /score`` (th
   read, and the read stops at the limit);
 - 400 for a body that breaks the protocol (shapes, dtypes, id ranges).
 
+A scoring reply carries ``X-OPD-Score-Seconds``: the model's own scoring time, so a client can tell
+compute from transport (``benchmarks/served_teacher.py``).
+
 Scoring runs one request at a time (a lock around the model), in a worker thread, under
 ``torch.no_grad()``. Security: bind to 127.0.0.1 by default; use a token (``--token`` or the
 ``OPD_TEACHER_TOKEN`` environment variable, which keeps it out of the process list) and a TLS-terminating
@@ -27,6 +30,7 @@ loads the model with ``trust_remote_code`` off.
 import hmac
 import logging
 import threading
+import time
 from typing import Any
 
 import torch
@@ -37,6 +41,7 @@ from opd.remote.protocol import (
     MEDIA_TYPE,
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
+    SECONDS_HEADER,
     decode_request,
     encode_response,
     tokenizer_fingerprint,
@@ -99,11 +104,13 @@ class TeacherService:
             "max_tokens": self.max_tokens,
         }
 
-    def score(self, body: bytes) -> bytes:
-        """One request body → its response body (raises :class:`opd.remote.protocol.ProtocolError`)."""
+    def score(self, body: bytes) -> tuple[bytes, float]:
+        """One request body → its response body and the seconds the model's scoring took (the
+        ``X-OPD-Score-Seconds`` header; raises :class:`opd.remote.protocol.ProtocolError`)."""
         req = decode_request(body, vocab_size=self.vocab_size, max_tokens=self.max_tokens)
         dev = next(self.model.parameters()).device
         with self._lock, torch.no_grad():
+            t0 = time.perf_counter()
             out = score(
                 self.model,
                 req.input_ids_B_T.to(dev),
@@ -116,7 +123,10 @@ class TeacherService:
                 chunk_size=req.chunk_size,
                 vocab_limit=req.vocab_limit,
             )
-        return encode_response(out, req.response_mask_B_T)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            seconds = time.perf_counter() - t0
+        return encode_response(out, req.response_mask_B_T), seconds
 
 
 def _require_fastapi():
@@ -191,10 +201,10 @@ def create_app(service: TeacherService, *, token: str | None = None):
             if len(body) > limit:
                 return error(413, too_big)
         try:
-            reply = await run_in_threadpool(service.score, bytes(body))
+            reply, seconds = await run_in_threadpool(service.score, bytes(body))
         except ProtocolError as e:
             return error(400, str(e))
-        return Response(content=reply, media_type=MEDIA_TYPE)
+        return Response(content=reply, media_type=MEDIA_TYPE, headers={SECONDS_HEADER: f"{seconds:.6f}"})
 
     return app
 
