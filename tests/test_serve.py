@@ -326,6 +326,8 @@ def test_a_tokenizer_mismatch_is_refused_before_scoring(lab, lab_server, tiny_pa
     headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION), FINGERPRINT_HEADER: tokenizer_fingerprint(other)}
     r = _post(f"{lab_server.url}/score", content=body, headers=headers)
     assert r.status_code == 409 and "tokenizer fingerprint mismatch" in r.json()["detail"]
+    r = _post(f"{lab_server.url}/score", content=body, headers={**headers, PROTOCOL_HEADER: "0"})
+    assert r.status_code == 426 and "install the same opd version" in r.json()["detail"]
 
 
 def test_oversized_and_malformed_requests_get_413_and_400(lab, tiny_pair, tmp_path):
