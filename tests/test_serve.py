@@ -337,6 +337,9 @@ def test_oversized_and_malformed_requests_get_413_and_400(lab, tiny_pair, tmp_pa
     try:
         r = _post(f"{served.url}/score", content=b"\0" * 4096, headers=headers)
         assert r.status_code == 413 and "--max-request-mb" in r.json()["detail"]
+        chunks = iter([b"\0" * 1500] * 3)  # no declared length (chunked): the read stops at the limit
+        r = _post(f"{served.url}/score", content=chunks, headers=headers)
+        assert r.status_code == 413
         r = _post(f"{served.url}/score", content=b"not safetensors", headers=headers)
         assert r.status_code == 400 and "safetensors" in r.json()["detail"]
         big = torch.full((2, 4), 10**6)
