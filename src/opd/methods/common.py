@@ -202,6 +202,17 @@ def _with_served_teacher(cfg: Any, student: torch.nn.Module, tokenizer: Any, lor
         info.get("device"),
         teacher.num_parameters,
     )
+    for key, served in (("teacher_dtype", info.get("dtype")), ("teacher_device", info.get("device"))):
+        value = getattr(cfg, key, "")
+        if value and served and not str(served).startswith(value):
+            log.warning(
+                "%s=%s does not apply to a served teacher: it scores in %s on %s (opd serve-teacher's "
+                "--dtype / --device)",
+                key,
+                value,
+                info.get("dtype"),
+                info.get("device"),
+            )
     cap, why = prompt_token_cap(cfg.max_prompt_tokens, cfg.max_new_tokens, student, teacher)
     if why:
         log.info("max_prompt_tokens=%d (%s)", cap, why)
