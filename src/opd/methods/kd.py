@@ -42,10 +42,7 @@ from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.errors import ConfigError
 from opd.methods.common import (
-    budget_spent,
-    evaluate_during_training,
-    finish_completed,
-    finish_interrupted,
+    StepEnd,
     load_models,
     load_prompt_sets,
     make_optimizer,
@@ -277,16 +274,9 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     metrics_log.truncate_after(start_step)
     write_config(out_dir, cfg)
 
-    if eval_set is not None and start_step == 0:  # the starting point of the accuracy curve
-        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
-    history: list[dict[str, Any]] = []
-    run_t0 = time.perf_counter()
-    stopped_by_budget = None
     bar = progress(total=cfg.steps, initial=start_step, desc="kd", enabled=cfg.progress, unit="step")
-    interrupted = None
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
 
-    def checkpoint(step: int) -> Path:
+    def save(step: int) -> Path:
         return save_checkpoint(
             out_dir,
             step,
@@ -302,7 +292,23 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             },
         )
 
-    step = start_step
+    ends = StepEnd(
+        cfg,
+        runtime,
+        "kd",
+        out_dir,
+        student,
+        tokenizer,
+        eval_set,
+        metrics_log,
+        bar,
+        cost,
+        stop,
+        save,
+        postfix=lambda row: dict(kl=f"{row['kl/forward']:.4f}"),
+    )
+    ends.log_start(start_step)  # the starting point of the accuracy curve
+    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
         batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]
@@ -340,53 +346,11 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             **cost.row(),
             "memory/peak_mb": peak_memory_mb(runtime.device),
         }
-        # also at the step that spends the budget: an equal-budget curve ends at the final model
-        if eval_set is not None and (
-            step % cfg.eval_every == 0 or step == cfg.steps or budget_spent(cfg, cost)
-        ):
-            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
-        metrics_log.log(row)
-        history.append(row)
-        bar.set_postfix(kl=f"{row['kl/forward']:.4f}")
-        bar.update(1)
-        saved = None
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            saved = checkpoint(step)
-        if stop.requested and step < cfg.steps:
-            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
-            bar.write(
-                f"[kd] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
-            )
+        if ends.end_of_step(step, row):
             break
-        if budget_spent(cfg, cost):
-            stopped_by_budget = step
-            bar.write(f"[kd] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
-            break
-    bar.close()
-    metrics_log.close()
-    loop_time = time.perf_counter() - run_t0
-    if interrupted is not None:
-        finish_interrupted(
-            out_dir,
-            interrupted["signal"],
-            interrupted["checkpoint"],
-            steps_done=step,
-            skipped_steps=skipped_total,
-            loop_time=loop_time,
-            history=history,
-        )
-    return finish_completed(
-        out_dir,
-        student,
-        tokenizer,
-        steps_done=history[-1]["step"] if history else start_step,
+    return ends.finish(
+        start_step=start_step,
         skipped_steps=skipped_total,
-        loop_time=loop_time,
-        run_t0=run_t0,
-        stopped_by_alert=None,
-        history=history,
-        cost=cost,
-        stopped_by_budget=stopped_by_budget,
         lora=models.lora,
         extra={
             "sequences": {
