@@ -1,8 +1,11 @@
 """The frame every training method shares — not a base class: plain functions a method's ``train``
 calls in the order it reads best (STYLE.md §7: duplication over abstraction in the loop itself).
 
-- :func:`open_run` — check and lock the run directory (:mod:`opd.rundir`), arm the stop signals;
-- :func:`seed_everything`, :func:`make_optimizer`, :func:`make_scheduler`;
+- :func:`run_processes` — the devices (and, under ``torchrun`` / ``accelerate launch``, the process
+  group), then the run body on every process, rank 0 holding the locked run directory (:func:`open_run`:
+  check and lock it, arm the stop signals);
+- :func:`seed_everything`, :func:`make_optimizer`, :func:`make_scheduler`, :func:`clip_and_step` (the
+  gradients summed over the processes, clipped, applied);
 - :func:`load_models` — student + teacher on the :class:`opd.runtime.Runtime`'s devices, tokenizer
   compatibility checked first, the prompt-length cap both contexts allow;
 - :func:`load_prompt_sets` — training and evaluation prompts with the length cap (drops are logged);
@@ -71,6 +74,33 @@ def open_run(cfg: Any) -> Iterator[tuple[RunDir, StopSignals]]:
         yield run, stop
 
 
+def run_processes(
+    cfg: Any, body: Callable[[Any, Runtime, RunDir | None, StopSignals], dict], *, per_step: tuple[str, int]
+) -> dict[str, Any]:
+    """Resolve the devices (:meth:`Runtime.from_config`: under ``torchrun`` / ``accelerate launch`` it joins
+    the process group), check that each process gets a share of a step's batch (``per_step``: the key
+    and value of the global batch size), then run ``body(cfg, runtime, run, stop)`` on every process:
+    on rank 0 inside the locked run directory (:func:`open_run`), on the others once rank 0 holds it
+    (``run`` is None there). The process group is left at the end."""
+    runtime = Runtime.from_config(cfg)
+    try:
+        key, size = per_step
+        if runtime.world_size > size:
+            raise ConfigError(
+                f"{key}={size} with {runtime.world_size} processes: each process needs at least one item of "
+                f"a step's batch; set {key} >= {runtime.world_size}"
+            )
+        if runtime.is_main:  # rank 0 checks and locks the run directory; the others wait for it
+            with open_run(cfg) as (run, stop):
+                runtime.barrier()
+                return body(cfg, runtime, run, stop)
+        runtime.barrier()
+        with StopSignals() as stop:
+            return body(cfg, runtime, None, stop)
+    finally:
+        runtime.close()
+
+
 def write_config(out_dir: Path, cfg: Any) -> None:
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
@@ -88,6 +118,26 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (``lr``, ``adam_betas``, ``weight_decay``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+
+
+def clip_and_step(
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    runtime: Runtime | None = None,
+) -> tuple[float, int]:
+    """Sum the accumulated gradients over the processes (one all-reduce; a no-op in one process), clip
+    their norm to ``grad_clip`` (0 = no clipping) and step; a non-finite norm skips the step. Returns
+    (grad norm, 1 if skipped else 0)."""
+    if runtime is not None:
+        runtime.all_reduce_grads(params)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        log.warning("non-finite gradient norm (%s): update skipped", norm)
+        return norm, 1
+    optimizer.step()
+    return norm, 0
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> torch.optim.lr_scheduler.LambdaLR:

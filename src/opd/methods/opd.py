@@ -43,7 +43,6 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import OPDConfig, tracking_backends
 from opd.config_io import to_dict
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.errors import ConfigError
 from opd.methods.common import (
     StepEnd,
     load_models,
@@ -52,7 +51,7 @@ from opd.methods.common import (
     make_optimizer,
     make_scheduler,
     masked_mean,
-    open_run,
+    run_processes,
     seed_everything,
     write_config,
 )
@@ -60,7 +59,6 @@ from opd.methods.opd_scoring import ScoredBatch, apply_gradients, can_fuse, fuse
 from opd.metrics import mechanism_metrics
 from opd.precision import compute_context
 from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed, relay_responses
-from opd.rundir import StopSignals
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
@@ -168,22 +166,7 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     written and :class:`opd.rundir.RunInterrupted` is raised; ``resume=true`` continues exactly.
     """
     cfg.check_runnable()
-    runtime = Runtime.from_config(cfg)
-    try:
-        if runtime.world_size > cfg.prompts_per_step:
-            raise ConfigError(
-                f"prompts_per_step={cfg.prompts_per_step} with {runtime.world_size} processes: each process "
-                f"needs at least one prompt per step; set prompts_per_step >= {runtime.world_size}"
-            )
-        if runtime.is_main:  # rank 0 checks and locks the run directory; the others wait for it
-            with open_run(cfg) as (run, stop):
-                runtime.barrier()
-                return _train(cfg, runtime, run, stop)
-        runtime.barrier()
-        with StopSignals() as stop:
-            return _train(cfg, runtime, None, stop)
-    finally:
-        runtime.close()
+    return run_processes(cfg, _train, per_step=("prompts_per_step", cfg.prompts_per_step))
 
 
 def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
