@@ -17,11 +17,14 @@ Multi-process data parallel. Under ``torchrun`` (or ``accelerate launch``, which
 ``cuda``). The collective helpers below are what a method needs for data parallelism: gradients summed
 across processes once per optimiser step (:meth:`Runtime.all_reduce_grads`, the reduction DDP performs,
 after local gradient accumulation), global counts (:meth:`Runtime.sum`), and one metrics row agreed by
-all processes (:meth:`Runtime.reduce_row`). In one process they are no-ops. FSDP is not supported yet.
+all processes (:meth:`Runtime.reduce_row`), and Python values exchanged as JSON (:meth:`Runtime.gather_json`,
+no pickling). In one process they are no-ops. Every method (``opd train``, ``sft``, ``kd``, ``gkd``,
+``grpo``, ``coldstart``) runs through them; FSDP is not wired in (docs/scaling.md says why).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -75,6 +78,9 @@ class Runtime:
     """This process's rank (0 in a single-process run)."""
     world_size: int = 1
     """Number of data-parallel processes."""
+    owns_group: bool = False
+    """Whether this runtime joined the process group (and so leaves it in :meth:`close`); a run inside
+    another (``opd coldstart``'s stages) shares its group."""
 
     @property
     def is_main(self) -> bool:
@@ -84,7 +90,15 @@ class Runtime:
     @classmethod
     def from_config(cls, cfg) -> Runtime:
         """Resolve ``cfg.device`` and ``cfg.teacher_device`` (empty = the student's device); under a
-        multi-process launcher (``WORLD_SIZE`` > 1) join the process group first."""
+        multi-process launcher (``WORLD_SIZE`` > 1) join the process group first. An ``accelerate launch``
+        configured for FSDP or DeepSpeed is refused: opd does not shard the student (docs/scaling.md)."""
+        for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+            if os.environ.get(var, "").lower() in ("1", "true"):
+                raise ConfigError(
+                    f"accelerate launch with a {what} config ({var}={os.environ[var]}): opd trains data parallel "
+                    "with a full student copy per process and does not shard it; launch with a MULTI_GPU "
+                    "config (distributed_type: MULTI_GPU) or torchrun"
+                )
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             device = resolve_device(cfg.device, "device")
@@ -100,9 +114,10 @@ class Runtime:
                 f"teacher_device={cfg.teacher_device!r} with {world_size} processes: each process keeps its "
                 "teacher on its own device; leave teacher_device empty"
             )
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(device=device, teacher_device=device, rank=rank, world_size=world_size)
+        return cls(device=device, teacher_device=device, rank=rank, world_size=world_size, owns_group=owns)
 
     def describe(self) -> str:
         """One line for the log: where the student and the teacher run."""
@@ -193,13 +208,30 @@ class Runtime:
             out[k] = int(value) if isinstance(row[k], int) and k in sums | maxima else float(value)
         return out
 
+    def gather_json(self, value: Any) -> list[Any]:
+        """Every process's ``value`` (anything ``json.dumps`` takes), in rank order, on every process:
+        sent as UTF-8 bytes in a tensor, so nothing is unpickled."""
+        if self.world_size == 1:
+            return [value]
+        data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=self._comm_device)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=self._comm_device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = int(max(int(s) for s in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8, device=self._comm_device)
+        padded[: data.numel()] = data
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return [json.loads(bytes(p[: int(n)].tolist()).decode()) for p, n in zip(parts, sizes)]
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group (multi-process runs; no barrier, so a failed process does not wait)."""
-        if self.world_size > 1 and dist.is_initialized():
+        """Leave the process group if this runtime joined it (no barrier, so a failed process does not
+        wait)."""
+        if self.world_size > 1 and self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     @property

@@ -23,6 +23,10 @@ A compute budget (``budget_unit`` / ``budget``) is for both stages together: sta
 budget, stage 2 under what stage 1 left (it is skipped if nothing is left; the final model is then
 stage 1's).
 
+Several processes (``torchrun`` / ``accelerate launch``): the run joins the process group once and both
+stages run data parallel in it (each as its method does, :mod:`opd.runtime`); rank 0 locks and writes
+``output_dir``, the others read each stage's summary back from it.
+
 What this file deliberately leaves out: a teacher for stage 1 other than the OPD teacher, a second
 tokenizer, embedding-based (near-duplicate) prompt deduplication, and mixing SFT data into OPD steps.
 """
@@ -44,6 +48,7 @@ from opd.methods import opd as opd_method
 from opd.methods import sft as sft_method
 from opd.methods.sft import TEACHER_DATA, SFTConfig
 from opd.rundir import RunInterrupted, locked_run_dir, prepare_train_dir
+from opd.runtime import Runtime
 
 log = logging.getLogger("opd")
 
@@ -198,19 +203,44 @@ def train(cfg: ColdstartConfig) -> dict[str, Any]:
     root = Path(cfg.output_dir)
     inputs = {"student": cfg.student, "teacher": cfg.teacher}
     data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}
+    runtime = Runtime.from_config(cfg)  # the process group both stages share (several processes)
     try:
-        return _train(cfg, root, inputs, data)
+        if runtime.is_main:
+            return _train(cfg, root, inputs, data, runtime)
+        return _follow(cfg, root, runtime)
     except RunInterrupted as e:  # name the coldstart's directory in "continue with resume=true ..."
         raise RunInterrupted(
             e.signal_name, {**e.summary, "output_dir": str(root)} if e.summary else None
         ) from None
+    finally:
+        runtime.close()
 
 
-def _train(cfg: ColdstartConfig, root: Path, inputs: dict[str, str], data: dict[str, str]) -> dict[str, Any]:
+def _follow(cfg: ColdstartConfig, root: Path, runtime: Runtime) -> dict[str, Any]:
+    """A process other than rank 0: the same stages, once rank 0 has prepared ``output_dir``; each
+    stage's outcome is read from the summary its rank 0 wrote."""
+    runtime.barrier()  # rank 0 holds and has prepared the directory
+    limited = cfg.budget_unit != "none"
+    sft_summary = _finished_summary(root / SFT_DIR) if cfg.resume else None
+    if sft_summary is None:
+        sft_method.train(sft_config(cfg, cfg.budget if limited else None))
+        sft_summary = json.loads((root / SFT_DIR / "summary.json").read_text())
+    left = cfg.budget - _spent(sft_summary["cost"], cfg.budget_unit) if limited else None
+    steps_done = 0
+    if left is None or left > 0:
+        steps_done = opd_method.train(opd_config(cfg, left))["steps_done"]
+    runtime.barrier()  # rank 0 has written the summary
+    return {"rank": runtime.rank, "steps_done": steps_done}
+
+
+def _train(
+    cfg: ColdstartConfig, root: Path, inputs: dict[str, str], data: dict[str, str], runtime: Runtime
+) -> dict[str, Any]:
     with locked_run_dir(root, models=inputs, data=data) as run:
         prepare_train_dir(
             run, to_dict(cfg), to_dict(ColdstartConfig()), resume=cfg.resume, overwrite=cfg.overwrite
         )
+        runtime.barrier()  # the other processes follow (:func:`_follow`)
         limited = cfg.budget_unit != "none"
 
         # ---- stage 1: cold start
@@ -251,6 +281,7 @@ def _train(cfg: ColdstartConfig, root: Path, inputs: dict[str, str], data: dict[
             "stages": summaries,
         }
         (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    runtime.barrier()
     return summary
 
 

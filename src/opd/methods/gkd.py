@@ -33,6 +33,12 @@ Each step:
      ``backend.sync_weights``;
   3. log the step (metrics.jsonl), checkpoint atomically every ``save_every`` steps.
 
+Several processes (``torchrun`` / ``accelerate launch``, :mod:`opd.runtime`): every process draws the
+same prompts and the same λ coin, builds the responses of its contiguous share of the prompts, and the
+divergence is divided by the global token (or row) count with the gradients summed across processes once
+per step; with ``rollout_seeding=per_prompt`` the sampled responses do not depend on the number of
+processes, so N processes make the update of one.
+
 The draw of step s is ``random.Random(f"opd-gkd:{seed}:{s}")``, so a resumed run mixes exactly as the
 uninterrupted one. A fixed response is tokenised without special tokens and ends with the end-of-turn
 token (``<|im_end|>`` etc., or EOS without one); a longer one is cut at ``max_new_tokens`` (flagged
@@ -42,7 +48,6 @@ truncated).
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -60,24 +65,29 @@ from opd.data import PromptSet
 from opd.datafiles import read_rows
 from opd.errors import ConfigError
 from opd.methods.common import (
-    budget_spent,
-    evaluate_during_training,
-    finish_completed,
-    finish_interrupted,
+    StepEnd,
+    clip_and_step,
     load_models,
     load_prompt_sets,
     make_optimizer,
     make_scheduler,
-    open_run,
+    run_processes,
     seed_everything,
     write_config,
 )
 from opd.precision import compute_context
-from opd.rollout import END_OF_TURN_TOKENS, RolloutBackend, RolloutBatch, fixed_batch, make_backend
+from opd.rollout import (
+    END_OF_TURN_TOKENS,
+    RolloutBackend,
+    RolloutBatch,
+    fixed_batch,
+    make_backend,
+    prompt_seed,
+)
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
-from opd.tracking import MetricsLogger, progress
+from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 log = logging.getLogger("opd")
 
@@ -210,22 +220,34 @@ def generalized_jsd(beta: float):
     return divergence
 
 
-def update(student: PolicyScorer, teacher: PolicyScorer, batch: RolloutBatch, optimizer, cfg: GKDConfig):
+def update(
+    student: PolicyScorer,
+    teacher: PolicyScorer,
+    batch: RolloutBatch,
+    optimizer,
+    cfg: GKDConfig,
+    runtime: Runtime | None = None,
+):
     """One optimiser step on the aggregated JSD_β of the batch (streamed per micro-batch and position
-    chunk). Returns (loss, grad_norm, skipped)."""
+    chunk). Returns (loss, grad_norm, skipped). With several processes (``runtime``) the loss is divided
+    by the global token (or row) count and the gradients are summed across processes before clipping;
+    ``loss`` is then this process's share of the global loss."""
     mask_all = batch.response_mask_B_T
+    total = obj.loss_denominator(mask_all, cfg.loss_aggregation)
+    if runtime is not None:
+        total = runtime.sum({"n": total})["n"]
     B = batch.input_ids_B_T.shape[0]
     divergence = generalized_jsd(cfg.beta)
     params = [p for p in student.parameters() if p.requires_grad]
     student.train()
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    loss_sum = 0.0
     for lo in range(0, B, cfg.micro_batch_size):
         sl = slice(lo, lo + cfg.micro_batch_size)
         mb, mask = batch.select(sl), mask_all[sl]
         if mask.sum() == 0:
             continue
-        w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
+        w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
         div_B_T = student(
             mb.input_ids_B_T,
             mb.attention_mask_B_T,
@@ -236,18 +258,10 @@ def update(student: PolicyScorer, teacher: PolicyScorer, batch: RolloutBatch, op
         )
         loss = obj.aggregate(div_B_T, mask, cfg.loss_aggregation)
         (loss * w).backward()
-        total += float(loss.detach()) * w
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    skipped = 0
-    if not math.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        skipped = 1
-        log.warning("non-finite gradient norm (%s): update skipped", norm)
-    else:
-        optimizer.step()
+        loss_sum += float(loss.detach()) * w
+    norm, skipped = clip_and_step(params, optimizer, cfg.grad_clip, runtime)
     student.eval()
-    return total, norm, skipped
+    return loss_sum, norm, skipped
 
 
 # --------------------------------------------------------------------------- the training run
@@ -260,9 +274,7 @@ def train(cfg: GKDConfig) -> dict[str, Any]:
     stop at the next step boundary with a checkpoint; ``resume=true`` continues exactly.
     """
     cfg.check_runnable()
-    runtime = Runtime.from_config(cfg)
-    with open_run(cfg) as (run, stop):
-        return _train(cfg, runtime, run, stop)
+    return run_processes(cfg, _train, per_step=("prompts_per_step", cfg.prompts_per_step))
 
 
 def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
@@ -270,7 +282,8 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-    log.info("%s", runtime.describe())
+    if runtime.is_main:
+        log.info("%s", runtime.describe())
 
     models = load_models(cfg, runtime)
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
@@ -308,7 +321,7 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
+    metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
     start_step, skipped_total = 0, 0
     if cfg.resume:
@@ -322,20 +335,18 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             sampler.load_state_dict(state["sampler"])
             cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
-    run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
-    metrics_log.truncate_after(start_step)
-    write_config(out_dir, cfg)
+    if runtime.world_size > 1:  # each process its own sampling stream (after any restored RNG state)
+        seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
+    if run is not None:  # rank 0
+        run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
+        metrics_log.truncate_after(start_step)
+        write_config(out_dir, cfg)
 
-    if eval_set is not None and start_step == 0:
-        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
-    history: list[dict[str, Any]] = []
-    run_t0 = time.perf_counter()
-    stopped_by_budget = None
-    bar = progress(total=cfg.steps, initial=start_step, desc="gkd", enabled=cfg.progress, unit="step")
-    interrupted = None
-    stop.arm()
+    bar = progress(
+        total=cfg.steps, initial=start_step, desc="gkd", enabled=cfg.progress and runtime.is_main, unit="step"
+    )
 
-    def checkpoint(step: int) -> Path:
+    def save(step: int) -> Path:
         return save_checkpoint(
             out_dir,
             step,
@@ -351,6 +362,23 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             },
         )
 
+    ends = StepEnd(
+        cfg,
+        runtime,
+        "gkd",
+        out_dir,
+        student,
+        tokenizer,
+        eval_set,
+        metrics_log,
+        bar,
+        cost,
+        stop,
+        save,
+        postfix=lambda row: dict(loss=f"{row['loss/gkd']:.4f}", on_policy=row["data/on_policy"]),
+    )
+    ends.log_start(start_step)  # the starting point of the accuracy curve
+    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         row = gkd_step(
             student_scorer,
@@ -369,55 +397,9 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         )
         skipped_total += row.pop("_skipped")
         row["skipped_steps"] = skipped_total
-        # also at the step that spends the budget: an equal-budget curve ends at the final model
-        if eval_set is not None and (
-            step % cfg.eval_every == 0 or step == cfg.steps or budget_spent(cfg, cost)
-        ):
-            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
-        metrics_log.log(row)
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss/gkd']:.4f}", on_policy=row["data/on_policy"])
-        bar.update(1)
-        saved = None
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            saved = checkpoint(step)
-        if stop.requested and step < cfg.steps:
-            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
-            bar.write(
-                f"[gkd] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
-            )
+        if ends.end_of_step(step, row):
             break
-        if budget_spent(cfg, cost):
-            stopped_by_budget = step
-            bar.write(f"[gkd] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
-            break
-    bar.close()
-    metrics_log.close()
-    loop_time = time.perf_counter() - run_t0
-    if interrupted is not None:
-        finish_interrupted(
-            out_dir,
-            interrupted["signal"],
-            interrupted["checkpoint"],
-            steps_done=step,
-            skipped_steps=skipped_total,
-            loop_time=loop_time,
-            history=history,
-        )
-    return finish_completed(
-        out_dir,
-        student,
-        tokenizer,
-        steps_done=history[-1]["step"] if history else start_step,
-        skipped_steps=skipped_total,
-        loop_time=loop_time,
-        run_t0=run_t0,
-        stopped_by_alert=None,
-        history=history,
-        cost=cost,
-        stopped_by_budget=stopped_by_budget,
-        lora=models.lora,
-    )
+    return ends.finish(start_step=start_step, skipped_steps=skipped_total, lora=models.lora)
 
 
 def gkd_step(
@@ -437,15 +419,19 @@ def gkd_step(
 ) -> dict[str, Any]:
     """One GKD step (choose the data by λ → batch → one update on JSD_β → weight sync). Returns the row."""
     t_step = time.perf_counter()
-    idx = sampler.next_batch(cfg.prompts_per_step)
-    prompt_ids = [prompts.examples[i].input_ids for i in idx]
+    idx = sampler.next_batch(cfg.prompts_per_step)  # the step's global batch, the same on every process
+    slots = runtime.shard(list(range(len(idx))))  # this process's share
+    prompt_ids = [prompts.examples[idx[j]].input_ids for j in slots]
+    prompt_seeds = (
+        [prompt_seed(cfg.seed, step, j) for j in slots] if cfg.rollout_seeding == "per_prompt" else None
+    )
     on_policy = on_policy_step(cfg.seed, step, cfg.lmbda)
     source = "student" if on_policy else ("teacher" if cfg.seq_kd else "fixed")
     t0 = time.perf_counter()
     if source == "fixed":
         eot = end_of_turn_id(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
-        batch = fixed_batch(prompt_ids, [fixed[i] for i in idx], stop_ids=[eot], pad_id=int(pad))
+        batch = fixed_batch(prompt_ids, [fixed[idx[j]] for j in slots], stop_ids=[eot], pad_id=int(pad))
     else:
         sampler_model = student.model if on_policy else teacher.model
         with compute_context(sampler_model, cfg.student_dtype if on_policy else None):
@@ -457,13 +443,14 @@ def gkd_step(
                 top_p=cfg.top_p,
                 top_k=cfg.sample_top_k,
                 seed=None,
+                prompt_seeds=prompt_seeds,
             )
     batch = batch.to(runtime.device)
     t_data = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
-    loss, grad_norm, skipped = update(student, teacher, batch, optimizer, cfg)
+    loss, grad_norm, skipped = update(student, teacher, batch, optimizer, cfg, runtime)
     scheduler.step()
     backends["student"].sync_weights(student.model)
     t_update = time.perf_counter() - t0
@@ -471,17 +458,18 @@ def gkd_step(
     n_tokens = int(batch.response_mask_B_T.sum())
     seq_tokens = int(batch.attention_mask_B_T.sum())
     generated = int(batch.response_lengths_B.sum())
-    if source == "student":
-        cost.add(student_prefill_tokens=seq_tokens - generated, student_generated_tokens=generated)
-    elif source == "teacher":
-        cost.add(teacher_prefill_tokens=seq_tokens - generated, teacher_generated_tokens=generated)
-    cost.add(
+    spent = dict(
         teacher_forward_tokens=seq_tokens,  # the teacher's no-grad pass inside the streamed divergence
         student_train_tokens=seq_tokens,
         student_loss_tokens=n_tokens,
     )
+    if source == "student":
+        spent.update(student_prefill_tokens=seq_tokens - generated, student_generated_tokens=generated)
+    elif source == "teacher":
+        spent.update(teacher_prefill_tokens=seq_tokens - generated, teacher_generated_tokens=generated)
+    cost.add(**runtime.sum(spent))  # the counts of all processes: the same meter everywhere
     step_time = time.perf_counter() - t_step
-    return {
+    row = {
         "step": step,
         "loss/gkd": loss,
         "data/on_policy": int(on_policy),
@@ -496,3 +484,9 @@ def gkd_step(
         "memory/peak_mb": peak_memory_mb(runtime.device),
         "_skipped": skipped,
     }
+    # per-sequence means weighted by this process's rows; the loss shares add up; the rest is global
+    # (the same on every process) or a maximum (time, memory)
+    per_row = {"response/length_mean", "response/truncated_frac", "time/data", "time/update"}
+    return runtime.reduce_row(
+        row, weight=batch.input_ids_B_T.shape[0], sums={"loss/gkd"}, maxima=set(row) - per_row - {"loss/gkd"}
+    )

@@ -25,6 +25,13 @@ Each step:
      ``−Σ_t A ∇log π_θ(y_t)`` / (number of tokens);
   5. log the step (metrics.jsonl), checkpoint atomically every ``save_every`` steps.
 
+Several processes (``torchrun`` / ``accelerate launch``, :mod:`opd.runtime`): every process draws the
+same prompts and samples, grades and normalises the groups of its contiguous share of them (a group
+never straddles two processes, so its advantages are exactly one process's); the loss is divided by the
+global token (or row) count and the gradients summed across processes once per step. With
+``rollout_seeding=per_prompt`` the rollouts do not depend on the number of processes, so N processes
+make the update of one.
+
 The student is scored at ``temperature`` (the distribution its tokens were drawn from), so the ratio
 is on-policy; top-p / top-k rollouts are refused by the config as in OPD.
 """
@@ -32,7 +39,6 @@ is on-policy; top-p / top-k rollouts are refused by the config as in OPD.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,25 +55,23 @@ from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.errors import ConfigError
 from opd.evaluate import grade_responses
 from opd.methods.common import (
-    budget_spent,
-    evaluate_during_training,
-    finish_completed,
-    finish_interrupted,
+    StepEnd,
+    clip_and_step,
     load_models,
     load_prompt_sets,
     make_optimizer,
     make_scheduler,
-    open_run,
+    run_processes,
     seed_everything,
     write_config,
 )
 from opd.models import load_model
 from opd.precision import compute_context
-from opd.rollout import RolloutBackend, make_backend
+from opd.rollout import RolloutBackend, make_backend, prompt_seed
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
-from opd.tracking import MetricsLogger, progress
+from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 log = logging.getLogger("opd")
 
@@ -162,12 +166,20 @@ def update(
     optimizer,
     cfg: GRPOConfig,
     reference: PolicyScorer | None = None,
+    runtime: Runtime | None = None,
 ):
     """``ppo_epochs`` optimiser updates of the clipped policy-gradient loss over the rollout batch, each
     token of row b carrying the advantage ``adv_B[b]``; with ``reference`` (when ``kl_coef > 0``) plus
     ``kl_coef`` times the aggregated k3 KL estimate to it. Returns (loss, grad_norm, skipped, stats) with
-    stats ``clip_frac`` and ``kl/ref`` (the mean k3 of the first pass; 0 without a reference)."""
+    stats ``clip_frac`` and ``kl/ref`` (the mean k3 of the first pass; 0 without a reference). With several
+    processes (``runtime``) the loss is divided by the global token (or row) count and the gradients are
+    summed across processes before clipping; ``loss`` and ``kl/ref`` are then this process's shares."""
     mask_all = batch.response_mask_B_T
+    total = obj.loss_denominator(mask_all, cfg.loss_aggregation)
+    n_tokens = float(mask_all.sum())
+    if runtime is not None:
+        totals = runtime.sum({"n": total, "tokens": n_tokens})
+        total, n_tokens = totals["n"], totals["tokens"]
     B = batch.input_ids_B_T.shape[0]
     adv_B_T = adv_B.to(mask_all.device)[:, None] * mask_all
     micro = [slice(lo, lo + cfg.micro_batch_size) for lo in range(0, B, cfg.micro_batch_size)]
@@ -180,12 +192,12 @@ def update(
     student.train()
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        loss_sum = 0.0
         for sl in micro:
             mb, mask = batch.select(sl), mask_all[sl]
             if mask.sum() == 0:
                 continue
-            w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation)
+            w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
             logp = student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T).token_logp_B_T
             old = old_logp_B_T[sl] if old_logp_B_T is not None else logp.detach()
             loss, stats = obj.policy_gradient_loss(
@@ -204,22 +216,16 @@ def update(
                 if epoch == 0:
                     kl_sum += float((k3_B_T.detach() * mask).sum())
             (loss * w).backward()
-            total += float(loss.detach()) * w
+            loss_sum += float(loss.detach()) * w
             clip_fracs.append(stats["clip_frac"])
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(norm):
-            optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            log.warning("non-finite gradient norm (%s): update skipped", norm)
-        else:
-            optimizer.step()
-        losses.append(total)
+        norm, was_skipped = clip_and_step(params, optimizer, cfg.grad_clip, runtime)
+        skipped += was_skipped
+        losses.append(loss_sum)
         norms.append(norm)
     student.eval()
     stats = {
         "clip_frac": float(np.mean(clip_fracs)) if clip_fracs else 0.0,
-        "kl/ref": kl_sum / max(1.0, float(mask_all.sum())),
+        "kl/ref": kl_sum / max(1.0, n_tokens),
     }
     return float(np.mean(losses)), norms[-1], skipped, stats
 
@@ -244,9 +250,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     stop at the next step boundary with a checkpoint; ``resume=true`` continues exactly.
     """
     cfg.check_runnable()
-    runtime = Runtime.from_config(cfg)
-    with open_run(cfg) as (run, stop):
-        return _train(cfg, runtime, run, stop)
+    return run_processes(cfg, _train, per_step=("prompts_per_step", cfg.prompts_per_step))
 
 
 def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
@@ -254,7 +258,8 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-    log.info("%s", runtime.describe())
+    if runtime.is_main:
+        log.info("%s", runtime.describe())
 
     models = load_models(cfg, runtime)  # no teacher: the student alone
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
@@ -299,7 +304,7 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), teacher_params=0)
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
+    metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
     start_step, skipped_total = 0, 0
     if cfg.resume:
@@ -313,20 +318,22 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             sampler.load_state_dict(state["sampler"])
             cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
-    run.clear_previous_run()  # overwrite=true: only now that the model and data have loaded
-    metrics_log.truncate_after(start_step)
-    write_config(out_dir, cfg)
+    if runtime.world_size > 1:  # each process its own sampling stream (after any restored RNG state)
+        seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
+    if run is not None:  # rank 0
+        run.clear_previous_run()  # overwrite=true: only now that the model and data have loaded
+        metrics_log.truncate_after(start_step)
+        write_config(out_dir, cfg)
 
-    if eval_set is not None and start_step == 0:
-        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
-    history: list[dict[str, Any]] = []
-    run_t0 = time.perf_counter()
-    stopped_by_budget = None
-    bar = progress(total=cfg.steps, initial=start_step, desc="grpo", enabled=cfg.progress, unit="step")
-    interrupted = None
-    stop.arm()
+    bar = progress(
+        total=cfg.steps,
+        initial=start_step,
+        desc="grpo",
+        enabled=cfg.progress and runtime.is_main,
+        unit="step",
+    )
 
-    def checkpoint(step: int) -> Path:
+    def save(step: int) -> Path:
         return save_checkpoint(
             out_dir,
             step,
@@ -342,6 +349,23 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             },
         )
 
+    ends = StepEnd(
+        cfg,
+        runtime,
+        "grpo",
+        out_dir,
+        student,
+        tokenizer,
+        eval_set,
+        metrics_log,
+        bar,
+        cost,
+        stop,
+        save,
+        postfix=lambda row: dict(loss=f"{row['loss/pg']:.4f}", reward=f"{row['reward/mean']:.3f}"),
+    )
+    ends.log_start(start_step)  # the starting point of the accuracy curve
+    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         row = grpo_step(
             student_scorer,
@@ -360,55 +384,9 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         )
         skipped_total += row.pop("_skipped")
         row["skipped_steps"] = skipped_total
-        # also at the step that spends the budget: an equal-budget curve ends at the final model
-        if eval_set is not None and (
-            step % cfg.eval_every == 0 or step == cfg.steps or budget_spent(cfg, cost)
-        ):
-            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
-        metrics_log.log(row)
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss/pg']:.4f}", reward=f"{row['reward/mean']:.3f}")
-        bar.update(1)
-        saved = None
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            saved = checkpoint(step)
-        if stop.requested and step < cfg.steps:
-            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
-            bar.write(
-                f"[grpo] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
-            )
+        if ends.end_of_step(step, row):
             break
-        if budget_spent(cfg, cost):
-            stopped_by_budget = step
-            bar.write(f"[grpo] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
-            break
-    bar.close()
-    metrics_log.close()
-    loop_time = time.perf_counter() - run_t0
-    if interrupted is not None:
-        finish_interrupted(
-            out_dir,
-            interrupted["signal"],
-            interrupted["checkpoint"],
-            steps_done=step,
-            skipped_steps=skipped_total,
-            loop_time=loop_time,
-            history=history,
-        )
-    return finish_completed(
-        out_dir,
-        student,
-        tokenizer,
-        steps_done=history[-1]["step"] if history else start_step,
-        skipped_steps=skipped_total,
-        loop_time=loop_time,
-        run_t0=run_t0,
-        stopped_by_alert=None,
-        history=history,
-        cost=cost,
-        stopped_by_budget=stopped_by_budget,
-        lora=models.lora,
-    )
+    return ends.finish(start_step=start_step, skipped_steps=skipped_total, lora=models.lora)
 
 
 def grpo_step(
@@ -428,47 +406,56 @@ def grpo_step(
 ) -> dict[str, Any]:
     """One GRPO step (rollout → grade → group advantages → update → weight sync). Returns the metrics row."""
     t_step = time.perf_counter()
-    idx = sampler.next_batch(cfg.prompts_per_step)
+    idx = sampler.next_batch(cfg.prompts_per_step)  # the step's global batch, the same on every process
+    slots = runtime.shard(list(range(len(idx))))  # this process's prompts: whole groups
     t0 = time.perf_counter()
     with compute_context(student.model, cfg.student_dtype):
         batch = backend.generate(
-            [prompts.examples[i].input_ids for i in idx],
+            [prompts.examples[idx[j]].input_ids for j in slots],
             n=cfg.rollouts_per_prompt,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.sample_top_k,
             seed=None,
+            prompt_seeds=[prompt_seed(cfg.seed, step, j) for j in slots]
+            if cfg.rollout_seeding == "per_prompt"
+            else None,
         )
     t_rollout = time.perf_counter() - t0
     # prompt_index_B indexes the step's prompt list; map it to the answers of the chosen prompts
-    reward_B, adv_B = rewards_and_advantages(tokenizer, batch, [answers[i] for i in idx], cfg)
+    reward_B, adv_B = rewards_and_advantages(tokenizer, batch, [answers[idx[j]] for j in slots], cfg)
     batch = batch.to(runtime.device)
 
     t0 = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
-    loss, grad_norm, skipped, stats = update(student, batch, adv_B, optimizer, cfg, reference)
+    loss, grad_norm, skipped, stats = update(student, batch, adv_B, optimizer, cfg, reference, runtime)
     scheduler.step()
     backend.sync_weights(student.model)
     t_update = time.perf_counter() - t0
 
     n_tokens = int(batch.response_mask_B_T.sum())
     seq_tokens = int(batch.attention_mask_B_T.sum())
-    cost.add(
+    spent = dict(
         student_prefill_tokens=seq_tokens - int(batch.response_lengths_B.sum()),
-        student_generated_tokens=batch.response_lengths_B,
+        student_generated_tokens=int(batch.response_lengths_B.sum()),
         # no-grad student-size passes: the old log-probs (ppo_epochs > 1), the reference (kl_coef > 0)
         student_forward_tokens=seq_tokens * (int(cfg.ppo_epochs > 1) + int(reference is not None)),
         student_train_tokens=seq_tokens * cfg.ppo_epochs,
         student_loss_tokens=n_tokens * cfg.ppo_epochs,
     )
+    cost.add(**runtime.sum(spent))  # the counts of all processes: the same meter everywhere
     groups_P_G = reward_B.view(-1, cfg.rollouts_per_prompt)
+    reward_std = float(reward_B.std(correction=0))
+    if runtime.world_size > 1:  # the std of all processes' rewards, from their sums
+        m = runtime.sum({"n": reward_B.numel(), "r": float(reward_B.sum()), "r2": float((reward_B**2).sum())})
+        reward_std = max(0.0, m["r2"] / m["n"] - (m["r"] / m["n"]) ** 2) ** 0.5
     step_time = time.perf_counter() - t_step
-    return {
+    row = {
         "step": step,
         "loss/pg": loss,
         "reward/mean": float(reward_B.mean()),
-        "reward/std": float(reward_B.std(correction=0)),
+        "reward/std": reward_std,
         "reward/zero_adv_group_frac": float((groups_P_G == groups_P_G[:, :1]).all(dim=1).float().mean()),
         "adv/abs_mean": float(adv_B.abs().mean()),
         "grad_norm": grad_norm,
@@ -484,3 +471,19 @@ def grpo_step(
         "memory/peak_mb": peak_memory_mb(runtime.device),
         "_skipped": skipped,
     }
+    # per-response means weighted by this process's rows (every process has whole groups of G); the
+    # loss and KL shares add up; the rest is global (the same on every process) or a maximum
+    per_row = {
+        "reward/mean",
+        "reward/zero_adv_group_frac",
+        "adv/abs_mean",
+        "clip_frac",
+        "response/length_mean",
+        "response/truncated_frac",
+        "time/rollout",
+        "time/update",
+    }
+    shares = {"loss/pg", "kl/ref"}
+    return runtime.reduce_row(
+        row, weight=batch.input_ids_B_T.shape[0], sums=shares, maxima=set(row) - per_row - shares
+    )

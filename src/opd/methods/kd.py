@@ -20,6 +20,10 @@ is streamed by :func:`opd.scoring.full_vocab_pair` through the student's :class:
 is kept beyond one chunk; the teacher runs without grad on each micro-batch. fp32 master weights with
 ``student_dtype`` autocast, AdamW, micro-batches with gradient accumulation, as in SFT and OPD.
 
+Several processes (``torchrun`` / ``accelerate launch``, :mod:`opd.runtime`): every process draws the
+same global batch and trains on its contiguous share, the loss divided by the global batch's token
+count and the gradients summed across processes once per step, so N processes make the update of one.
+
 What this file deliberately leaves out: sequence-level KD by beam search, mixing the KD loss with a
 hard-label NLL term, and teachers with another tokenizer (the KL needs one shared vocabulary).
 """
@@ -42,15 +46,13 @@ from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.errors import ConfigError
 from opd.methods.common import (
-    budget_spent,
-    evaluate_during_training,
-    finish_completed,
-    finish_interrupted,
+    StepEnd,
+    clip_and_step,
     load_models,
     load_prompt_sets,
     make_optimizer,
     make_scheduler,
-    open_run,
+    run_processes,
     seed_everything,
     write_config,
 )
@@ -59,7 +61,7 @@ from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
 from opd.teacher_data import ForcedSequence, collate, field_sequences, read_sequences
-from opd.tracking import MetricsLogger, progress
+from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 log = logging.getLogger("opd")
 
@@ -178,11 +180,17 @@ def kd_step(
     micro_batch_size: int,
     grad_clip: float,
     device: torch.device | str,
+    total_tokens: float | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, float]:
     """One optimiser step of KD on ``sequences`` (micro-batches, gradient accumulation, clipping; skipped
     when the gradient norm is not finite). Returns ``loss/kd`` (τ²-scaled), ``kl/forward`` (mean
-    KL(q^τ‖p^τ) per response token), ``grad_norm``, ``tokens`` and ``skipped``."""
-    total = float(sum(len(s.response_ids) for s in sequences))
+    KL(q^τ‖p^τ) per response token), ``grad_norm``, ``tokens`` and ``skipped``.
+
+    Data parallel: ``sequences`` is this process's share, ``total_tokens`` the whole batch's response
+    tokens (default: those of ``sequences``) and ``runtime`` sums the gradients over the processes;
+    ``loss/kd`` and ``kl/forward`` are then this process's shares of the batch's means."""
+    total = float(sum(len(s.response_ids) for s in sequences)) if total_tokens is None else total_tokens
     params = [p for p in student.parameters() if p.requires_grad]
     student.train()
     optimizer.zero_grad(set_to_none=True)
@@ -193,14 +201,7 @@ def kd_step(
         loss.backward()
         loss_sum += float(loss.detach())
         kl_sum += kl
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
-    skipped = 0
-    if not math.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        skipped = 1
-        log.warning("non-finite gradient norm (%s): update skipped", norm)
-    else:
-        optimizer.step()
+    norm, skipped = clip_and_step(params, optimizer, grad_clip, runtime)
     student.eval()
     return {
         "loss/kd": loss_sum,
@@ -218,9 +219,7 @@ def train(cfg: KDConfig) -> dict[str, Any]:
     """Run word-level KD as configured. Returns the run summary (also in ``output_dir/summary.json``).
     Interrupts and ``resume=true`` as in OPD."""
     cfg.check_runnable()
-    runtime = Runtime.from_config(cfg)
-    with open_run(cfg) as (run, stop):
-        return _train(cfg, runtime, run, stop)
+    return run_processes(cfg, _train, per_step=("batch_size", cfg.batch_size))
 
 
 def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
@@ -228,7 +227,8 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-    log.info("%s", runtime.describe())
+    if runtime.is_main:
+        log.info("%s", runtime.describe())
 
     models = load_models(cfg, runtime)
     student, teacher, tokenizer = models.student, models.teacher, models.tokenizer
@@ -259,7 +259,7 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), count_parameters(teacher))
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
+    metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
     start_step, skipped_total = 0, 0
     if cfg.resume:
@@ -273,20 +273,16 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             sampler.load_state_dict(state["sampler"])
             cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
-    run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
-    metrics_log.truncate_after(start_step)
-    write_config(out_dir, cfg)
+    if run is not None:  # rank 0
+        run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
+        metrics_log.truncate_after(start_step)
+        write_config(out_dir, cfg)
 
-    if eval_set is not None and start_step == 0:  # the starting point of the accuracy curve
-        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
-    history: list[dict[str, Any]] = []
-    run_t0 = time.perf_counter()
-    stopped_by_budget = None
-    bar = progress(total=cfg.steps, initial=start_step, desc="kd", enabled=cfg.progress, unit="step")
-    interrupted = None
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
+    bar = progress(
+        total=cfg.steps, initial=start_step, desc="kd", enabled=cfg.progress and runtime.is_main, unit="step"
+    )
 
-    def checkpoint(step: int) -> Path:
+    def save(step: int) -> Path:
         return save_checkpoint(
             out_dir,
             step,
@@ -302,20 +298,38 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             },
         )
 
-    step = start_step
+    ends = StepEnd(
+        cfg,
+        runtime,
+        "kd",
+        out_dir,
+        student,
+        tokenizer,
+        eval_set,
+        metrics_log,
+        bar,
+        cost,
+        stop,
+        save,
+        postfix=lambda row: dict(kl=f"{row['kl/forward']:.4f}"),
+    )
+    ends.log_start(start_step)  # the starting point of the accuracy curve
+    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
-        batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]
+        batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]  # the same on every process
         lr = scheduler.get_last_lr()[0]
         out = kd_step(
             student_scorer,
             teacher,
-            batch,
+            runtime.shard(batch),  # this process's share
             optimizer,
             pad_id=pad_id,
             micro_batch_size=cfg.micro_batch_size,
             grad_clip=cfg.grad_clip,
             device=runtime.device,
+            total_tokens=float(sum(len(s.response_ids) for s in batch)),
+            runtime=runtime,
         )
         scheduler.step()
         skipped_total += out["skipped"]
@@ -340,53 +354,15 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             **cost.row(),
             "memory/peak_mb": peak_memory_mb(runtime.device),
         }
-        # also at the step that spends the budget: an equal-budget curve ends at the final model
-        if eval_set is not None and (
-            step % cfg.eval_every == 0 or step == cfg.steps or budget_spent(cfg, cost)
-        ):
-            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
-        metrics_log.log(row)
-        history.append(row)
-        bar.set_postfix(kl=f"{row['kl/forward']:.4f}")
-        bar.update(1)
-        saved = None
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            saved = checkpoint(step)
-        if stop.requested and step < cfg.steps:
-            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
-            bar.write(
-                f"[kd] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
-            )
+        # the loss and KL shares add up; every other entry is the whole batch's already, but memory and time
+        shares = {"loss/kd", "kl/forward"}
+        row = runtime.reduce_row(row, sums=shares, maxima=set(row) - shares)
+        row["throughput/tokens_per_s"] = out["tokens"] / row["time/step"] if row["time/step"] > 0 else 0.0
+        if ends.end_of_step(step, row):
             break
-        if budget_spent(cfg, cost):
-            stopped_by_budget = step
-            bar.write(f"[kd] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
-            break
-    bar.close()
-    metrics_log.close()
-    loop_time = time.perf_counter() - run_t0
-    if interrupted is not None:
-        finish_interrupted(
-            out_dir,
-            interrupted["signal"],
-            interrupted["checkpoint"],
-            steps_done=step,
-            skipped_steps=skipped_total,
-            loop_time=loop_time,
-            history=history,
-        )
-    return finish_completed(
-        out_dir,
-        student,
-        tokenizer,
-        steps_done=history[-1]["step"] if history else start_step,
+    return ends.finish(
+        start_step=start_step,
         skipped_steps=skipped_total,
-        loop_time=loop_time,
-        run_t0=run_t0,
-        stopped_by_alert=None,
-        history=history,
-        cost=cost,
-        stopped_by_budget=stopped_by_budget,
         lora=models.lora,
         extra={
             "sequences": {

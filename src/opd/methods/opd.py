@@ -43,19 +43,15 @@ from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.config import OPDConfig, tracking_backends
 from opd.config_io import to_dict
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.errors import ConfigError
 from opd.methods.common import (
-    budget_spent,
-    evaluate_during_training,
-    finish_completed,
-    finish_interrupted,
+    StepEnd,
     load_models,
     load_prompt_sets,
     make_alert_monitor,
     make_optimizer,
     make_scheduler,
     masked_mean,
-    open_run,
+    run_processes,
     seed_everything,
     write_config,
 )
@@ -64,7 +60,6 @@ from opd.metrics import mechanism_metrics
 from opd.precision import compute_context
 from opd.remote.client import RemoteTeacher
 from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed, relay_responses
-from opd.rundir import RunInterrupted, StopSignals
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
@@ -172,22 +167,7 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     written and :class:`opd.rundir.RunInterrupted` is raised; ``resume=true`` continues exactly.
     """
     cfg.check_runnable()
-    runtime = Runtime.from_config(cfg)
-    try:
-        if runtime.world_size > cfg.prompts_per_step:
-            raise ConfigError(
-                f"prompts_per_step={cfg.prompts_per_step} with {runtime.world_size} processes: each process "
-                f"needs at least one prompt per step; set prompts_per_step >= {runtime.world_size}"
-            )
-        if runtime.is_main:  # rank 0 checks and locks the run directory; the others wait for it
-            with open_run(cfg) as (run, stop):
-                runtime.barrier()
-                return _train(cfg, runtime, run, stop)
-        runtime.barrier()
-        with StopSignals() as stop:
-            return _train(cfg, runtime, None, stop)
-    finally:
-        runtime.close()
+    return run_processes(cfg, _train, per_step=("prompts_per_step", cfg.prompts_per_step))
 
 
 def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
@@ -264,24 +244,12 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         metrics_log.truncate_after(start_step)
         write_config(out_dir, cfg)
 
-    if (
-        eval_set is not None and start_step == 0 and runtime.is_main
-    ):  # the starting point of the accuracy curve
-        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
-    history: list[dict[str, Any]] = []
-    run_t0 = time.perf_counter()
-    stopped_by_alert = stopped_by_budget = None
     bar = progress(
         total=cfg.steps, initial=start_step, desc="opd", enabled=cfg.progress and runtime.is_main, unit="step"
     )
-    interrupted = None
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
 
-    def checkpoint(step: int) -> Path:
-        if not runtime.is_main:  # rank 0 writes; the others wait until it is complete
-            runtime.barrier()
-            return out_dir / "checkpoints"
-        path = save_checkpoint(
+    def save(step: int) -> Path:
+        return save_checkpoint(
             out_dir,
             step,
             model=student,
@@ -296,9 +264,29 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
                 "cost": cost.state_dict(),
             },
         )
-        runtime.barrier()
-        return path
 
+    ends = StepEnd(
+        cfg,
+        runtime,
+        "opd",
+        out_dir,
+        student,
+        tokenizer,
+        eval_set,
+        metrics_log,
+        bar,
+        cost,
+        stop,
+        save,
+        postfix=lambda row: dict(
+            loss=f"{row['loss/pg']:.4f}",
+            kl=f"{row['kl/sampled']:.3f}",
+            ovl=f"{row.get('overlap/ratio', float('nan')):.3f}",
+        ),
+        monitor=monitor,
+    )
+    ends.log_start(start_step)  # the starting point of the accuracy curve
+    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         row = opd_step(
             student_scorer,
@@ -315,74 +303,9 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         )
         skipped_total += row.pop("_skipped")
         row["skipped_steps"] = skipped_total
-        last = step == cfg.steps or budget_spent(cfg, cost)  # an equal-budget curve ends at the final model
-        if eval_set is not None and runtime.is_main and (step % cfg.eval_every == 0 or last):
-            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
-        if monitor is not None:
-            for name, msg in monitor.update(step, row).items():
-                row[name] = msg
-                bar.write(f"[opd] ALERT step {step}: {msg}")
-        metrics_log.log(row)
-        history.append(row)
-        bar.set_postfix(
-            loss=f"{row['loss/pg']:.4f}",
-            kl=f"{row['kl/sampled']:.3f}",
-            ovl=f"{row.get('overlap/ratio', float('nan')):.3f}",
-        )
-        bar.update(1)
-        saved = None
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            saved = checkpoint(step)
-        if runtime.any(stop.requested is not None) and step < cfg.steps:
-            signal_name = stop.requested or "SIGTERM"  # another process got it
-            interrupted = {"signal": signal_name, "checkpoint": str(saved or checkpoint(step))}
-            bar.write(
-                f"[opd] {signal_name}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
-            )
+        if ends.end_of_step(step, row):
             break
-        if monitor is not None and monitor.should_stop:
-            stopped_by_alert = step
-            bar.write(f"[opd] stop_on_alert: stopping after step {step}")
-            break
-        if budget_spent(cfg, cost):
-            stopped_by_budget = step
-            bar.write(f"[opd] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
-            break
-    bar.close()
-    metrics_log.close()
-    loop_time = time.perf_counter() - run_t0
-    if not runtime.is_main:  # rank 0 writes the summary and the final model
-        runtime.barrier()
-        if interrupted is not None:
-            raise RunInterrupted(interrupted["signal"], {})
-        return {"rank": runtime.rank, "steps_done": history[-1]["step"] if history else start_step}
-    if interrupted is not None:
-        runtime.barrier()
-        finish_interrupted(
-            out_dir,
-            interrupted["signal"],
-            interrupted["checkpoint"],
-            steps_done=step,
-            skipped_steps=skipped_total,
-            loop_time=loop_time,
-            history=history,
-        )
-    summary = finish_completed(
-        out_dir,
-        student,
-        tokenizer,
-        steps_done=history[-1]["step"] if history else start_step,
-        skipped_steps=skipped_total,
-        loop_time=loop_time,
-        run_t0=run_t0,
-        stopped_by_alert=stopped_by_alert,
-        history=history,
-        cost=cost,
-        stopped_by_budget=stopped_by_budget,
-        lora=models.lora,
-    )
-    runtime.barrier()
-    return summary
+    return ends.finish(start_step=start_step, skipped_steps=skipped_total, lora=models.lora)
 
 
 def opd_step(

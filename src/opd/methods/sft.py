@@ -23,6 +23,12 @@ stop. Micro-batches of ``micro_batch_size`` accumulate gradients; fp32 master we
 :class:`opd.scoring.PolicyScorer`; AdamW, cosine schedule with warmup by default, gradient clipping, a
 step with a non-finite gradient norm is skipped.
 
+Several processes (``torchrun`` / ``accelerate launch``, :mod:`opd.runtime`): stage 1's generate calls are
+dealt out to the processes (call k to process k mod N, each keeping its seed) and the accepted
+responses gathered back in order; rank 0 writes the file. In stage 2 every process draws the same
+global batch and trains on its contiguous share, the loss divided by the global batch's token count and
+the gradients summed across processes once per step, so N processes make the update of one.
+
 What this file deliberately leaves out: teachers with another tokenizer (the response text would have to
 be re-tokenised with the student's; here teacher and student must share one, as for OPD), sequence
 packing, multi-turn data, and deduplication of the prompt pool against evaluation sets.
@@ -32,10 +38,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +53,13 @@ from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSet
 from opd.errors import ConfigError
 from opd.methods.common import (
-    budget_spent,
-    evaluate_during_training,
-    finish_completed,
-    finish_interrupted,
+    StepEnd,
+    clip_and_step,
     load_models,
     load_prompt_sets,
     make_optimizer,
     make_scheduler,
-    open_run,
+    run_processes,
     seed_everything,
     write_config,
 )
@@ -74,7 +77,7 @@ from opd.teacher_data import (
     stats_path,
     write_sequences,
 )
-from opd.tracking import MetricsLogger, progress
+from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 log = logging.getLogger("opd")
 
@@ -250,6 +253,7 @@ def generate_teacher_data(
     backend: str = "hf",
     cost: CostMeter | None = None,
     show_progress: bool = False,
+    runtime: Runtime | None = None,
 ) -> tuple[list[ForcedSequence], dict[str, int]]:
     """Sample ``samples_per_prompt`` teacher responses per prompt and apply the rejection rules.
 
@@ -257,16 +261,23 @@ def generate_teacher_data(
     ``rejected/<reason>`` (:data:`opd.teacher_data.REJECTION_REASONS`). Each generate call holds about
     ``batch_size`` rows; the call starting at prompt ``i`` is seeded with ``seed + i``, so the data does not
     depend on what ran before in the process. ``cost``: adds ``teacher_prefill_tokens`` (every row's
-    prompt) and ``teacher_generated_tokens``.
+    prompt) and ``teacher_generated_tokens``. ``runtime`` with several processes: call k runs on process
+    k mod N and every process gets all the accepted sequences, in order, and the summed counts and cost.
     """
     sampler = make_backend(backend, teacher, tokenizer, batch_size=batch_size, vocab_limit=vocab_limit)
     n = 1 if temperature == 0 else samples_per_prompt
     per_call = max(1, batch_size // n)
     counts = {"generated": 0, "accepted": 0, **{f"rejected/{r}": 0 for r in REJECTION_REASONS}}
-    accepted: list[ForcedSequence] = []
+    calls: list[tuple[int, list[ForcedSequence]]] = []  # (first prompt, accepted) of this process's calls
+    spent = {"teacher_prefill_tokens": 0, "teacher_generated_tokens": 0}
+    rank, world = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
     bar = progress(total=len(prompts), desc="teacher data", enabled=show_progress, unit="prompt")
-    for lo in range(0, len(prompts), per_call):
+    for k, lo in enumerate(range(0, len(prompts), per_call)):
+        if k % world != rank:
+            continue
         chunk = prompts.examples[lo : lo + per_call]
+        accepted: list[ForcedSequence] = []
+        calls.append((lo, accepted))
         batch = sampler.generate(
             [e.input_ids for e in chunk],
             n=n,
@@ -276,11 +287,8 @@ def generate_teacher_data(
             top_k=0,
             seed=seed + lo,
         )
-        if cost is not None:
-            cost.add(
-                teacher_prefill_tokens=n * sum(len(e.input_ids) for e in chunk),
-                teacher_generated_tokens=batch.response_lengths_B,
-            )
+        spent["teacher_prefill_tokens"] += n * sum(len(e.input_ids) for e in chunk)
+        spent["teacher_generated_tokens"] += int(batch.response_lengths_B.sum())
         for row in range(batch.input_ids_B_T.shape[0]):
             ex = chunk[row // n]
             ids = batch.input_ids_B_T[row][batch.response_mask_B_T[row] > 0].tolist()
@@ -306,11 +314,29 @@ def generate_teacher_data(
             )
         bar.update(len(chunk))
     bar.close()
-    return accepted, counts
+    if world > 1:  # every process: all calls' sequences in prompt order, the summed counts and cost
+        parts = runtime.gather_json(
+            {"counts": counts, "spent": spent, "calls": [[lo, [asdict(s) for s in acc]] for lo, acc in calls]}
+        )
+        counts = {key: sum(p["counts"][key] for p in parts) for key in counts}
+        spent = {key: sum(p["spent"][key] for p in parts) for key in spent}
+        calls = sorted(
+            ((lo, [ForcedSequence(**d) for d in seqs]) for p in parts for lo, seqs in p["calls"]),
+            key=lambda call: call[0],
+        )
+    if cost is not None:
+        cost.add(**spent)
+    return [s for _, acc in calls for s in acc], counts
 
 
 def _teacher_data(
-    cfg: SFTConfig, models, prompts: PromptSet | None, out_dir: Path, cost: CostMeter, fresh: bool
+    cfg: SFTConfig,
+    models,
+    prompts: PromptSet | None,
+    out_dir: Path,
+    cost: CostMeter,
+    fresh: bool,
+    runtime: Runtime | None = None,
 ):
     """The run's training sequences and their stats: ``sft_data``, the run's own file when it exists (a
     resumed run), else stage 1 now. ``fresh``: no checkpoint was restored, so a reused file's generation
@@ -357,7 +383,8 @@ def _teacher_data(
         vocab_limit=vocab,
         backend=cfg.rollout_backend,
         cost=cost,
-        show_progress=cfg.progress,
+        show_progress=cfg.progress and (runtime is None or runtime.is_main),
+        runtime=runtime,
     )
     spent = {k: cost.counts[k] - before[k] for k in cost.counts if cost.counts[k] != before[k]}
     log.info(
@@ -373,7 +400,8 @@ def _teacher_data(
             f"teacher data: every one of the {counts['generated']} teacher responses was rejected ({counts}); "
             "raise max_new_tokens, relax max_repetition / only_correct, or check the teacher and prompt template"
         )
-    write_sequences(path, sequences, {"settings": settings, "counts": counts, "cost": spent})
+    if runtime is None or runtime.is_main:
+        write_sequences(path, sequences, {"settings": settings, "counts": counts, "cost": spent})
     return sequences, {"source": str(path), "counts": counts}
 
 
@@ -402,11 +430,18 @@ def sft_step(
     micro_batch_size: int,
     grad_clip: float,
     device: torch.device | str,
+    total_tokens: float | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, float]:
     """One optimiser step of SFT on ``sequences`` (micro-batches, gradient accumulation, clipping; the
     step is skipped when the gradient norm is not finite). Returns ``loss/nll`` (mean NLL per response
-    token), ``grad_norm``, ``tokens`` (response tokens) and ``skipped`` (0/1)."""
-    total = float(sum(len(s.response_ids) for s in sequences))
+    token), ``grad_norm``, ``tokens`` (response tokens) and ``skipped`` (0/1).
+
+    Data parallel: ``sequences`` is this process's share of the step's batch, ``total_tokens`` the whole
+    batch's response tokens (the loss's denominator; default: those of ``sequences``) and ``runtime``
+    sums the gradients over the processes before clipping; ``loss/nll`` is then this process's share of
+    the batch's mean (the shares add up to it) and ``tokens`` the whole batch's."""
+    total = float(sum(len(s.response_ids) for s in sequences)) if total_tokens is None else total_tokens
     params = [p for p in student.parameters() if p.requires_grad]
     student.train()
     optimizer.zero_grad(set_to_none=True)
@@ -416,14 +451,7 @@ def sft_step(
         loss, _ = sft_loss(student, mb, total)
         loss.backward()
         loss_sum += float(loss.detach())
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
-    skipped = 0
-    if not math.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        skipped = 1
-        log.warning("non-finite gradient norm (%s): update skipped", norm)
-    else:
-        optimizer.step()
+    norm, skipped = clip_and_step(params, optimizer, grad_clip, runtime)
     student.eval()
     return {"loss/nll": loss_sum, "grad_norm": norm, "tokens": total, "skipped": skipped}
 
@@ -435,9 +463,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     """Generate (or read) the teacher data, then fine-tune the student on it. Returns the run summary
     (also written to ``output_dir/summary.json``). Interrupts and ``resume=true`` as in OPD."""
     cfg.check_runnable()
-    runtime = Runtime.from_config(cfg)
-    with open_run(cfg) as (run, stop):
-        return _train(cfg, runtime, run, stop)
+    return run_processes(cfg, _train, per_step=("batch_size", cfg.batch_size))
 
 
 def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
@@ -445,7 +471,8 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-    log.info("%s", runtime.describe())
+    if runtime.is_main:
+        log.info("%s", runtime.describe())
 
     models = load_models(cfg, runtime)  # the student only, with sft_data
     student, tokenizer = models.student, models.tokenizer
@@ -460,7 +487,7 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl")
+    metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
     start_step, skipped_total, state = 0, 0, None
     if cfg.resume:
@@ -473,25 +500,25 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             skipped_total = state.get("skipped_steps", 0)
             cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
-    run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
+    if run is not None:  # rank 0
+        run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
+    runtime.barrier()  # no process looks for the teacher data before a cleared directory is cleared
     # before config.json: a run refused here (reused data with other settings) leaves the directory as it was
-    sequences, data_info = _teacher_data(cfg, models, prompts, out_dir, cost, fresh=state is None)
+    sequences, data_info = _teacher_data(
+        cfg, models, prompts, out_dir, cost, fresh=state is None, runtime=runtime
+    )
     metrics_log.truncate_after(start_step)
-    write_config(out_dir, cfg)
+    if runtime.is_main:
+        write_config(out_dir, cfg)
     sampler = PromptSampler(sequences, seed=cfg.seed)
     if state is not None:
         sampler.load_state_dict(state["sampler"])
 
-    if eval_set is not None and start_step == 0:  # the starting point of the accuracy curve
-        metrics_log.log({"step": 0, **evaluate_during_training(student, tokenizer, eval_set, cfg)})
-    history: list[dict[str, Any]] = []
-    run_t0 = time.perf_counter()
-    stopped_by_budget = None
-    bar = progress(total=cfg.steps, initial=start_step, desc="sft", enabled=cfg.progress, unit="step")
-    interrupted = None
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
+    bar = progress(
+        total=cfg.steps, initial=start_step, desc="sft", enabled=cfg.progress and runtime.is_main, unit="step"
+    )
 
-    def checkpoint(step: int) -> Path:
+    def save(step: int) -> Path:
         return save_checkpoint(
             out_dir,
             step,
@@ -507,19 +534,37 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             },
         )
 
-    step = start_step
+    ends = StepEnd(
+        cfg,
+        runtime,
+        "sft",
+        out_dir,
+        student,
+        tokenizer,
+        eval_set,
+        metrics_log,
+        bar,
+        cost,
+        stop,
+        save,
+        postfix=lambda row: dict(nll=f"{row['loss/nll']:.4f}"),
+    )
+    ends.log_start(start_step)  # the starting point of the accuracy curve
+    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
-        batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]
+        batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]  # the same on every process
         lr = scheduler.get_last_lr()[0]
         out = sft_step(
             student_scorer,
-            batch,
+            runtime.shard(batch),  # this process's share
             optimizer,
             pad_id=pad_id,
             micro_batch_size=cfg.micro_batch_size,
             grad_clip=cfg.grad_clip,
             device=runtime.device,
+            total_tokens=float(sum(len(s.response_ids) for s in batch)),
+            runtime=runtime,
         )
         scheduler.step()
         skipped_total += out["skipped"]
@@ -539,53 +584,14 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             **cost.row(),
             "memory/peak_mb": peak_memory_mb(runtime.device),
         }
-        # also at the step that spends the budget: an equal-budget curve ends at the final model
-        if eval_set is not None and (
-            step % cfg.eval_every == 0 or step == cfg.steps or budget_spent(cfg, cost)
-        ):
-            row.update(evaluate_during_training(student, tokenizer, eval_set, cfg))
-        metrics_log.log(row)
-        history.append(row)
-        bar.set_postfix(nll=f"{row['loss/nll']:.4f}")
-        bar.update(1)
-        saved = None
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            saved = checkpoint(step)
-        if stop.requested and step < cfg.steps:
-            interrupted = {"signal": stop.requested, "checkpoint": str(saved or checkpoint(step))}
-            bar.write(
-                f"[sft] {stop.requested}: stopped after step {step}, checkpoint {interrupted['checkpoint']}"
-            )
+        # the loss shares add up; every other entry is the whole batch's already, but memory and time
+        row = runtime.reduce_row(row, sums={"loss/nll"}, maxima=set(row) - {"loss/nll"})
+        row["throughput/tokens_per_s"] = out["tokens"] / row["time/step"] if row["time/step"] > 0 else 0.0
+        if ends.end_of_step(step, row):
             break
-        if budget_spent(cfg, cost):
-            stopped_by_budget = step
-            bar.write(f"[sft] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}")
-            break
-    bar.close()
-    metrics_log.close()
-    loop_time = time.perf_counter() - run_t0
-    if interrupted is not None:
-        finish_interrupted(
-            out_dir,
-            interrupted["signal"],
-            interrupted["checkpoint"],
-            steps_done=step,
-            skipped_steps=skipped_total,
-            loop_time=loop_time,
-            history=history,
-        )
-    return finish_completed(
-        out_dir,
-        student,
-        tokenizer,
-        steps_done=history[-1]["step"] if history else start_step,
+    return ends.finish(
+        start_step=start_step,
         skipped_steps=skipped_total,
-        loop_time=loop_time,
-        run_t0=run_t0,
-        stopped_by_alert=None,
-        history=history,
-        cost=cost,
-        stopped_by_budget=stopped_by_budget,
         lora=models.lora,
         extra={"teacher_data": {**data_info, "sequences": len(sequences)}},
     )
