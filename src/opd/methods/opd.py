@@ -59,7 +59,14 @@ from opd.methods.common import (
     seed_everything,
     write_config,
 )
-from opd.methods.opd_scoring import ScoredBatch, apply_gradients, can_fuse, fused_update, score_batch
+from opd.methods.opd_scoring import (
+    ScoredBatch,
+    apply_gradients,
+    can_fuse,
+    fused_update,
+    score_batch,
+    tis_weights,
+)
 from opd.metrics import mechanism_metrics
 from opd.precision import compute_context
 from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed, relay_responses
@@ -123,6 +130,7 @@ def update(
                     clip_eps=cfg.clip_eps,
                     dual_clip=cfg.dual_clip,
                     aggregation=cfg.loss_aggregation,
+                    token_weight_B_T=tis_weights(cfg, scored.student.token_logp_B_T[sl], mb, mask),
                 )
             (loss * w).backward()
             total_loss += float(loss.detach()) * w
@@ -160,6 +168,17 @@ def _full_vocab_loss(student: PolicyScorer, teacher: PolicyScorer, mb: RolloutBa
 
 
 # --------------------------------------------------------------------------- the training run
+
+
+def engine_options(cfg, longest_prompt: int) -> dict[str, Any]:
+    """What a rollout engine with its own weights (``rollout_backend=vllm``) needs from the config."""
+    return dict(
+        dtype=cfg.student_dtype,
+        max_model_len=longest_prompt + cfg.max_new_tokens,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        enforce_eager=cfg.vllm_enforce_eager,
+        seed=cfg.seed,
+    )
 
 
 def train(cfg: OPDConfig) -> dict[str, Any]:
@@ -207,6 +226,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         tokenizer,
         batch_size=cfg.rollout_batch_size or None,
         vocab_limit=vocab_limit,
+        engine_options=engine_options(cfg, max(len(e.input_ids) for e in prompts.examples)),
     )
     # every student and teacher pass goes through these modules (a DDP/FSDP wrapper would wrap the first)
     student_scorer = PolicyScorer(
@@ -342,6 +362,8 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             break
     bar.close()
     metrics_log.close()
+    if hasattr(backend, "close"):  # an engine process of its own (vLLM): shut it down now, not at exit
+        backend.close()
     loop_time = time.perf_counter() - run_t0
     if not runtime.is_main:  # rank 0 writes the summary and the final model
         runtime.barrier()
@@ -446,6 +468,12 @@ def opd_step(
     t_update = time.perf_counter() - t0
 
     mk = cfg.metrics_top_k
+    # an engine with its own weights and kernels (vLLM): how far its log-probs are from the trainer's
+    rollout_rows = (
+        {}
+        if batch.sampler_logprobs_B_T is None
+        else obj.sampler_mismatch(s.token_logp_B_T, batch.sampler_logprobs_B_T, mask)
+    )
     mech = mechanism_metrics(
         s.topk_ids_B_T_K[..., :mk],
         s.topk_logp_B_T_K[..., :mk],
@@ -482,6 +510,7 @@ def opd_step(
         "response/length_mean": float(batch.response_lengths_B.float().mean()),
         "response/truncated_frac": float(batch.truncated_B.float().mean()),
         **mech,
+        **rollout_rows,
         "time/rollout": t_rollout,
         **score_times,
         "time/update": t_update,
