@@ -217,7 +217,9 @@ def test_opd_run_with_vllm_learns_and_logs_the_mismatch(tmp_path):
     from opd.tiny import save_tiny_pair
     from opd.tracking import read_metrics
 
-    student, teacher = save_tiny_pair(tmp_path / "models", **MODEL)
+    # an embedding table padded past the tokenizer (as Qwen2.5's): ids >= 259 must never be sampled, and
+    # the engine's log-probs must be over the tokenizer's ids only, as the trainer's are
+    student, teacher = save_tiny_pair(tmp_path / "models", vocab_size=272, **MODEL)
     prompts = tmp_path / "prompts.jsonl"
     rows = [
         {"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(1, 6) for b in range(1, 4)

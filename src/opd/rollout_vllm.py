@@ -11,7 +11,7 @@ How it works:
   and starts ``vllm.LLM`` on it with dummy weights (no tokenizer: prompts go in and responses come out as
   token ids; the checkpoint's ``generation_config`` is ignored, as in the HF backend), then pushes the
   student's current weights. ``dtype`` is the student's compute dtype, ``max_model_len`` the longest prompt
-  plus ``max_new_tokens``, ``gpu_memory_utilization`` the engine's share of the GPU, ``enforce_eager``
+  plus ``max_new_tokens`` (training passes it; None: the model's context length), ``gpu_memory_utilization`` the engine's share of the GPU, ``enforce_eager``
   no CUDA graphs. vLLM starts its engine in a child process: scripts that build a backend need the
   ``if __name__ == "__main__":`` guard. On CPU, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sizes the KV cache.
 - **Weight sync** (:meth:`VLLMBackend.sync_weights`): the student's ``state_dict`` (in the engine's dtype)
@@ -96,7 +96,7 @@ class VLLMBackend:
         *,
         vocab_limit: int | None = None,
         dtype: str = "float32",
-        max_model_len: int = 2048,
+        max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool = True,
         seed: int = 0,
@@ -120,7 +120,6 @@ class VLLMBackend:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_limit})")
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
-        self.max_model_len = int(max_model_len)
         self.sync_timeout_s = sync_timeout_s
         head = model.get_output_embeddings()
         rows = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
@@ -144,13 +143,14 @@ class VLLMBackend:
             load_format="dummy",  # the real weights come from the student, below
             generation_config="vllm",  # nothing of a checkpoint's generation_config
             dtype=dtype,
-            max_model_len=self.max_model_len,
+            max_model_len=max_model_len,  # None: the model's context length
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             seed=int(seed),
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightSyncExtension",
         )
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.sync_weights(model)
 
     def sync_weights(self, model) -> None:
