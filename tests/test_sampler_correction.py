@@ -13,7 +13,7 @@ from opd import objectives as obj
 from opd.errors import ConfigError
 from opd.methods import opd as opd_method
 from opd.methods.opd_scoring import fused_update, score_batch
-from opd.rollout import HFGenerateBackend, stop_token_ids
+from opd.rollout import HFGenerateBackend, fixed_batch, relay_responses, stop_token_ids
 from opd.scoring import PolicyScorer
 from opd.tracking import read_metrics
 
@@ -194,3 +194,14 @@ def test_hf_run_has_no_rollout_metrics(tiny_pair, tmp_path):
 def test_bad_tis_settings_are_refused(tiny_pair, tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
         make_cfg(tiny_pair, tmp_path, **kw)
+
+
+def test_sampler_logprobs_follow_the_batch_through_select_and_relay():
+    batch = fixed_batch([[1, 2], [3]], [[5, 6, 9], [7, 9]], stop_ids=[9], pad_id=0)
+    batch.sampler_logprobs_B_T = -torch.rand(batch.input_ids_B_T.shape) * batch.response_mask_B_T
+    rows = batch.select(slice(1, 2))
+    assert torch.equal(rows.sampler_logprobs_B_T, batch.sampler_logprobs_B_T[1:2])
+    relaid = relay_responses(batch, [[4, 4, 4, 4], [4]])
+    P, P2 = batch.prompt_len, relaid.prompt_len
+    assert P2 == 4 and torch.equal(relaid.sampler_logprobs_B_T[:, P2:], batch.sampler_logprobs_B_T[:, P:])
+    assert (relaid.sampler_logprobs_B_T[:, :P2] == 0).all()
