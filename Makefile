@@ -40,7 +40,7 @@ $(VLLM_BIN)/opd: pyproject.toml
 setup-vllm: $(VLLM_BIN)/opd
 
 test-vllm: setup-vllm
-	$(VLLM_BIN)/python -m pytest -q -m vllm
+	$(VLLM_BIN)/python -m pytest -q -m vllm tests/test_rollout_vllm.py
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""
