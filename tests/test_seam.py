@@ -193,6 +193,24 @@ def test_sync_weights_is_called_once_per_step_after_the_update(tiny_pair, tmp_pa
         assert sync[2] is made[0].inner.model  # the trained student itself
 
 
+def test_resume_syncs_the_restored_weights_before_the_first_rollout(tiny_pair, tmp_path, monkeypatch):
+    """A backend with its own copy of the weights is built before the checkpoint is loaded: the resumed
+    run must push the restored weights before it samples."""
+    made = []
+
+    def factory(*a, **k):
+        made.append(RecordingBackend(make_backend(*a, **k)))
+        return made[-1]
+
+    monkeypatch.setattr(opd_method, "make_backend", factory)
+    opd_method.train(make_cfg(tiny_pair, tmp_path, steps=2, save_every=1))  # checkpoint at step 1
+    opd_method.train(make_cfg(tiny_pair, tmp_path, steps=2, save_every=1, resume=True))
+    events = made[1].events
+    assert [e[0] for e in events] == ["sync", "generate", "sync"]
+    assert torch.equal(events[0][1], events[1][1])  # sampled from the restored weights
+    assert not torch.equal(events[0][1], made[0].events[0][1])  # which are not the initial ones
+
+
 # ----------------------------------------------------------------------------------------- scoring module
 
 

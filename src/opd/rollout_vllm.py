@@ -30,9 +30,10 @@ How it works:
   (``allowed_token_ids``, only when the model's table is larger). Seeding: with ``prompt_seeds`` each
   prompt's request is seeded by its own seed (vLLM gives the ``n`` samples of a seeded request seeds
   ``seed, seed + 1, ...``), so its samples do not depend on the batch; otherwise every request gets a seed
-  from the backend's own stream (seeded by ``seed`` at construction, or by the ``seed`` argument of the
-  call), so a run is reproducible. vLLM's samples are not the HF backend's samples for the same seed (a
-  different random stream); greedy outputs are the same token for token (tests/test_rollout_vllm.py).
+  drawn from torch's global random stream (or from the ``seed`` argument of the call), so a seeded run
+  is reproducible and a resumed run continues the stream its checkpoint saved, as with the HF backend.
+  vLLM's samples are not the HF backend's samples for the same seed (a different random stream); greedy
+  outputs are the same token for token (tests/test_rollout_vllm.py).
 - **Sampler log-probs**: each sampled token's log-prob under the engine's distribution after temperature
   and top-k / top-p (``logprobs_mode="processed_logprobs"``), returned as
   ``RolloutBatch.sampler_logprobs_B_T`` for the mismatch metrics and truncated importance sampling.
@@ -124,7 +125,6 @@ class VLLMBackend:
         head = model.get_output_embeddings()
         rows = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
         self._allowed = list(range(self.vocab_limit)) if rows > self.vocab_limit else None
-        self._rng = torch.Generator().manual_seed(int(seed))
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
         self._dir = tempfile.TemporaryDirectory(prefix="opd-vllm-")
@@ -194,7 +194,8 @@ class VLLMBackend:
         if prompt_seeds is not None and not greedy:
             seeds = [int(s) % _SEED_RANGE for s in prompt_seeds]
         else:
-            gen = torch.Generator().manual_seed(int(seed)) if seed is not None else self._rng
+            # from torch's global stream (as the HF backend samples), so a checkpoint's RNG state resumes it
+            gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
             seeds = torch.randint(0, _SEED_RANGE, (len(prompt_ids),), generator=gen).tolist()
         params = [
             SamplingParams(

@@ -269,6 +269,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             if state.get("cost"):
                 cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
+            backend.sync_weights(student)  # an engine with its own copy (vLLM) started on the old weights
     if runtime.world_size > 1:  # each process its own sampling stream (after any restored RNG state)
         seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
     if runtime.is_main:
