@@ -158,9 +158,12 @@ class VLLMBackend:
         cache so no KV entry of the old weights is reused."""
         from safetensors.torch import save
 
-        state = {  # clone: tied tensors (lm_head = embed_tokens) become two entries, as the engine has
+        tensors = dict(model.state_dict())
+        for name, param in model.named_parameters(remove_duplicate=False):
+            tensors.setdefault(name, param)  # every name of a tied tensor: the engine holds them apart
+        state = {  # copies: tied tensors (lm_head = embed_tokens) become two entries
             name: tensor.detach().to("cpu", self.dtype, copy=True).contiguous()
-            for name, tensor in model.state_dict().items()
+            for name, tensor in tensors.items()
         }
         blob = save(state)
         self.llm.collective_rpc("opd_load_weights", args=(blob,), timeout=self.sync_timeout_s)
