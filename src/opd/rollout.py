@@ -20,8 +20,13 @@ Positions: with left padding, position ids must be ``cumsum(attention_mask) - 1`
 this); a scorer that recomputes log-probs of these rows must use the same positions, otherwise it scores
 a different distribution from the one that was sampled.
 
-Left out on purpose: sampled log-probs (scoring recomputes them in float32 on the same ids, which is what
-the objective needs), beam search, and stop *strings* (stopping is on token ids only).
+Sampler log-probs. ``sampler_logprobs_B_T`` (optional, float32, 0 outside the response mask) holds the
+engine's own log-prob of each sampled token, at ``temperature``, for an engine that keeps its own copy of
+the weights (vLLM); None for HF ``generate``, which samples from the trained model itself. Scoring still
+recomputes the log-probs in float32 on the same ids (what the objective needs); the engine's are only for
+the sampler-vs-trainer mismatch metrics and truncated importance sampling (``tis_cap``).
+
+Left out on purpose: beam search, and stop *strings* (stopping is on token ids only).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class RolloutBatch:
     prompt_len: int
     prompt_index_B: torch.Tensor  # long: index into the prompt list
     truncated_B: torch.Tensor  # bool
+    sampler_logprobs_B_T: torch.Tensor | None = None  # float32: the engine's log p of each sampled token
 
     @property
     def response_lengths_B(self) -> torch.Tensor:
@@ -56,6 +62,7 @@ class RolloutBatch:
             self.prompt_len,
             self.prompt_index_B.to(device),
             self.truncated_B.to(device),
+            None if self.sampler_logprobs_B_T is None else self.sampler_logprobs_B_T.to(device),
         )
 
     def select(self, rows: torch.Tensor | slice) -> RolloutBatch:
@@ -67,6 +74,7 @@ class RolloutBatch:
             self.prompt_len,
             self.prompt_index_B[rows],
             self.truncated_B[rows],
+            None if self.sampler_logprobs_B_T is None else self.sampler_logprobs_B_T[rows],
         )
 
 
@@ -282,7 +290,7 @@ def prompt_seed(seed: int, step: int, slot: int) -> int:
     return (seed * 1_000_003 + step) * 100_003 + slot
 
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm")
 """Names :func:`make_backend` knows (the ``rollout_backend`` config field)."""
 
 
@@ -294,6 +302,7 @@ def make_backend(
     stop_ids: list[int] | None = None,
     batch_size: int | None = None,
     vocab_limit: int | None = None,
+    engine_options: dict | None = None,
 ) -> RolloutBackend:
     """The rollout backend called ``name``, sampling from ``model`` — the one way methods build a sampler.
 
@@ -303,8 +312,20 @@ def make_backend(
 
     A new backend (e.g. vLLM) is a class implementing :class:`RolloutBackend` plus one branch here and
     its name in :data:`BACKENDS`; a backend holding its own copy of the weights must copy them in
-    ``sync_weights``, or it samples from a stale policy.
+    ``sync_weights``, or it samples from a stale policy. ``vllm``: :class:`opd.rollout_vllm.VLLMBackend`
+    (imported only when chosen), configured by ``engine_options`` (its keyword arguments: dtype,
+    max_model_len, gpu_memory_utilization, enforce_eager, seed); ``batch_size`` does not apply to it.
     """
+    if name == "vllm":
+        from opd.rollout_vllm import VLLMBackend
+
+        return VLLMBackend(
+            model,
+            tokenizer,
+            stop_token_ids(tokenizer) if stop_ids is None else stop_ids,
+            vocab_limit=vocab_limit,
+            **(engine_options or {}),
+        )
     if name == "hf":
         return HFGenerateBackend(
             model,
@@ -377,6 +398,9 @@ def relay_responses(batch: RolloutBatch, prompt_ids: list[list[int]]) -> Rollout
         prompt_len=P2,
         prompt_index_B=batch.prompt_index_B,
         truncated_B=batch.truncated_B,
+        sampler_logprobs_B_T=None
+        if batch.sampler_logprobs_B_T is None
+        else shift_positions(batch.sampler_logprobs_B_T, P, P2),
     )
 
 

@@ -55,7 +55,14 @@ from opd.methods.common import (
     seed_everything,
     write_config,
 )
-from opd.methods.opd_scoring import ScoredBatch, apply_gradients, can_fuse, fused_update, score_batch
+from opd.methods.opd_scoring import (
+    ScoredBatch,
+    apply_gradients,
+    can_fuse,
+    fused_update,
+    score_batch,
+    tis_weights,
+)
 from opd.metrics import mechanism_metrics
 from opd.precision import compute_context
 from opd.remote.client import RemoteTeacher
@@ -119,6 +126,7 @@ def update(
                     clip_eps=cfg.clip_eps,
                     dual_clip=cfg.dual_clip,
                     aggregation=cfg.loss_aggregation,
+                    token_weight_B_T=tis_weights(cfg, scored.student.token_logp_B_T[sl], mb, mask),
                 )
             (loss * w).backward()
             total_loss += float(loss.detach()) * w
@@ -158,6 +166,17 @@ def _full_vocab_loss(student: PolicyScorer, teacher: PolicyScorer, mb: RolloutBa
 # --------------------------------------------------------------------------- the training run
 
 
+def engine_options(cfg, longest_prompt: int) -> dict[str, Any]:
+    """What a rollout engine with its own weights (``rollout_backend=vllm``) needs from the config."""
+    return dict(
+        dtype=cfg.student_dtype,
+        max_model_len=longest_prompt + cfg.max_new_tokens,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        enforce_eager=cfg.vllm_enforce_eager,
+        seed=cfg.seed,
+    )
+
+
 def train(cfg: OPDConfig) -> dict[str, Any]:
     """Run OPD as configured. Returns the run summary (also written to ``output_dir/summary.json``).
 
@@ -188,6 +207,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         tokenizer,
         batch_size=cfg.rollout_batch_size or None,
         vocab_limit=vocab_limit,
+        engine_options=engine_options(cfg, max(len(e.input_ids) for e in prompts.examples)),
     )
     # every student and teacher pass goes through these modules (a DDP/FSDP wrapper would wrap the first)
     student_scorer = PolicyScorer(
@@ -237,6 +257,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             if state.get("cost"):
                 cost.load_state_dict(state["cost"])
             log.info("resumed from %s (step %d)", ckpt, start_step)
+            backend.sync_weights(student)  # an engine with its own copy (vLLM) started on the old weights
     if runtime.world_size > 1:  # each process its own sampling stream (after any restored RNG state)
         seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
     if runtime.is_main:
@@ -305,6 +326,8 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         row["skipped_steps"] = skipped_total
         if ends.end_of_step(step, row):
             break
+    if hasattr(backend, "close"):  # an engine process of its own (vLLM): shut it down now, not at exit
+        backend.close()
     return ends.finish(start_step=start_step, skipped_steps=skipped_total, lora=models.lora)
 
 
@@ -377,6 +400,12 @@ def opd_step(
     t_update = time.perf_counter() - t0
 
     mk = cfg.metrics_top_k
+    # an engine with its own weights and kernels (vLLM): how far its log-probs are from the trainer's
+    rollout_rows = (
+        {}
+        if batch.sampler_logprobs_B_T is None
+        else obj.sampler_mismatch(s.token_logp_B_T, batch.sampler_logprobs_B_T, mask)
+    )
     mech = mechanism_metrics(
         s.topk_ids_B_T_K[..., :mk],
         s.topk_logp_B_T_K[..., :mk],
@@ -413,6 +442,7 @@ def opd_step(
         "response/length_mean": float(batch.response_lengths_B.float().mean()),
         "response/truncated_frac": float(batch.truncated_B.float().mean()),
         **mech,
+        **rollout_rows,
         "time/rollout": t_rollout,
         **score_times,
         "time/update": t_update,

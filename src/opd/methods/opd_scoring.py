@@ -226,6 +226,7 @@ def fused_update(
                 clip_eps=cfg.clip_eps,
                 dual_clip=cfg.dual_clip,
                 aggregation=cfg.loss_aggregation,
+                token_weight_B_T=tis_weights(cfg, s_det.token_logp_B_T, mb, mask),
             )
             (loss * w).backward()
             total_loss += float(loss.detach()) * w
@@ -242,6 +243,17 @@ def fused_update(
     timings = {"time/score_student": 0.0, "time/score_teacher": t_teacher}
     stats = {"clip_frac": sum(clip_fracs) / len(clip_fracs) if clip_fracs else 0.0}
     return scored, timings, total_loss, norm, skipped, stats
+
+
+def tis_weights(
+    cfg: OPDConfig, trainer_logp_B_T: torch.Tensor, batch: RolloutBatch, mask_B_T: torch.Tensor
+) -> torch.Tensor | None:
+    """Truncated importance-sampling weights of ``batch``'s tokens (``tis_cap``), from the trainer's old
+    log-probs of the sampled tokens and the sampler's (:func:`opd.objectives.truncated_is_weights`); None
+    when ``tis_cap`` is off or the backend returned no log-probs of its own."""
+    if not cfg.tis_cap or batch.sampler_logprobs_B_T is None:
+        return None
+    return obj.truncated_is_weights(trainer_logp_B_T, batch.sampler_logprobs_B_T, mask_B_T, cfg.tis_cap)
 
 
 def apply_gradients(

@@ -40,6 +40,7 @@ from opd.objectives.policy_loss import (
     policy_gradient_loss,
 )
 from opd.objectives.sampled_token import sampled_token_rewards
+from opd.objectives.sampler_correction import sampler_mismatch, truncated_is_weights
 from opd.objectives.topk import (
     TopKAdvantages,
     build_support,
@@ -57,6 +58,8 @@ __all__ = [
     "SUPPORTS",
     "WEIGHTINGS",
     "aggregate",
+    "sampler_mismatch",
+    "truncated_is_weights",
     "build_support",
     "full_vocab_divergence",
     "group_advantages",

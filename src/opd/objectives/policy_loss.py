@@ -54,6 +54,7 @@ def policy_gradient_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = 3.0,
     aggregation: str = "token-mean",
+    token_weight_B_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate with the OPD rewards as advantages (no baseline, no discount).
 
@@ -65,7 +66,9 @@ def policy_gradient_loss(
         pg    = min(pg, −A·c)   if A < 0               (dual clip, c = ``dual_clip`` > 1; None = off)
 
     At exact ties the unclipped branch is kept (full gradient). For ``_B_T_S`` inputs the per-token
-    loss is ``Σ_{v∈S_t, valid} pg_t(v)``; per-token losses are reduced with :func:`aggregate`.
+    loss is ``Σ_{v∈S_t, valid} pg_t(v)``; ``token_weight_B_T`` (detached; None = 1) multiplies each
+    position's loss (truncated importance sampling, :func:`opd.objectives.truncated_is_weights`); per-token
+    losses are reduced with :func:`aggregate`.
     ``old_logp`` and ``advantages`` are detached. With one update per rollout batch
     (``old_logp == logp.detach()``) the ratio is 1, no clipping fires and the gradient is
     ``−Σ_{t,v} A_t(v) ∇log p_t(v)`` with the aggregation's normalisation.
@@ -122,6 +125,9 @@ def policy_gradient_loss(
     pg = torch.where(keep, pg, zeros)
 
     per_token_B_T = pg.sum(dim=-1) if logp.dim() == 3 else pg
+    if token_weight_B_T is not None:
+        check_shape("token_weight_B_T", token_weight_B_T, logp.shape[:2], "logp's B_T")
+        per_token_B_T = per_token_B_T * token_weight_B_T.detach().float()
     loss = aggregate(per_token_B_T, keep_B_T, aggregation)
 
     with torch.no_grad():
