@@ -19,7 +19,14 @@ from opd.diagnose.config import DiagnoseConfig
 from opd.errors import ConfigError
 from opd.textfiles import read_utf8
 
-__all__ = ["OOD_PICKS", "PromptsConfig", "TemplateCandidate", "diagnose_config", "load_candidates"]
+__all__ = [
+    "OOD_PICKS",
+    "PromptsConfig",
+    "TemplateCandidate",
+    "diagnose_config",
+    "load_candidates",
+    "prompt_limit",
+]
 
 OOD_PICKS = ("random", "least")
 """How the out-of-distribution share is drawn from the prompts not kept as aligned."""
@@ -130,12 +137,18 @@ class PromptsConfig(TeacherPromptConfig, DataConfig, ModelsConfig):
             )
 
 
+def prompt_limit(cfg: Any) -> int | None:
+    """How many prompts to measure per pool: ``num_prompts``, None (every row) when it is 0."""
+    return int(getattr(cfg, "num_prompts", 64)) or None
+
+
 def diagnose_config(cfg: Any, **overrides: Any) -> DiagnoseConfig:
     """The :class:`DiagnoseConfig` the diagnosis's measurement functions take, from any config that has
     (some of) its keys (a :class:`PromptsConfig`, a ``DiagnoseConfig``, a recipe's config)."""
     names = {f.name for f in fields(DiagnoseConfig)}
     values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n) and n != "thresholds"}
     values.update(overrides)
+    values["num_prompts"] = max(1, int(values.get("num_prompts", 1)))  # 0 (every row) is ours: limit=None
     values["prefix_fractions"] = ()
     values["progress"] = bool(values.get("progress", True))
     return DiagnoseConfig(**values)

@@ -27,7 +27,7 @@ from opd.data import load_prompts, prompt_texts
 from opd.datafiles import read_rows
 from opd.diagnose import measure as dmeasure
 from opd.models import prompt_token_cap
-from opd.prompts.config import OOD_PICKS, diagnose_config
+from opd.prompts.config import OOD_PICKS, diagnose_config, prompt_limit
 from opd.prompts.dedup import DedupResult, dedup
 from opd.prompts.measure import METRICS, RANKED, Pair, mean_rank, per_prompt
 from opd.report import markdown_table, write_text_atomic
@@ -94,12 +94,12 @@ def rank_prompts(
     dcfg.check_runnable()
     pair = Pair.load(dcfg)
     try:
-        return _rank(cfg, dcfg, pair, pools, rows or {})
+        return _rank(cfg, dcfg, pair, pools, rows or {}, prompt_limit(cfg))
     finally:
         pair.close()
 
 
-def _rank(cfg, dcfg, pair: Pair, pools: dict[str, str], given: dict[str, list[dict]]) -> PromptRanking:
+def _rank(cfg, dcfg, pair: Pair, pools: dict[str, str], given: dict[str, list[dict]], limit) -> PromptRanking:
     tok = pair.tokenizer
     cap, cap_why = prompt_token_cap(dcfg.max_prompt_tokens, dcfg.max_new_tokens, pair.student, pair.teacher)
     exclude = prompt_texts(dcfg.exclude_prompts) if dcfg.exclude_prompts else None
@@ -121,7 +121,7 @@ def _rank(cfg, dcfg, pair: Pair, pools: dict[str, str], given: dict[str, list[di
             chat_template_kwargs=dcfg.chat_template_kwargs,
             max_prompt_tokens=cap,
             max_prompt_tokens_why=cap_why,
-            limit=dcfg.num_prompts or None,
+            limit=limit,
             seed=dcfg.seed,
             rows=rows,
             exclude=exclude,
@@ -169,7 +169,7 @@ def _rank(cfg, dcfg, pair: Pair, pools: dict[str, str], given: dict[str, list[di
         "teacher": dcfg.teacher,
         "teacher_prompt_template": dcfg.teacher_prompt_template,
         "teacher_system_prompt": dcfg.teacher_system_prompt,
-        "num_prompts": dcfg.num_prompts,
+        "num_prompts": limit or 0,
         "rollouts_per_prompt": dcfg.rollouts_per_prompt,
         "max_new_tokens": dcfg.max_new_tokens,
         "metrics_top_k": dcfg.metrics_top_k,

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from opd.data import load_prompts, prompt_texts
+from opd.datafiles import read_rows
 from opd.diagnose import measure as dmeasure
 from opd.models import prompt_token_cap
-from opd.prompts.config import TemplateCandidate, diagnose_config
+from opd.prompts.config import TemplateCandidate, diagnose_config, prompt_limit
 from opd.prompts.measure import RANKED, Pair, batch_metrics, mean_rank
 from opd.report import markdown_table, write_text_atomic
 from opd.rollout import relay_responses
@@ -81,12 +82,12 @@ def select_template(cfg, candidates: list[TemplateCandidate]) -> TemplateSelecti
     dcfg.check_runnable()
     pair = Pair.load(dcfg)
     try:
-        return _select(dcfg, pair, candidates)
+        return _select(dcfg, pair, candidates, prompt_limit(cfg))
     finally:
         pair.close()
 
 
-def _select(dcfg, pair: Pair, candidates: list[TemplateCandidate]) -> TemplateSelection:
+def _select(dcfg, pair: Pair, candidates: list[TemplateCandidate], limit) -> TemplateSelection:
     tok = pair.tokenizer
     cap, cap_why = prompt_token_cap(dcfg.max_prompt_tokens, dcfg.max_new_tokens, pair.student, pair.teacher)
     common = dict(
@@ -103,12 +104,10 @@ def _select(dcfg, pair: Pair, candidates: list[TemplateCandidate]) -> TemplateSe
         **common,
         max_prompt_tokens=cap,
         max_prompt_tokens_why=cap_why,
-        limit=dcfg.num_prompts or None,
+        limit=limit,
         seed=dcfg.seed,
         exclude=exclude,
     )
-    from opd.datafiles import read_rows
-
     all_rows = read_rows(dcfg.prompts)
     rows = [all_rows[e.meta["row"]] for e in prompts.examples]
     batch = dmeasure.sample_rollouts(
