@@ -245,6 +245,7 @@ def test_select_template_picks_the_teachers_training_template():
     ]
     sel = select_template(cfg, cands)
     assert sel.best.name == "plain"
+    assert sel.best.config_keys() == {"teacher_prompt_template": None, "teacher_system_prompt": None}
     by = {m["name"]: m for m in sel.measurements}
     for k in ("overlap_ratio", "overlap_mass_student", "teacher_advantage", "kl", "entropy_gap"):
         assert by["same"][k] == by["plain"][k]

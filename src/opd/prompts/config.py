@@ -163,6 +163,13 @@ class TemplateCandidate:
     teacher_prompt_template: str | None = None
     teacher_system_prompt: str | None = None
 
+    def config_keys(self) -> dict:
+        """The ``opd train`` / ``opd diagnose`` keys that apply this candidate."""
+        return {
+            "teacher_prompt_template": self.teacher_prompt_template,
+            "teacher_system_prompt": self.teacher_system_prompt,
+        }
+
     def as_dict(self) -> dict:
         return {
             "name": self.name,

@@ -340,6 +340,7 @@ _COLS = (
     ("overlap mass (student)", "overlap_mass_student"),
     ("teacher advantage", "teacher_advantage"),
     ("entropy gap", "entropy_gap"),
+    ("student entropy", "entropy_student"),
     ("sampled KL", "kl"),
 )
 

@@ -29,6 +29,7 @@ METRICS = (
     "overlap_mass_teacher",
     "teacher_advantage",
     "entropy_gap",
+    "entropy_student",
     "kl",
 )
 """Figures measured per prompt / per candidate (see the module docstring)."""
