@@ -334,3 +334,23 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="missing required"):
         PromptsConfig().check_runnable()
     assert PromptsConfig(pools="{a: x.jsonl}").pools == {"a": "x.jsonl"}
+
+
+def test_the_qa_teacher_is_trained_on_exactly_what_teacher_prompt_template_renders():
+    """``ModelSpec.prompt_template`` (how lab:teacher-a-qa was trained) and opd's
+    ``teacher_prompt_template`` give the teacher the same prompt tokens."""
+    from opd.data import load_prompts
+    from opd.lab import lab_tokenizer
+    from opd.lab.train import encode_example
+    from opd.lab.world import wrap
+    from opd.lab.zoo import SPECS
+
+    assert SPECS["teacher-a-qa"].prompt_template == QA_TEMPLATE
+    tok = lab_tokenizer()
+    rows = prompt_rows("train-hard")[:3]
+    ps = load_prompts("lab:train-hard", tok, rows=rows, teacher_prompt_template=QA_TEMPLATE)
+    for row, ex in zip(rows, ps.examples):
+        ids, n_prompt = encode_example(tok, wrap(row["prompt"], QA_TEMPLATE), row["solution_a"])
+        assert ex.teacher_input_ids == ids[:n_prompt]
+        assert ex.input_ids == encode_example(tok, row["prompt"], row["solution_a"])[0][: len(ex.input_ids)]
+        assert ex.teacher_input_ids != ex.input_ids
