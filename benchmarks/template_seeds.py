@@ -4,7 +4,7 @@
     python benchmarks/template_seeds.py --seeds 0 1 2 --output-dir runs/template-seeds --no-opd   # overlap only
 
 1. Initial overlap: per seed, ``opd prompts template`` (:func:`opd.prompts.select_template`) with
-   student ``lab:student`` (plain lab prompt) and the candidates of configs/lab_templates.yaml, for the
+   student ``lab:student`` (plain lab prompt) and the candidates of configs/candidates/lab_templates.yaml, for the
    teacher trained under the "Question: ... Answer:" template (``lab:teacher-a-qa``) and, as a control,
    for ``lab:teacher-a-plus`` (trained on the plain prompt): 32 prompts of lab:train × 4 rollouts, 96 new
    tokens, one thread. Same student rollouts for every candidate of a seed.
@@ -38,7 +38,7 @@ TEACHERS = ("lab:teacher-a-qa", "lab:teacher-a-plus")
 def measure(seeds: list[int], out: Path) -> dict:
     from opd.prompts import PromptsConfig, load_candidates, select_template
 
-    cands = load_candidates(ROOT / "configs" / "lab_templates.yaml")
+    cands = load_candidates(ROOT / "configs" / "candidates" / "lab_templates.yaml")
     res: dict = {}
     for teacher in TEACHERS:
         for s in seeds:

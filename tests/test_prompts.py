@@ -224,6 +224,14 @@ def test_load_candidates(tmp_path):
     j = tmp_path / "c.json"
     j.write_text(json.dumps([{"name": "a", "teacher_prompt_template": "{problem}!"}]))
     assert load_candidates(j)[0].teacher_prompt_template == "{problem}!"
+    from pathlib import Path
+
+    shipped = load_candidates(
+        Path(__file__).resolve().parents[1] / "configs" / "candidates" / "lab_templates.yaml"
+    )
+    assert [c.name for c in shipped] == ["plain", "qa", "system"] and shipped[
+        1
+    ].teacher_prompt_template == QA_TEMPLATE
     f.write_text("- template: 'no placeholder'\n")
     with pytest.raises(ConfigError, match="placeholder"):
         load_candidates(f)

@@ -32,7 +32,7 @@ omit both keys for the student's own rendering, e.g.
 
 Example:
   opd prompts template student=lab:student teacher=lab:teacher-a-qa prompts=lab:train num_prompts=16 \\
-      max_new_tokens=64 --candidates configs/lab_templates.yaml output_dir=runs/template
+      max_new_tokens=64 --candidates configs/candidates/lab_templates.yaml output_dir=runs/template
 """
 
 
