@@ -362,3 +362,21 @@ def test_the_qa_teacher_is_trained_on_exactly_what_teacher_prompt_template_rende
         assert ex.teacher_input_ids == ids[:n_prompt]
         assert ex.input_ids == encode_example(tok, row["prompt"], row["solution_a"])[0][: len(ex.input_ids)]
         assert ex.teacher_input_ids != ex.input_ids
+
+
+def test_lab_training_batches_use_the_specs_prompt_template():
+    import dataclasses
+
+    from opd.lab import lab_tokenizer, world
+    from opd.lab.train import ModelSpec, make_batch, train_model
+
+    tok = lab_tokenizer()
+    probs = world.problem_set(0, "train", "hard", 2)
+    for template, present in ((None, False), (QA_TEMPLATE, True)):
+        b = make_batch(tok, probs, "a", template)
+        text = tok.decode(b["input_ids"][0][b["attention_mask"][0] > 0])
+        assert ("Question: Compute" in text) is present and probs[0].prompt() in text
+    spec = ModelSpec("t", "a", 0.5, hidden_size=32, num_layers=1, intermediate_size=64, steps=2)
+    m1, _ = train_model(spec, tok, seed=0)
+    m2, _ = train_model(dataclasses.replace(spec, prompt_template=QA_TEMPLATE), tok, seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
