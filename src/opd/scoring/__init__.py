@@ -58,20 +58,32 @@ What this package deliberately leaves out:
 - no sequence packing (one sequence per row), no KV cache, no multimodal inputs.
 """
 
-from opd.scoring.chunked import ScoreOutput, full_vocab_pair, score, score_full_logits
+from opd.scoring.chunked import (
+    Rescorer,
+    ScoreOutput,
+    full_vocab_fused,
+    full_vocab_pair,
+    score,
+    score_full_logits,
+    score_rescorable,
+)
 from opd.scoring.head import aligned_positions, check_head_path, left_pad_position_ids
-from opd.scoring.scorer import PolicyScorer, cat_scores, score_pair, score_teacher
+from opd.scoring.scorer import PolicyScorer, cat_scores, score_pair, score_teacher, score_teacher_first
 
 __all__ = [
     "PolicyScorer",
+    "Rescorer",
     "ScoreOutput",
     "aligned_positions",
     "check_head_path",
+    "full_vocab_fused",
     "full_vocab_pair",
     "left_pad_position_ids",
     "score",
     "score_full_logits",
     "cat_scores",
     "score_pair",
+    "score_rescorable",
     "score_teacher",
+    "score_teacher_first",
 ]
