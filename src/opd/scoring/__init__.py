@@ -36,6 +36,15 @@ divergence=...)`` returns ``full_vocab_pair``'s ``div_B_T``.
 streams a full-vocabulary divergence between two models the same way (both heads and the divergence
 per chunk, checkpointed), so the exact-KL objective never holds an N×V tensor either.
 
+``full_vocab_fused(student, teacher, ..., divergence, loss_weight_B_T, *, top_k, ...) -> (div_B_T, student
+ScoreOutput, teacher ScoreOutput)`` is the on-policy single pass of both models: it backpropagates
+``Σ loss_weight_B_T · div_B_T`` into the student itself (chunk by chunk, each head once, no recompute) and
+returns both models' scores from the same logits (the fused full-vocabulary step of the training loop).
+
+``score_rescorable(model, ...) -> (ScoreOutput, Rescorer)`` is a no-grad ``score`` that keeps the N
+scored hidden rows and log-normalisers, so ``Rescorer.given(ids_B_T_K)`` gives log-probs at ids known only
+later from K weight rows per position (a teacher scored before the student's pass).
+
 ``score_pair(student, teacher, batch, micro_batch_size, width) -> (student ScoreOutput, teacher
 ScoreOutput, timings)`` is the no-grad scoring of a rollout batch by two ``PolicyScorer`` modules,
 micro-batch by micro-batch: the student's top-``width``, entropy and sampled-token log-probs, the

@@ -26,7 +26,10 @@ class PolicyScorer(torch.nn.Module):
     ``vocab_limit`` and ``compute_dtype`` (as in :func:`score`). ``forward`` keeps the autograd graph
     exactly when grad is enabled (``torch.is_grad_enabled()``), so the loop's update passes differentiate
     through it and its no-grad scoring passes run under ``torch.no_grad()``. The wrapped model is the
-    submodule ``model``, so ``parameters()`` are its parameters.
+    submodule ``model``, so ``parameters()`` are its parameters. The ``loss_weight_B_T`` path
+    (:func:`full_vocab_fused`) takes its backward inside ``forward``, so gradients must be reduced across
+    processes after it by hand (``Runtime.all_reduce_grads``, as the loop does), not by a wrapper's
+    backward hooks.
     """
 
     def __init__(
