@@ -104,7 +104,8 @@ def test_fused_step_head_work(
 
 def test_generation_prefill_projects_only_the_last_prompt_position(pair_and_batch):
     """HF ``generate`` (transformers 5) passes ``logits_to_keep=1``: the prefill's lm_head sees one
-    position per row, not the whole prompt; so does every decoding step."""
+    position per row, not the whole prompt; so does every decoding step. The shared prefill of the
+    distinct prompts (all but their last column) runs the decoder alone: no lm_head call at all."""
     student, _, tok, _ = pair_and_batch
     seen = []
     handle = student.get_output_embeddings().register_forward_hook(

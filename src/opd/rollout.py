@@ -291,21 +291,31 @@ class HFGenerateBackend:
         return out[:, width:].cpu()
 
     def _shared_prefill(self, ids_P_L: torch.Tensor, mask_P_L: torch.Tensor, n: int):
-        """The KV cache of each distinct prompt's first L − 1 columns, computed once and repeated ``n`` times
-        row-wise; ``generate`` then feeds only the last column (its cache position follows the cache)."""
+        """The KV cache of each distinct prompt's first L − 1 columns, computed once by the decoder (no head)
+        and repeated ``n`` times row-wise; ``generate`` then feeds only the last column (its cache position
+        follows the cache)."""
         from transformers import DynamicCache
 
         from opd.scoring import left_pad_position_ids
 
         cache = DynamicCache(config=self.model.config)
         mask = mask_P_L[:, :-1]
-        self.model(
+        # the decoder alone: these columns' logits are never used, so the V-wide head is not run
+        decoder = self.model.get_decoder() if callable(getattr(self.model, "get_decoder", None)) else None
+        kwargs = (
+            {}
+            if isinstance(decoder, torch.nn.Module) and decoder is not self.model
+            else {"logits_to_keep": 1}
+        )
+        if kwargs:
+            decoder = self.model
+        decoder(
             input_ids=ids_P_L[:, :-1],
             attention_mask=mask,
             position_ids=left_pad_position_ids(mask),
             use_cache=True,
-            logits_to_keep=1,
-            **{_cache_kwarg(self.model): cache},
+            **kwargs,
+            **{_cache_kwarg(decoder): cache},
         )
         cache.batch_repeat_interleave(n)
         return cache
