@@ -26,7 +26,9 @@ bf16 (hidden 64, 2 layers), V = 32,768, T = 1,024 (128 prompt + 896 response tok
 - topk:     ``objective=topk support_size=16`` (student support, student_p weights), the default objective;
 - full:     ``objective=full``, the exact full-vocabulary KL, streamed (``opd.scoring.full_vocab_pair``);
 - full-old: the former full-vocabulary loss, kept here only to show what streaming saves: every teacher
-  chunk in a list and every student chunk's logits alive in the graph until backward (O(B·T·V)).
+  chunk in a list and every student chunk's logits alive in the graph until backward (O(B·T·V));
+- topk-fused / full-fused: the same objectives through the loop's single-pass step
+  (``opd.methods.opd_scoring.fused_update``, the default with ``ppo_epochs=1``).
 
 The full/topk peak ratio must stay <= 2 (printed with a verdict).
 
@@ -51,7 +53,7 @@ PROMPT = 128
 HIDDEN = 64
 TOP_K = 16
 CHUNK = 256
-TRAIN_VARIANTS = ("topk", "full", "full-old")
+TRAIN_VARIANTS = ("topk", "full", "full-old", "topk-fused", "full-fused")
 TRAIN_V, TRAIN_T = 32_768, 1024
 MAX_FULL_TO_TOPK = 2.0
 NAIVE_BYTES_PER_ENTRY = 14  # bf16 logits (2) + float32 log-probs (4) + exp (4) + product (4)
@@ -119,6 +121,7 @@ def train_child(variant: str, V: int, T: int, B: int) -> dict:
     from opd import objectives as obj
     from opd.config import OPDConfig
     from opd.methods import opd as opd_method
+    from opd.methods.opd_scoring import fused_update
     from opd.rollout import RolloutBatch
     from opd.scoring import PolicyScorer
     from opd.tiny import build_byte_tokenizer, build_tiny_model
@@ -136,7 +139,7 @@ def train_child(variant: str, V: int, T: int, B: int) -> dict:
     student = build_tiny_model(tok, num_layers=1, seed=0, **kw).eval()
     teacher = build_tiny_model(tok, num_layers=2, seed=1, **kw).to(torch.bfloat16).eval()
     teacher.requires_grad_(False)
-    objective = "topk" if variant == "topk" else "full"
+    objective = "topk" if variant.startswith("topk") else "full"
     cfg = OPDConfig(objective=objective, support_size=16, micro_batch_size=B, score_chunk_size=CHUNK)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
 
@@ -174,6 +177,8 @@ def train_child(variant: str, V: int, T: int, B: int) -> dict:
     t_scorer = PolicyScorer(teacher, chunk_size=cfg.score_chunk_size, vocab_limit=V)
 
     def step(b: RolloutBatch) -> float:
+        if variant.endswith("-fused"):
+            return fused_update(s_scorer, t_scorer, b, optimizer, cfg)[2]
         scored, _ = opd_method.score_batch(s_scorer, t_scorer, b, cfg)
         loss, *_ = opd_method.update(s_scorer, t_scorer, b, scored, optimizer, cfg)
         return loss
@@ -251,7 +256,13 @@ def train_table(args) -> None:
         d = run_child(variant, V, T, B, args.repeats)
         m = run_child(variant, V, T, B, args.repeats, mmap_threshold=65536)
         res[variant] = (d["peak_bytes"], m["peak_bytes"])
-        name = {"topk": "top-K (K=16)", "full": "full vocabulary", "full-old": "full vocabulary, former"}
+        name = {
+            "topk": "top-K (K=16)",
+            "full": "full vocabulary",
+            "full-old": "full vocabulary, former",
+            "topk-fused": "top-K (K=16), fused step",
+            "full-fused": "full vocabulary, fused step",
+        }
         print(
             f"| {name[variant]} | {_mib(d['peak_bytes'])} | {_mib(m['peak_bytes'])} | {d['seconds']:.2f} s |"
         )
@@ -260,6 +271,9 @@ def train_table(args) -> None:
         old = res["full-old"][i] / max(res["topk"][i], 1)
         verdict = "OK" if ratio <= MAX_FULL_TO_TOPK else f"FAIL (> {MAX_FULL_TO_TOPK:g})"
         print(f"full / top-K peak ratio ({label}): {ratio:.2f} {verdict}; former full / top-K: {old:.2f}")
+        fused = res["full-fused"][i] / max(res["topk-fused"][i], 1)
+        verdict = "OK" if fused <= MAX_FULL_TO_TOPK else f"FAIL (> {MAX_FULL_TO_TOPK:g})"
+        print(f"fused steps, full / top-K peak ratio ({label}): {fused:.2f} {verdict}")
 
 
 def score_table(args) -> None:

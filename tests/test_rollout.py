@@ -209,3 +209,37 @@ def test_protocol_sync_and_argument_errors(tok, model, prompts):
         backend.generate(prompts, **{**kw, "n": 0})
     with pytest.raises(ValueError, match="stop_token_ids"):
         HFGenerateBackend(model, tok, [])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(seed=4), dict(prompt_seeds=[11, 12, 13]), dict(seed=4, batch_size=4)],
+    ids=["stream", "per-prompt", "batch-size-splits-groups"],
+)
+def test_shared_prefill_gives_the_unshared_samples(tok, model, prompts, many_stops, kw):
+    """One prefill per distinct prompt, its KV cache repeated n times: the same samples as n prefills
+    (the prefill draws no random numbers), with prompts of different lengths (left padding)."""
+    batch_size = kw.pop("batch_size", None)
+    out = {}
+    for share in (False, True):
+        backend = HFGenerateBackend(model, tok, many_stops, batch_size=batch_size, share_prefill=share)
+        out[share] = backend.generate(prompts, n=3, max_new_tokens=MAX_NEW, **kw)
+    _check_layout(out[True], prompts, 3, many_stops, tok.pad_token_id, MAX_NEW)
+    assert out[True].response_lengths_B.float().std() > 0  # rows stop at different lengths
+    for f in ("input_ids_B_T", "attention_mask_B_T", "response_mask_B_T", "truncated_B"):
+        assert torch.equal(getattr(out[True], f), getattr(out[False], f)), f
+
+
+def test_shared_prefill_runs_each_prompt_once(tok, model, prompts):
+    """The prompt columns go through the backbone once per distinct prompt, not once per sample."""
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda m, a, o: seen.append(tuple(a[0].shape))
+    )
+    try:
+        HFGenerateBackend(model, tok, stop_token_ids(tok)).generate(prompts, n=4, max_new_tokens=3, seed=0)
+    finally:
+        handle.remove()
+    width = max(len(p) for p in prompts)
+    assert seen[0] == (3, width - 1)  # the shared prefill: 3 prompts, all but the last column
+    assert all(shape[0] == 12 and shape[1] == 1 for shape in seen[1:])  # then 12 rows, one column each

@@ -232,11 +232,13 @@ def test_served_teacher_scores_rewards_and_metrics_equal_local(lab, lab_server, 
     assert float(local.token_reward_B_T.abs().sum()) > 1e-3
 
 
-def test_fused_update_with_a_served_teacher_equals_local(lab, lab_server, tiny_pair, tmp_path):
-    """The fused path (the default) scores the teacher inside the student's graph pass: same loss and step."""
+@pytest.mark.parametrize("support", ["student", "union"])
+def test_fused_update_with_a_served_teacher_equals_local(lab, lab_server, tiny_pair, tmp_path, support):
+    """The fused path (the default) scores the teacher inside the student's graph pass: same loss and step.
+    ``union`` needs the teacher's top-K before the student's pass: a served teacher is asked twice."""
     student, teacher, tok = lab
     _, batch = lab_rollouts(lab)
-    cfg = make_cfg(tiny_pair, tmp_path, micro_batch_size=3, objective="topk", support_size=4)
+    cfg = make_cfg(tiny_pair, tmp_path, micro_batch_size=3, objective="topk", support_size=4, support=support)
     results = []
     for t in (
         PolicyScorer(teacher, temperature=cfg.teacher_temperature, chunk_size=cfg.score_chunk_size),
@@ -245,7 +247,9 @@ def test_fused_update_with_a_served_teacher_equals_local(lab, lab_server, tiny_p
         model = AutoModelForCausalLM.from_config(student.config)
         model.load_state_dict(student.state_dict())
         s = PolicyScorer(model, temperature=cfg.temperature, chunk_size=cfg.score_chunk_size)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        # SGD at lr 1: the weight change is the gradient itself (Adam's first step would turn ~1e-8
+        # rounding of a near-zero gradient entry into a difference of up to lr)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
         scored, _, loss, norm, _, _ = fused_update(s, t, batch, opt, cfg)
         results.append(
             (scored.token_reward_B_T, loss, norm, {k: v.clone() for k, v in model.state_dict().items()})
@@ -254,7 +258,7 @@ def test_fused_update_with_a_served_teacher_equals_local(lab, lab_server, tiny_p
     torch.testing.assert_close(r0, r1, atol=1e-5, rtol=0)
     assert l1 == pytest.approx(l0, abs=1e-5) and n1 == pytest.approx(n0, abs=1e-5)
     for k in w0:
-        torch.testing.assert_close(w0[k], w1[k], atol=1e-6, rtol=0, msg=k)
+        torch.testing.assert_close(w0[k], w1[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_two_step_opd_run_with_a_served_teacher_ends_with_the_local_weights(tiny_pair, tmp_path):

@@ -183,8 +183,26 @@ def test_cli_train_two_steps(tiny_pair, tmp_path):
         dict(objective="topk", support_size=4),
         dict(objective="topk", support_size=4, support="intersection", weighting="teacher_p"),
         dict(objective="topk", support_size=4, renormalize=True, loss_aggregation="seq-mean-token-mean"),
+        dict(objective="topk", support_size=4, support="teacher"),
+        dict(objective="topk", support_size=4, support="union", weighting="teacher_p"),
+        dict(objective="topk", support_size=4, support="symmetric_difference", micro_batch_size=2),
+        dict(objective="full"),
+        dict(objective="full", loss_aggregation="seq-mean-token-mean", micro_batch_size=2),
+        dict(objective="full", loss_aggregation="seq-mean-token-sum", score_chunk_size=5),
     ],
-    ids=["sampled", "sampled-k3-seqsum", "topk-student", "topk-intersection", "topk-renorm"],
+    ids=[
+        "sampled",
+        "sampled-k3-seqsum",
+        "topk-student",
+        "topk-intersection",
+        "topk-renorm",
+        "topk-teacher",
+        "topk-union",
+        "topk-symdiff-mb2",
+        "full",
+        "full-seqmean-mb2",
+        "full-seqsum-chunk5",
+    ],
 )
 def test_fused_update_equals_the_two_pass_update(tiny_pair, tmp_path, kw):
     """One student pass per micro-batch (fused_update) gives the run of a separate scoring pass + update."""
@@ -193,8 +211,12 @@ def test_fused_update_equals_the_two_pass_update(tiny_pair, tmp_path, kw):
     wa, wb = weights(two["final_model"]), weights(one["final_model"])
     start = weights(tiny_pair[0])
     assert changed(start, wa)  # the runs learn something
+    # union: Adam's first step (g / (|g| + eps)) turns rounding in one gradient entry of ~1e-8 into a 5e-6
+    # weight difference (measured: the same after 1, 2 and 3 steps); test_fused_paths holds the two paths'
+    # gradients themselves to 1e-5 of their scale for every support
+    atol = 1e-5 if kw.get("support") == "union" else 1e-6
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol)
     ra = read_metrics(tmp_path / "two" / "run" / "metrics.jsonl")
     rb = read_metrics(tmp_path / "one" / "run" / "metrics.jsonl")
     for x, y in zip(ra, rb):

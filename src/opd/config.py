@@ -376,9 +376,10 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
     TIS): each token's loss is weighted by min(exp(log p_trainer_old − log p_sampler), tis_cap). 0 = off.
     Needs a backend that returns its log-probs (rollout_backend=vllm); verl uses 2."""
     fused_update: bool = True
-    """With ppo_epochs=1 and objective=sampled, or topk with support student / intersection: score and update
-    the student in one forward per micro-batch (the old log-probs are the detached new ones). False: a
-    separate no-grad scoring pass first (the same update to float tolerance, one more student forward)."""
+    """With ppo_epochs=1 (every objective and support): score and update the student in one forward per
+    micro-batch (the old log-probs are the detached new ones; objective=full also runs the teacher once).
+    False: separate no-grad scoring passes first (the same update to float tolerance, one more student
+    forward; objective=full also re-runs the teacher in the update)."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)

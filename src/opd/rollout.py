@@ -31,6 +31,7 @@ Left out on purpose: beam search, and stop *strings* (stopping is on token ids o
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -146,6 +147,12 @@ class HFGenerateBackend:
     ``batch_size``: at most this many sequences (prompt × sample rows) per ``generate`` call; rows are
     cut in prompt-major order. ``None``: everything in one call.
     ``vocab_limit``: never sample ids ``>= vocab_limit``; default: the tokenizer's vocabulary size.
+    ``share_prefill``: when a ``generate`` call holds each prompt ``n`` times in a row (n > 1 samples per
+    prompt), run the prompts' prefill once per distinct prompt (all but the last prompt token), repeat its
+    KV cache ``n`` times (``DynamicCache.batch_repeat_interleave``) and let ``generate`` continue from it.
+    The sampling calls and their random numbers are unchanged (prefill draws none), so the samples are the
+    ones of the unshared call up to float rounding in the prefill (tests/test_rollout.py). Used only for
+    models whose ``generate`` builds a ``DynamicCache`` and with prompts of at least 2 tokens.
 
     The backend holds a reference to the live model, so it always samples from the current weights;
     ``generate`` puts the model in eval mode and restores each submodule's train/eval flag afterwards,
@@ -160,6 +167,7 @@ class HFGenerateBackend:
         batch_size: int | None = None,
         *,
         vocab_limit: int | None = None,
+        share_prefill: bool = True,
     ):
         if not stop_token_ids:
             raise ValueError(
@@ -177,6 +185,7 @@ class HFGenerateBackend:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_limit})")
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
+        self.share_prefill = share_prefill
 
     def sync_weights(self, model) -> None:
         """HF generate runs on the training model itself; just follow a replaced model object."""
@@ -279,10 +288,70 @@ class HFGenerateBackend:
         for b, r in enumerate(rows):
             ids_B_L[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask_B_L[b, width - len(r) :] = 1
+        ids_B_L, mask_B_L = ids_B_L.to(device), mask_B_L.to(device)
+        extra = {}
+        n = _repeats(rows) if self.share_prefill and gen_config.do_sample else 1
+        if n > 1 and width >= 2 and min(len(r) for r in rows) >= 2 and _dynamic_cache_ok(self.model):
+            extra = {_cache_kwarg(self.model): self._shared_prefill(ids_B_L[::n], mask_B_L[::n], n)}
         out = self.model.generate(
-            input_ids=ids_B_L.to(device), attention_mask=mask_B_L.to(device), generation_config=gen_config
+            input_ids=ids_B_L, attention_mask=mask_B_L, generation_config=gen_config, **extra
         )
         return out[:, width:].cpu()
+
+    def _shared_prefill(self, ids_P_L: torch.Tensor, mask_P_L: torch.Tensor, n: int):
+        """The KV cache of each distinct prompt's first L − 1 columns, computed once by the decoder (no head)
+        and repeated ``n`` times row-wise; ``generate`` then feeds only the last column (its cache position
+        follows the cache)."""
+        from transformers import DynamicCache
+
+        from opd.scoring import left_pad_position_ids
+
+        cache = DynamicCache(config=self.model.config)
+        mask = mask_P_L[:, :-1]
+        # the decoder alone: these columns' logits are never used, so the V-wide head is not run
+        decoder = self.model.get_decoder() if callable(getattr(self.model, "get_decoder", None)) else None
+        kwargs = (
+            {}
+            if isinstance(decoder, torch.nn.Module) and decoder is not self.model
+            else {"logits_to_keep": 1}
+        )
+        if kwargs:
+            decoder = self.model
+        decoder(
+            input_ids=ids_P_L[:, :-1],
+            attention_mask=mask,
+            position_ids=left_pad_position_ids(mask),
+            use_cache=True,
+            **kwargs,
+            **{_cache_kwarg(decoder): cache},
+        )
+        cache.batch_repeat_interleave(n)
+        return cache
+
+
+def _repeats(rows: Sequence[list[int]]) -> int:
+    """n if ``rows`` is each of its distinct prompts ``n`` times in a row (n ≥ 1), else 1."""
+    n = 1
+    while n < len(rows) and rows[n] == rows[0]:
+        n += 1
+    if n == 1 or len(rows) % n:
+        return 1
+    groups = [rows[i : i + n] for i in range(0, len(rows), n)]
+    return n if all(all(r == g[0] for r in g) for g in groups) else 1
+
+
+def _dynamic_cache_ok(model) -> bool:
+    """Whether ``generate`` would give this model a plain ``DynamicCache`` (not a model-specific cache)."""
+    check = getattr(model, "_supports_default_dynamic_cache", None)
+    return (
+        callable(check) and bool(check()) and "logits_to_keep" in inspect.signature(model.forward).parameters
+    )
+
+
+def _cache_kwarg(model) -> str:
+    """The KV-cache keyword of this transformers version's forward / generate (``cache`` since 5.25,
+    ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def prompt_seed(seed: int, step: int, slot: int) -> int:

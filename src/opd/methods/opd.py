@@ -60,6 +60,7 @@ from opd.methods.opd_scoring import (
     apply_gradients,
     can_fuse,
     fused_update,
+    reverse_kl,
     score_batch,
     tis_weights,
 )
@@ -147,10 +148,6 @@ def _full_vocab_loss(student: PolicyScorer, teacher: PolicyScorer, mb: RolloutBa
     Streamed by ``opd.scoring.full_vocab_pair`` (through the student scorer's forward): teacher no-grad,
     each position chunk's heads + KL checkpointed and recomputed in backward, so no B x T x V tensor is kept.
     """
-
-    def reverse_kl(s_logits_N_V, t_logits_N_V):
-        ones = torch.ones(1, s_logits_N_V.shape[0], device=s_logits_N_V.device)
-        return obj.full_vocab_divergence(s_logits_N_V[None], t_logits_N_V[None], ones, kind="reverse_kl")[0]
 
     per_token = student(
         mb.input_ids_B_T,
@@ -420,12 +417,13 @@ def opd_step(
     seq_tokens = int(batch.attention_mask_B_T.sum())
     t_seq_tokens = seq_tokens if teacher_batch is None else int(teacher_batch.attention_mask_B_T.sum())
     extra_student_pass = cfg.objective == "topk" and cfg.support not in ("student", "intersection")
+    teacher_reruns = cfg.ppo_epochs if cfg.objective == "full" and not fused else 0
     spent = dict(
         student_prefill_tokens=seq_tokens - int(batch.response_lengths_B.sum()),
         student_generated_tokens=int(batch.response_lengths_B.sum()),
         student_forward_tokens=0 if fused else seq_tokens * (2 if extra_student_pass else 1),
-        # full vocabulary: the teacher is run again on each micro-batch of each update pass
-        teacher_forward_tokens=t_seq_tokens * (1 + (cfg.ppo_epochs if cfg.objective == "full" else 0)),
+        # full vocabulary, two-pass: the teacher is run again on each micro-batch of each update pass
+        teacher_forward_tokens=t_seq_tokens * (1 + teacher_reruns),
         student_train_tokens=seq_tokens * cfg.ppo_epochs,
         student_loss_tokens=n_tokens * cfg.ppo_epochs,
     )

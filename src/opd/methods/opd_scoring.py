@@ -4,15 +4,19 @@ Two paths, the same update to float tolerance (tests/test_train.py):
 
 - :func:`score_batch` — a no-grad scoring pass of the student and the teacher over the rollout batch
   (``scoring.score_pair``), then the rewards; :func:`opd.methods.opd.update` runs the student again with
-  grad. Needed when ``ppo_epochs > 1`` (old log-probs are then fixed while the weights move), for the
-  teacher / union / symmetric_difference supports (the student's log-probs at the teacher's ids come from
-  a second student pass) and for the full-vocabulary objective.
-- :func:`fused_update` — ``ppo_epochs = 1`` with the sampled-token objective or a support inside the
-  student's own top-K (student, intersection), and ``fused_update=true`` (the default): one student
-  forward *with* grad per micro-batch gives the top-K ids, log-probs and entropy the rewards and metrics
-  need and, detached, the old log-probs (on-policy, they equal the new ones); the teacher is scored at
-  those ids, the micro-batch's advantages are built and its loss is backpropagated at once. The student
-  runs once per step instead of twice, holding one micro-batch's graph at a time.
+  grad. Needed when ``ppo_epochs > 1`` (old log-probs are then fixed while the weights move), and used
+  with ``fused_update=false``.
+- :func:`fused_update` — ``ppo_epochs = 1`` and ``fused_update=true`` (the default), every objective and
+  support: one student forward *with* grad per micro-batch gives the top-K ids, log-probs and entropy the
+  rewards and metrics need and, detached, the old log-probs (on-policy, they equal the new ones); the
+  teacher is scored at those ids, the micro-batch's advantages are built and its loss is backpropagated
+  at once. The student runs once per step instead of twice, holding one micro-batch's graph at a time.
+  Supports built from the teacher's top-K (teacher, union, symmetric_difference) score the teacher first
+  (its ids are the student pass's given ids) and take the teacher's log-probs at the student's top-K from
+  its kept hidden rows afterwards (``scoring.score_teacher_first``). ``objective=full`` runs both models
+  once per micro-batch (``scoring.full_vocab_fused``): the exact KL's backward is taken chunk by chunk
+  from the same logits that give both models' scores, so neither the no-grad scoring passes nor the
+  teacher re-run nor the checkpoint recompute of the two-pass path remain.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from opd.config import OPDConfig
 from opd.models import check_finite_logp
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
-from opd.scoring import PolicyScorer, ScoreOutput, cat_scores, score_pair, score_teacher
+from opd.scoring import PolicyScorer, ScoreOutput, cat_scores, score_pair, score_teacher, score_teacher_first
 
 log = logging.getLogger("opd")
 
@@ -144,14 +148,23 @@ def _score_given(
 
 def can_fuse(cfg: OPDConfig) -> bool:
     """Whether a step can score and update the student in one pass (:func:`fused_update`)."""
-    return (
-        cfg.fused_update
-        and cfg.ppo_epochs == 1
-        and (
-            cfg.objective == "sampled"
-            or (cfg.objective == "topk" and cfg.support in ("student", "intersection"))
-        )
-    )
+    return cfg.fused_update and cfg.ppo_epochs == 1
+
+
+def reverse_kl(s_logits_N_V: torch.Tensor, t_logits_N_V: torch.Tensor) -> torch.Tensor:
+    """The full-vocabulary objective's per-position KL(p‖q) of one chunk of logits (``obj.full_vocab_divergence``)."""
+    ones = torch.ones(1, s_logits_N_V.shape[0], device=s_logits_N_V.device)
+    return obj.full_vocab_divergence(s_logits_N_V[None], t_logits_N_V[None], ones, kind="reverse_kl")[0]
+
+
+def _loss_coefficients(mask: torch.Tensor, mask_all: torch.Tensor, cfg: OPDConfig, total) -> torch.Tensor:
+    """d(micro-batch loss × its weight)/d(per-token value): constants, since ``obj.aggregate`` is linear in
+    the values (its weights depend on the mask only)."""
+    w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
+    with torch.enable_grad():
+        x = torch.zeros_like(mask, requires_grad=True)
+        (coeff,) = torch.autograd.grad(obj.aggregate(x, mask, cfg.loss_aggregation) * w, x)
+    return coeff
 
 
 def fused_update(
@@ -168,13 +181,15 @@ def fused_update(
     Returns ``(scored, timings, loss, grad_norm, skipped, stats)`` as :func:`score_batch` followed by
     ``opd.update`` would: ``scored`` holds detached scorings and rewards for the metrics; ``timings`` has
     ``time/score_teacher`` and ``time/score_student`` = 0 (the student's forward and backward count as
-    ``time/update``, measured by the caller). ``teacher_batch``: as in :func:`score_batch`."""
+    ``time/update``, measured by the caller; with ``objective=full`` the teacher's pass runs inside the
+    pair's single pass and counts as ``time/update`` too). ``teacher_batch``: as in :func:`score_batch`."""
     mask_all = batch.response_mask_B_T.float()
     total = obj.loss_denominator(mask_all, cfg.loss_aggregation)
     if runtime is not None:
         total = runtime.sum({"n": total})["n"]
     K = cfg.support_size if cfg.objective == "topk" else 0
     width = max(cfg.metrics_top_k, K)
+    teacher_first = cfg.objective == "topk" and cfg.support not in ("student", "intersection")
     params = [p for p in student.parameters() if p.requires_grad]
     parts_s, parts_t, rewards, clip_fracs = [], [], [], []
     t_teacher, total_loss = 0.0, 0.0
@@ -184,12 +199,50 @@ def fused_update(
         sl = slice(lo, lo + cfg.micro_batch_size)
         mb, mask = batch.select(sl), mask_all[sl]
         tmb = None if teacher_batch is None else teacher_batch.select(sl)
+        if cfg.objective == "full":
+            # both models once, the exact KL's backward taken chunk by chunk inside (opd.scoring.full_vocab_fused)
+            div, s_det, t = student(
+                mb.input_ids_B_T,
+                mb.attention_mask_B_T,
+                mb.response_mask_B_T,
+                top_k=width,
+                teacher=teacher.model,
+                divergence=reverse_kl,
+                teacher_temperature=teacher.temperature,
+                loss_weight_B_T=_loss_coefficients(mask, mask_all, cfg, total),
+            )
+            check_finite_logp("student", cfg.student, s_det.token_logp_B_T, mask)  # before the step
+            check_finite_logp("teacher", cfg.teacher, t.token_logp_B_T, mask)
+            if mask.sum() > 0:
+                w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
+                total_loss += float(obj.aggregate(div, mask, cfg.loss_aggregation)) * w
+            parts_s.append(s_det)
+            parts_t.append(t)
+            rewards.append(t.token_logp_B_T - s_det.token_logp_B_T)
+            continue
+        t_given = None
+        if teacher_first:
+            # the teacher's top-K ids are needed by the student's pass: the teacher goes first, and gives
+            # its log-probs at the student's top-K afterwards from its kept hidden rows (no second head)
+            t0 = time.perf_counter()
+            t_first, t_given = score_teacher_first(teacher, mb, width, teacher_mb=tmb)
+            t_teacher += time.perf_counter() - t0
+            given = t_first.topk_ids_B_T_K[..., :K]
+        else:
+            given = None
         # with grad, at ``temperature``
-        s = student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T, top_k=width, entropy=True)
+        s = student(
+            mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T, given, top_k=width, entropy=True
+        )
         s_det = ScoreOutput(**{f.name: _detach(getattr(s, f.name)) for f in fields(ScoreOutput)})
+        s_at_t, s_det.given_logp_B_T_K = s_det.given_logp_B_T_K, None  # as score_pair's student output
         t0 = time.perf_counter()
         with torch.no_grad():
-            t = score_teacher(teacher, mb, s_det.topk_ids_B_T_K, width, teacher_mb=tmb)
+            if teacher_first:
+                t = t_first
+                t.given_logp_B_T_K = t_given(s_det.topk_ids_B_T_K)
+            else:
+                t = score_teacher(teacher, mb, s_det.topk_ids_B_T_K, width, teacher_mb=tmb)
         t_teacher += time.perf_counter() - t0
         check_finite_logp("student", cfg.student, s_det.token_logp_B_T, mask)  # before its backward
         check_finite_logp("teacher", cfg.teacher, t.token_logp_B_T, mask)
@@ -206,15 +259,22 @@ def fused_update(
                 t.topk_ids_B_T_K[..., :K],
                 t.topk_logp_B_T_K[..., :K],
                 teacher_logp_at_student_B_T_K=t.given_logp_B_T_K[..., :K],
-                student_logp_at_teacher_B_T_K=None,
+                student_logp_at_teacher_B_T_K=s_at_t,  # None for student / intersection
                 mask_B_T=mask,
                 support=cfg.support,
                 weighting=cfg.weighting,
                 renormalize=cfg.renormalize,
             )
-            # student / intersection: the support's slots are the student's own top-K, in order
             reward, adv, valid = topk.rewards.sum(-1), topk.advantages, topk.valid
-            new, old = s.topk_logp_B_T_K[..., :K], topk.student_logp
+            # the support's slots, with grad: the student's own top-K (student / intersection), its
+            # log-probs at the teacher's top-K (teacher), or both in that order (union / symmetric_difference)
+            if cfg.support in ("student", "intersection"):
+                new = s.topk_logp_B_T_K[..., :K]
+            elif cfg.support == "teacher":
+                new = s.given_logp_B_T_K
+            else:
+                new = torch.cat([s.topk_logp_B_T_K[..., :K], s.given_logp_B_T_K], -1)
+            old = topk.student_logp
         if mask.sum() > 0:
             w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
             loss, stats = obj.policy_gradient_loss(

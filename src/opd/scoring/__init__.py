@@ -36,6 +36,15 @@ divergence=...)`` returns ``full_vocab_pair``'s ``div_B_T``.
 streams a full-vocabulary divergence between two models the same way (both heads and the divergence
 per chunk, checkpointed), so the exact-KL objective never holds an N×V tensor either.
 
+``full_vocab_fused(student, teacher, ..., divergence, loss_weight_B_T, *, top_k, ...) -> (div_B_T, student
+ScoreOutput, teacher ScoreOutput)`` is the on-policy single pass of both models: it backpropagates
+``Σ loss_weight_B_T · div_B_T`` into the student itself (chunk by chunk, each head once, no recompute) and
+returns both models' scores from the same logits (the fused full-vocabulary step of the training loop).
+
+``score_rescorable(model, ...) -> (ScoreOutput, Rescorer)`` is a no-grad ``score`` that keeps the N
+scored hidden rows and log-normalisers, so ``Rescorer.given(ids_B_T_K)`` gives log-probs at ids known only
+later from K weight rows per position (a teacher scored before the student's pass).
+
 ``score_pair(student, teacher, batch, micro_batch_size, width) -> (student ScoreOutput, teacher
 ScoreOutput, timings)`` is the no-grad scoring of a rollout batch by two ``PolicyScorer`` modules,
 micro-batch by micro-batch: the student's top-``width``, entropy and sampled-token log-probs, the
@@ -58,20 +67,32 @@ What this package deliberately leaves out:
 - no sequence packing (one sequence per row), no KV cache, no multimodal inputs.
 """
 
-from opd.scoring.chunked import ScoreOutput, full_vocab_pair, score, score_full_logits
+from opd.scoring.chunked import (
+    Rescorer,
+    ScoreOutput,
+    full_vocab_fused,
+    full_vocab_pair,
+    score,
+    score_full_logits,
+    score_rescorable,
+)
 from opd.scoring.head import aligned_positions, check_head_path, left_pad_position_ids
-from opd.scoring.scorer import PolicyScorer, cat_scores, score_pair, score_teacher
+from opd.scoring.scorer import PolicyScorer, cat_scores, score_pair, score_teacher, score_teacher_first
 
 __all__ = [
     "PolicyScorer",
+    "Rescorer",
     "ScoreOutput",
     "aligned_positions",
     "check_head_path",
+    "full_vocab_fused",
     "full_vocab_pair",
     "left_pad_position_ids",
     "score",
     "score_full_logits",
     "cat_scores",
     "score_pair",
+    "score_rescorable",
     "score_teacher",
+    "score_teacher_first",
 ]

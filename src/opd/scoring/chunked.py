@@ -53,9 +53,14 @@ def _chunk_stats(
     given_N_K: torch.Tensor | None,
     top_k: int,
     entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Per-chunk (token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N), float32."""
-    logp_N_V = torch.log_softmax(head.logits(hidden_N_H), dim=-1)
+    lse: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """Per-chunk (token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N, lse_N), float32;
+    ``lse_N`` (the log-normaliser log Σ_v exp z(v), for :class:`Rescorer`) only with ``lse=True``."""
+    z_N_V = head.logits(hidden_N_H)
+    lse_N = torch.logsumexp(z_N_V, dim=-1) if lse else None
+    logp_N_V = torch.log_softmax(z_N_V, dim=-1)
+    del z_N_V
     token_logp_N = logp_N_V.gather(-1, target_N.to(logp_N_V.device)[:, None]).squeeze(-1)
     given_logp_N_K = None if given_N_K is None else logp_N_V.gather(-1, given_N_K.to(logp_N_V.device))
     topk_logp_N_K = topk_ids_N_K = None
@@ -66,7 +71,7 @@ def _chunk_stats(
         # H = −Σ_v p(v) log p(v) as a batched dot product: no third chunk×V temporary. Logits are finite
         # (lm_head output), so log p > −inf and 0·log 0 does not arise.
         entropy_N = -torch.matmul(logp_N_V.exp()[:, None, :], logp_N_V[:, :, None]).reshape(-1)
-    return token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N
+    return token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N, lse_N
 
 
 def _slices(N: int, chunk_size: int) -> list[slice]:
@@ -80,6 +85,42 @@ def _scatter(
     """Place per-entry values (N, ...) at (rows_N, tgt_N) of a zero (B, T, ...) tensor (differentiable)."""
     out = values_N.new_zeros((B, T, *values_N.shape[1:]))
     return out.index_put((rows_N.to(out.device), tgt_N.to(out.device)), values_N)
+
+
+@dataclass
+class Rescorer:
+    """Log-probs at other ids for the positions a no-grad :func:`score_rescorable` call scored, without
+    the vocabulary-wide head: it keeps the N scored hidden rows and their log-normalisers, so
+    ``given(ids_B_T_K)[b, t, k] = z_t(ids[b, t, k]) − log Σ_v exp z_t(v)`` needs only the K weight rows
+    per position (:meth:`Head.logits_at`). Same alignment and zeros as ``score``'s ``given_logp_B_T_K``."""
+
+    head: Head
+    hidden_N_H: torch.Tensor
+    lse_N: torch.Tensor
+    rows_N: torch.Tensor
+    tgt_N: torch.Tensor
+    shape: tuple[int, int]
+    width: int
+    chunk_size: int
+    device: torch.device
+
+    def given(self, ids_B_T_K: torch.Tensor) -> torch.Tensor:
+        B, T = self.shape
+        assert ids_B_T_K.dim() == 3 and ids_B_T_K.shape[:2] == (B, T), (
+            f"ids_B_T_K must be (B, T, K) = ({B}, {T}, K), got {tuple(ids_B_T_K.shape)}"
+        )
+        K = ids_B_T_K.shape[-1]
+        N = self.rows_N.numel()
+        if N == 0:
+            return torch.zeros((B, T, K), dtype=torch.float32, device=self.device)
+        ids_N_K = ids_B_T_K[self.rows_N, self.tgt_N].long()
+        check_ids_in_range("ids_B_T_K", ids_N_K, self.width)
+        ids_N_K = ids_N_K.to(self.hidden_N_H.device)
+        out_N_K = torch.empty((N, K), dtype=torch.float32, device=self.hidden_N_H.device)
+        with torch.no_grad():
+            for sl in _slices(N, self.chunk_size):
+                out_N_K[sl] = self.head.logits_at(self.hidden_N_H[sl], ids_N_K[sl]) - self.lse_N[sl, None]
+        return _scatter(out_N_K, self.rows_N, self.tgt_N, B, T).to(self.device)
 
 
 def score(
@@ -106,6 +147,57 @@ def score(
     bf16 student; see ``opd.precision``); the head is float32 either way. None = the weights' dtype.
     If nothing is marked as response, zeros are returned without running the model.
     """
+    return _score(
+        model,
+        input_ids_B_T,
+        attention_mask_B_T,
+        response_mask_B_T,
+        temperature=temperature,
+        top_k=top_k,
+        given_ids_B_T_K=given_ids_B_T_K,
+        entropy=entropy,
+        chunk_size=chunk_size,
+        vocab_limit=vocab_limit,
+        grad=grad,
+        compute_dtype=compute_dtype,
+    )[0]
+
+
+def score_rescorable(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    **kwargs,
+) -> tuple[ScoreOutput, Rescorer]:
+    """No-grad ``score(...)`` (same keyword arguments, no ``grad``) and a :class:`Rescorer` that gives the
+    same positions' log-probs at ids known only later (a teacher scored before the student's pass gives
+    its log-probs at the student's top-k afterwards without a second vocabulary-wide head)."""
+    if kwargs.pop("grad", False):
+        raise ValueError("score_rescorable: grad=True is not supported (the rescorer is no-grad).")
+    with torch.no_grad():
+        out, rescorer = _score(
+            model, input_ids_B_T, attention_mask_B_T, response_mask_B_T, keep=True, **kwargs
+        )
+    return out, rescorer
+
+
+def _score(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    given_ids_B_T_K: torch.Tensor | None = None,
+    entropy: bool = True,
+    chunk_size: int = 256,
+    vocab_limit: int | None = None,
+    grad: bool = False,
+    compute_dtype: str | torch.dtype | None = None,
+    keep: bool = False,
+) -> tuple[ScoreOutput, Rescorer | None]:
     check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
     B, T = input_ids_B_T.shape
     head, V = make_head(model, temperature, vocab_limit)
@@ -131,13 +223,16 @@ def score(
         (torch.float32, (top_k,)) if top_k else None,
         (torch.float32, (K_given,)) if given_N_K is not None else None,
         (torch.float32, ()) if entropy else None,
+        (torch.float32, ()) if keep else None,  # lse_N
     )
     N = rows_N.numel()
     device = input_ids_B_T.device
+    hidden_N_H = None
     if N == 0:
         fields = [
             None if sp is None else torch.zeros((B, T, *sp[1]), dtype=sp[0], device=device) for sp in specs
         ]
+        fields_N = [None] * len(specs)
     else:
         with torch.set_grad_enabled(grad):
             with compute_context(model, compute_dtype):
@@ -147,7 +242,7 @@ def score(
 
             def chunk_args(sl: slice) -> tuple:
                 given = None if given_N_K is None else given_N_K[sl]
-                return head, hidden_N_H[sl], target_N[sl], given, top_k, entropy
+                return head, hidden_N_H[sl], target_N[sl], given, top_k, entropy, keep
 
             if grad:
                 pieces = [
@@ -168,14 +263,21 @@ def score(
                     for buf_N, values in zip(fields_N, _chunk_stats(*chunk_args(sl))):
                         if buf_N is not None:
                             buf_N[sl] = values
-        fields = [None if f is None else _scatter(f, rows_N, tgt_N, B, T).to(device) for f in fields_N]
-    return ScoreOutput(
+        fields = [None if f is None else _scatter(f, rows_N, tgt_N, B, T).to(device) for f in fields_N[:5]]
+    out = ScoreOutput(
         token_logp_B_T=fields[0],
         topk_ids_B_T_K=fields[1],
         topk_logp_B_T_K=fields[2],
         given_logp_B_T_K=fields[3],
         entropy_B_T=fields[4],
     )
+    if not keep:
+        return out, None
+    if hidden_N_H is None:
+        hidden_N_H = torch.zeros((0, 1), device=device)
+        fields_N[5] = torch.zeros((0,), device=device)
+    rescorer = Rescorer(head, hidden_N_H, fields_N[5], rows_N, tgt_N, (B, T), V, chunk_size, device)
+    return out, rescorer
 
 
 def score_full_logits(
@@ -293,3 +395,128 @@ def full_vocab_pair(
                 pieces.append(_pair_chunk(*args))
         div_N = torch.cat(pieces).float()
     return _scatter(div_N, rows_N, tgt_N, B, T).to(input_ids_B_T.device)
+
+
+def full_vocab_fused(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_weight_B_T: torch.Tensor,
+    *,
+    top_k: int = 0,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    vocab_limit: int | None = None,
+    chunk_size: int = 256,
+    compute_dtype: str | torch.dtype | None = None,
+) -> tuple[torch.Tensor, ScoreOutput, ScoreOutput]:
+    """One pass of both models that scores them *and* backpropagates ``Σ_{b,t} loss_weight_B_T · div_B_T``.
+
+    ``div_B_T`` is :func:`full_vocab_pair`'s divergence; the weights are the loss's constant per-token
+    coefficients (an aggregation of per-token values is linear in them). The student's parameters get
+    their ``.grad`` accumulated here, so the caller does not call ``backward``. Also returns the two
+    models' no-grad ``score``-style outputs from the same logits: token log-probs, top-``top_k`` ids and
+    log-probs, entropy, and the teacher's log-probs at the student's top-``top_k`` ids
+    (``given_logp_B_T_K``), i.e. what ``score_pair`` gives, without running either model again.
+    Returns ``(div_B_T detached, student ScoreOutput, teacher ScoreOutput)``.
+
+    How: the teacher's backbone runs once without grad, the student's once with grad; only their N
+    response rows are kept. Per chunk of ``chunk_size`` positions the student's head runs on a detached
+    copy of its hidden rows with grad, the divergence's backward is taken at once (into the head's weights
+    and that chunk's hidden-row gradient), and the chunk's vocabulary-sized tensors are freed. At the end
+    the hidden-row gradients go through the backbone in one ``backward``. Each head thus runs once
+    forward (no checkpoint recompute) and no N×V tensor exists; the peak extra is a few chunk×V float32
+    tensors (logits, log-probs and the divergence's saved tensors of one chunk).
+    """
+    check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
+    s_head, V = make_head(student, temperature, vocab_limit)
+    t_head, Vt = make_head(teacher, teacher_temperature, vocab_limit)
+    if Vt != V:
+        raise ValueError(
+            f"vocab_limit={vocab_limit!r}: the student scores {V} logit columns, the teacher {Vt}. "
+            "Fix: pass the shared vocabulary size (opd.models.check_compatibility(...).vocab_limit)."
+        )
+    if not (isinstance(top_k, int) and 0 <= top_k <= V):
+        raise ValueError(f"top_k={top_k!r}: must be an int in [0, {V}] (0 = no top-k). Fix: use 16 or 0.")
+    assert loss_weight_B_T.shape == input_ids_B_T.shape, (
+        f"loss_weight_B_T has shape {tuple(loss_weight_B_T.shape)}, input_ids_B_T {tuple(input_ids_B_T.shape)}"
+    )
+    B, T = input_ids_B_T.shape
+    device = input_ids_B_T.device
+    rows_N, tgt_N, src_N = aligned_positions(response_mask_B_T)
+    target_N = input_ids_B_T[rows_N, tgt_N]
+    check_ids_in_range("input_ids_B_T", target_N, V)
+    N = rows_N.numel()
+    k_shape = (top_k,) if top_k else None
+    if N == 0:
+
+        def zeros(shape, dtype=torch.float32):
+            return None if shape is None else torch.zeros((B, T, *shape), dtype=dtype, device=device)
+
+        s_out = ScoreOutput(zeros(()), zeros(k_shape, torch.long), zeros(k_shape), None, zeros(()))
+        t_out = ScoreOutput(zeros(()), zeros(k_shape, torch.long), zeros(k_shape), zeros(k_shape), zeros(()))
+        return zeros(()), s_out, t_out
+    with torch.no_grad():
+        t_hidden_B_T_H = final_hidden(teacher, input_ids_B_T, attention_mask_B_T)
+        t_hidden_N_H = t_hidden_B_T_H[rows_N.to(t_hidden_B_T_H.device), src_N.to(t_hidden_B_T_H.device)]
+        del t_hidden_B_T_H
+    with compute_context(student, compute_dtype):
+        s_hidden_B_T_H = final_hidden(student, input_ids_B_T, attention_mask_B_T)
+    s_hidden_N_H = s_hidden_B_T_H[rows_N.to(s_hidden_B_T_H.device), src_N.to(s_hidden_B_T_H.device)]
+    del s_hidden_B_T_H
+    dev = s_hidden_N_H.device
+    weight_N = loss_weight_B_T.detach().to(dev)[rows_N.to(dev), tgt_N.to(dev)].float()
+    target_N = target_N.to(dev)
+
+    def buf(shape, dtype=torch.float32):
+        return None if shape is None else torch.empty((N, *shape), dtype=dtype, device=dev)
+
+    s_f = [buf(()), buf(k_shape, torch.long), buf(k_shape), None, buf(())]
+    t_f = [buf(()), buf(k_shape, torch.long), buf(k_shape), buf(k_shape), buf(())]
+    div_N = buf(())
+    grad_N_H = torch.empty_like(s_hidden_N_H)
+    for sl in _slices(N, chunk_size):
+        h_c_H = s_hidden_N_H[sl].detach().requires_grad_(s_hidden_N_H.requires_grad)
+        with torch.enable_grad():
+            z_c_V = s_head.logits(h_c_H)
+        with torch.no_grad():
+            s_logp_c_V = torch.log_softmax(z_c_V.detach(), dim=-1)
+            _stats_into(s_f, sl, s_logp_c_V, target_N[sl], top_k)
+            del s_logp_c_V
+            t_z_c_V = t_head.logits(t_hidden_N_H[sl].to(dev))
+            t_logp_c_V = torch.log_softmax(t_z_c_V, dim=-1)
+            _stats_into(t_f, sl, t_logp_c_V, target_N[sl], top_k)
+            if top_k:
+                t_f[3][sl] = t_logp_c_V.gather(-1, s_f[1][sl])
+            del t_logp_c_V
+        with torch.enable_grad():
+            div_c = divergence(z_c_V, t_z_c_V).float()
+            del z_c_V, t_z_c_V
+            div_N[sl] = div_c.detach()
+            if div_c.requires_grad:
+                (div_c * weight_N[sl]).sum().backward()
+        if h_c_H.grad is not None:
+            grad_N_H[sl] = h_c_H.grad
+        else:
+            grad_N_H[sl] = 0
+        del div_c, h_c_H
+    if s_hidden_N_H.requires_grad:
+        s_hidden_N_H.backward(grad_N_H)
+
+    def out(f):
+        return [None if x is None else _scatter(x, rows_N, tgt_N, B, T).to(device) for x in f]
+
+    return _scatter(div_N, rows_N, tgt_N, B, T).to(device), ScoreOutput(*out(s_f)), ScoreOutput(*out(t_f))
+
+
+def _stats_into(
+    fields_N: list, sl: slice, logp_c_V: torch.Tensor, target_c: torch.Tensor, top_k: int
+) -> None:
+    """``_chunk_stats``' token log-prob, top-k and entropy of one chunk's log-probs, into the buffers."""
+    fields_N[0][sl] = logp_c_V.gather(-1, target_c[:, None]).squeeze(-1)
+    if top_k:
+        fields_N[2][sl], fields_N[1][sl] = logp_c_V.topk(top_k, dim=-1)
+    fields_N[4][sl] = -torch.matmul(logp_c_V.exp()[:, None, :], logp_c_V[:, :, None]).reshape(-1)

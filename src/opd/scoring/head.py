@@ -127,13 +127,31 @@ class Head:
                 if self.vocab_limit is not None:
                     z_N_V = z_N_V[..., : self.vocab_limit]
                 z_N_V = z_N_V.float()
+        return self._post(z_N_V)
+
+    def logits_at(self, hidden_N_H: torch.Tensor, ids_N_K: torch.Tensor) -> torch.Tensor:
+        """``logits(hidden_N_H)`` at the columns ``ids_N_K`` only (row n's ids for row n), float32.
+
+        A plain Linear head multiplies just the K weight rows each position needs (O(N·K·H), not
+        O(N·V·H)); the quirks in ``post`` are elementwise, so applying them after the gather is exact. Any
+        other head computes the full row and gathers."""
+        with torch.autocast(device_type=hidden_N_H.device.type, enabled=False):
+            if not isinstance(self.lm_head, torch.nn.Linear):
+                return self.logits(hidden_N_H).gather(-1, ids_N_K)
+            w_N_K_H = self.lm_head.weight[ids_N_K].float()
+            z_N_K = torch.matmul(w_N_K_H, hidden_N_H.float()[:, :, None]).squeeze(-1)
+            if self.lm_head.bias is not None:
+                z_N_K = z_N_K + self.lm_head.bias[ids_N_K].float()
+        return self._post(z_N_K)
+
+    def _post(self, z: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
-            z_N_V = z_N_V * self.scale
+            z = z * self.scale
         if self.softcap is not None:
-            z_N_V = torch.tanh(z_N_V / self.softcap) * self.softcap
+            z = torch.tanh(z / self.softcap) * self.softcap
         if self.temperature != 1.0:
-            z_N_V = z_N_V / self.temperature
-        return z_N_V
+            z = z / self.temperature
+        return z
 
 
 def _logit_quirks(model: torch.nn.Module) -> tuple[float | None, float]:

@@ -9,7 +9,14 @@ from collections.abc import Callable
 import torch
 
 from opd.rollout import RolloutBatch, shift_positions
-from opd.scoring.chunked import ScoreOutput, full_vocab_pair, score
+from opd.scoring.chunked import (
+    Rescorer,
+    ScoreOutput,
+    full_vocab_fused,
+    full_vocab_pair,
+    score,
+    score_rescorable,
+)
 
 
 class PolicyScorer(torch.nn.Module):
@@ -19,7 +26,10 @@ class PolicyScorer(torch.nn.Module):
     ``vocab_limit`` and ``compute_dtype`` (as in :func:`score`). ``forward`` keeps the autograd graph
     exactly when grad is enabled (``torch.is_grad_enabled()``), so the loop's update passes differentiate
     through it and its no-grad scoring passes run under ``torch.no_grad()``. The wrapped model is the
-    submodule ``model``, so ``parameters()`` are its parameters.
+    submodule ``model``, so ``parameters()`` are its parameters. The ``loss_weight_B_T`` path
+    (:func:`full_vocab_fused`) takes its backward inside ``forward``, so gradients must be reduced across
+    processes after it by hand (``Runtime.all_reduce_grads``, as the loop does), not by a wrapper's
+    backward hooks.
     """
 
     def __init__(
@@ -50,11 +60,35 @@ class PolicyScorer(torch.nn.Module):
         teacher: torch.nn.Module | None = None,
         divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         teacher_temperature: float = 1.0,
-    ) -> ScoreOutput | torch.Tensor:
+        loss_weight_B_T: torch.Tensor | None = None,
+    ) -> ScoreOutput | torch.Tensor | tuple[torch.Tensor, ScoreOutput, ScoreOutput]:
         """``score(self.model, ...)`` → ScoreOutput; with ``teacher`` and ``divergence``: the streamed
         full-vocabulary ``divergence(student_logits, teacher_logits)`` per position (``div_B_T``, the
-        teacher at ``teacher_temperature``, no grad to it) as :func:`full_vocab_pair` computes it."""
+        teacher at ``teacher_temperature``, no grad to it) as :func:`full_vocab_pair` computes it; with
+        ``loss_weight_B_T`` as well: :func:`full_vocab_fused` (backpropagates the weighted divergence
+        itself and returns ``(div_B_T, student ScoreOutput, teacher ScoreOutput)`` with top-``top_k``)."""
         grad = torch.is_grad_enabled()
+        if loss_weight_B_T is not None:
+            if teacher is None or divergence is None or given_ids_B_T_K is not None:
+                raise ValueError(
+                    "PolicyScorer.forward: loss_weight_B_T needs teacher= and divergence= and no "
+                    "given_ids_B_T_K. Fix: call it with those (and top_k=)."
+                )
+            return full_vocab_fused(
+                self.model,
+                teacher,
+                input_ids_B_T,
+                attention_mask_B_T,
+                response_mask_B_T,
+                divergence,
+                loss_weight_B_T,
+                top_k=top_k,
+                temperature=self.temperature,
+                teacher_temperature=teacher_temperature,
+                vocab_limit=self.vocab_limit,
+                chunk_size=self.chunk_size,
+                compute_dtype=self.compute_dtype,
+            )
         if teacher is not None or divergence is not None:
             if teacher is None or divergence is None or given_ids_B_T_K is not None or top_k or entropy:
                 raise ValueError(
@@ -87,6 +121,29 @@ class PolicyScorer(torch.nn.Module):
             chunk_size=self.chunk_size,
             vocab_limit=self.vocab_limit,
             grad=grad,
+            compute_dtype=self.compute_dtype,
+        )
+
+    def score_rescorable(
+        self,
+        input_ids_B_T: torch.Tensor,
+        attention_mask_B_T: torch.Tensor,
+        response_mask_B_T: torch.Tensor,
+        *,
+        top_k: int = 0,
+        entropy: bool = False,
+    ) -> tuple[ScoreOutput, Rescorer]:
+        """No-grad :func:`score_rescorable` of the model with this scorer's settings."""
+        return score_rescorable(
+            self.model,
+            input_ids_B_T,
+            attention_mask_B_T,
+            response_mask_B_T,
+            temperature=self.temperature,
+            top_k=top_k,
+            entropy=entropy,
+            chunk_size=self.chunk_size,
+            vocab_limit=self.vocab_limit,
             compute_dtype=self.compute_dtype,
         )
 
@@ -165,9 +222,46 @@ def score_teacher(
         top_k=width,
         entropy=True,
     )
+    return _to_layout(t, P2, P)
+
+
+def score_teacher_first(
+    teacher: PolicyScorer, mb: RolloutBatch, width: int, *, teacher_mb: RolloutBatch | None = None
+) -> tuple[ScoreOutput, Callable[[torch.Tensor], torch.Tensor]]:
+    """:func:`score_teacher` before the student's ids are known: the teacher's own top-``width``,
+    entropy and sampled-token log-probs now (``given_logp_B_T_K`` None), and a function that gives its
+    log-probs at ids of ``mb``'s layout later (``Rescorer.given``: K weight rows per position, no second
+    vocabulary-wide head). Both in ``mb``'s layout, as :func:`score_teacher`'s."""
+    if not hasattr(teacher, "score_rescorable"):
+        # a scorer that keeps no hidden rows (a served teacher, opd.remote): a second scoring call later
+        def rescore(ids_B_T_K: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return score_teacher(teacher, mb, ids_B_T_K, width, teacher_mb=teacher_mb).given_logp_B_T_K
+
+        with torch.no_grad():
+            return score_teacher(teacher, mb, None, width, teacher_mb=teacher_mb), rescore
+    if teacher_mb is None:
+        teacher_mb = mb
+    P, P2 = mb.prompt_len, teacher_mb.prompt_len
+    with torch.no_grad():
+        t, rescorer = teacher.score_rescorable(
+            teacher_mb.input_ids_B_T,
+            teacher_mb.attention_mask_B_T,
+            teacher_mb.response_mask_B_T,
+            top_k=width,
+            entropy=True,
+        )
+
+    def given(ids_B_T_K: torch.Tensor) -> torch.Tensor:
+        return shift_positions(rescorer.given(shift_positions(ids_B_T_K, P, P2)), P2, P)
+
+    return _to_layout(t, P2, P), given
+
+
+def _to_layout(t: ScoreOutput, P_from: int, P_to: int) -> ScoreOutput:
     return ScoreOutput(
         **{
-            k: None if getattr(t, k) is None else shift_positions(getattr(t, k), P2, P)
+            k: None if getattr(t, k) is None else shift_positions(getattr(t, k), P_from, P_to)
             for k in ScoreOutput.__dataclass_fields__
         }
     )

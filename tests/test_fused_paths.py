@@ -1,0 +1,173 @@
+"""One step of the fused path (one student pass) against the two-pass path (scoring pass + update) on the
+same rollout batch: the same gradient, scores, rewards and loss, for every objective and support. The
+training-run comparison (weights after three steps) is in test_train.py; this one compares the gradient
+itself, before Adam can amplify rounding in near-zero entries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opd_configs import make_cfg
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opd.data import load_prompts
+from opd.methods import opd as opd_method
+from opd.methods.opd_scoring import can_fuse, fused_update, score_batch
+from opd.rollout import make_backend, relay_responses
+from opd.scoring import PolicyScorer, ScoreOutput, full_vocab_fused, full_vocab_pair, score, score_rescorable
+
+SETTINGS = {
+    "sampled": dict(objective="sampled"),
+    "topk-student": dict(objective="topk", support_size=4),
+    "topk-teacher": dict(objective="topk", support_size=4, support="teacher"),
+    "topk-union": dict(objective="topk", support_size=4, support="union", weighting="teacher_p"),
+    "topk-symdiff": dict(objective="topk", support_size=4, support="symmetric_difference"),
+    "topk-teacher-renorm-seqmean": dict(
+        objective="topk",
+        support_size=3,
+        support="teacher",
+        renormalize=True,
+        loss_aggregation="seq-mean-token-mean",
+    ),
+    "full": dict(objective="full"),
+    "full-seqsum-mb1-chunk3": dict(
+        objective="full", loss_aggregation="seq-mean-token-sum", micro_batch_size=1, score_chunk_size=3
+    ),
+    "full-temperatures": dict(objective="full", temperature=0.7, teacher_temperature=1.3),
+}
+
+
+def _batch(tiny_pair, n_prompts=3, teacher_template=None):
+    student_dir, _, prompts = tiny_pair
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    kw = {} if teacher_template is None else dict(teacher_prompt_template=teacher_template)
+    ps = load_prompts(prompts, tok, prompt_template="Q: {problem}\nA:", limit=n_prompts, **kw)
+    batch = make_backend("hf", model, tok).generate(
+        [e.input_ids for e in ps.examples], n=2, max_new_tokens=7, temperature=1.0, top_p=1.0, top_k=0, seed=5
+    )
+    tb = None
+    if teacher_template is not None:
+        tb = relay_responses(batch, [ps.examples[int(p)].teacher_input_ids for p in batch.prompt_index_B])
+    return batch, tb
+
+
+def _run(tiny_pair, cfg, batch, teacher_batch, fused: bool):
+    student_dir, teacher_dir, _ = tiny_pair
+    s = PolicyScorer(
+        AutoModelForCausalLM.from_pretrained(student_dir),
+        temperature=cfg.temperature,
+        chunk_size=cfg.score_chunk_size,
+    )
+    t = PolicyScorer(
+        AutoModelForCausalLM.from_pretrained(teacher_dir).eval(),
+        temperature=cfg.teacher_temperature,
+        chunk_size=cfg.score_chunk_size,
+    )
+    opt = torch.optim.SGD(s.parameters(), lr=0.0)  # the step leaves the weights and the .grad to compare
+    if fused:
+        scored, _, loss, norm, _, _ = fused_update(s, t, batch, opt, cfg, teacher_batch=teacher_batch)
+    else:
+        scored, _ = score_batch(s, t, batch, cfg, teacher_batch=teacher_batch)
+        loss, norm, _, _ = opd_method.update(s, t, batch, scored, opt, cfg)
+    grads = {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}
+    return scored, loss, norm, grads
+
+
+def _assert_scores(a: ScoreOutput, b: ScoreOutput):
+    for f in ScoreOutput.__dataclass_fields__:
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None), f
+        if x is None:
+            continue
+        if f == "topk_ids_B_T_K":
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, atol=2e-6, rtol=0, msg=f)
+
+
+@pytest.mark.parametrize("kw", list(SETTINGS.values()), ids=list(SETTINGS))
+def test_one_fused_step_equals_the_two_pass_step(tiny_pair, tmp_path, kw):
+    cfg = make_cfg(tiny_pair, tmp_path, **kw)
+    assert can_fuse(cfg)
+    batch, _ = _batch(tiny_pair)
+    assert batch.response_mask_B_T.sum() > 8
+    two, loss2, norm2, g2 = _run(tiny_pair, cfg, batch, None, fused=False)
+    one, loss1, norm1, g1 = _run(tiny_pair, cfg, batch, None, fused=True)
+    assert norm2 > 0 and set(g1) == set(g2)
+    scale = max(float(g.abs().max()) for g in g2.values())
+    for name in g2:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-5 * scale, rtol=0, msg=name)
+    assert norm1 == pytest.approx(norm2, rel=1e-5)
+    assert loss1 == pytest.approx(loss2, rel=1e-5, abs=1e-7)
+    _assert_scores(one.student, two.student)
+    _assert_scores(one.teacher, two.teacher)
+    torch.testing.assert_close(one.token_reward_B_T, two.token_reward_B_T, atol=2e-6, rtol=0)
+
+
+def test_teacher_first_support_under_the_teachers_own_prompt(tiny_pair, tmp_path):
+    """support=union scores the teacher before the student: under a teacher prompt of another length
+    the kept rows and the later rescoring still land on the student's layout."""
+    cfg = make_cfg(tiny_pair, tmp_path, objective="topk", support_size=4, support="union")
+    batch, tb = _batch(tiny_pair, teacher_template="Solve this: {problem} Answer:")
+    assert tb.prompt_len != batch.prompt_len
+    two, _, _, g2 = _run(tiny_pair, cfg, batch, tb, fused=False)
+    one, _, _, g1 = _run(tiny_pair, cfg, batch, tb, fused=True)
+    scale = max(float(g.abs().max()) for g in g2.values())
+    for name in g2:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-5 * scale, rtol=0, msg=name)
+    _assert_scores(one.teacher, two.teacher)
+
+
+def test_rescorer_gives_the_log_probs_score_would(tiny_pair):
+    """Log-probs at ids chosen after the pass (K weight rows per position) equal a pass given those ids."""
+    student_dir, teacher_dir, _ = tiny_pair
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    batch, _ = _batch(tiny_pair)
+    ids, am, rm = batch.input_ids_B_T, batch.attention_mask_B_T, batch.response_mask_B_T
+    out, rescorer = score_rescorable(teacher, ids, am, rm, top_k=5, temperature=0.8, chunk_size=4)
+    ref_plain = score(teacher, ids, am, rm, top_k=5, temperature=0.8, chunk_size=4)
+    _assert_scores(out, ref_plain)
+    g = torch.Generator().manual_seed(0)
+    V = teacher.get_output_embeddings().weight.shape[0]
+    later_B_T_K = torch.randint(0, V, (*ids.shape, 6), generator=g) * rm[..., None].long()
+    ref = score(teacher, ids, am, rm, given_ids_B_T_K=later_B_T_K, temperature=0.8, chunk_size=4)
+    torch.testing.assert_close(rescorer.given(later_B_T_K), ref.given_logp_B_T_K, atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="ids_B_T_K"):
+        rescorer.given(later_B_T_K + V)
+
+
+def test_full_vocab_fused_gradient_equals_autograd_through_the_pair(tiny_pair):
+    """The chunk-by-chunk backward of full_vocab_fused is the gradient of Σ w·div of full_vocab_pair."""
+    student_dir, teacher_dir, _ = tiny_pair
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    batch, _ = _batch(tiny_pair)
+    ids, am, rm = batch.input_ids_B_T, batch.attention_mask_B_T, batch.response_mask_B_T
+    w_B_T = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) * rm
+
+    def kl(zs, zt):
+        ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+        return (ls.exp() * (ls - lt)).sum(-1)
+
+    grads, divs = [], []
+    for fused in (False, True):
+        student = AutoModelForCausalLM.from_pretrained(student_dir)
+        if fused:
+            div, s_out, t_out = full_vocab_fused(
+                student, teacher, ids, am, rm, kl, w_B_T, top_k=3, chunk_size=5
+            )
+            assert not div.requires_grad and s_out.topk_ids_B_T_K.shape[-1] == 3
+            torch.testing.assert_close(s_out.token_logp_B_T, score(student, ids, am, rm).token_logp_B_T)
+            torch.testing.assert_close(
+                t_out.given_logp_B_T_K,
+                score(teacher, ids, am, rm, given_ids_B_T_K=s_out.topk_ids_B_T_K).given_logp_B_T_K,
+            )
+        else:
+            div = full_vocab_pair(student, teacher, ids, am, rm, kl, chunk_size=5, grad=True)
+            (div * w_B_T).sum().backward()
+        divs.append(div.detach())
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(divs[1], divs[0], atol=1e-6, rtol=0)
+    assert set(grads[0]) == set(grads[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
