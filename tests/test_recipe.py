@@ -343,7 +343,7 @@ class FakeTools:
         self.calls.append(("template", cfg.prompts))
         return {"template": candidates[-1], "why": "the last candidate (test)"}
 
-    def align_content(self, cfg, out_dir, *, fraction, ood_share, seed):
+    def align_content(self, cfg, out_dir, *, num_prompts, fraction, ood_share, seed):
         self.calls.append(("content", cfg.prompts, fraction, ood_share))
         if self.fail:
             raise RuntimeError("ranking failed (test)")
@@ -423,4 +423,5 @@ def test_template_remedy_sets_the_chosen_template(tmp_path):
     state = opd.recipe(cfg, tools=FakeTools())
     assert names_of(state["plan"]["initial"]) == [TEMPLATE]
     saved = json.loads((root / "attempt-1" / "config.json").read_text())
-    assert saved["prompt_template"] == "Solve: {problem}" and state["attempts"][0]["steps_done"] == 2
+    assert saved["teacher_prompt_template"] == "Solve: {problem}" and saved["prompt_template"] is None
+    assert state["attempts"][0]["steps_done"] == 2

@@ -42,11 +42,14 @@ class RecipeConfig(ColdstartConfig):
     """Most remedies applied in all (those the diagnosis calls for first, then one per alert that stops a run)."""
     template_candidates: tuple[str, ...] = ()
     """Candidate prompt templates (``{problem}`` placeholder) for template alignment; none = that remedy is skipped."""
-    template_target: str = "prompt_template"
-    """Where the chosen template goes: prompt_template (both models read it) or teacher_prompt_template (the
-    teacher only; not combinable with the cold start)."""
+    template_target: str = "teacher_prompt_template"
+    """Where the chosen template goes: teacher_prompt_template (the teacher only, as the candidates are
+    measured) or prompt_template (both models). With the cold start in the same run it goes to
+    prompt_template (the cold start's SFT stage samples the teacher under the student's prompt)."""
     content_fraction: float = 0.5
     """Content alignment: the share of the prompt pool kept (the best-agreeing prompts plus the OOD share)."""
+    content_num_prompts: int = 256
+    """Content alignment: prompts of the pool measured and ranked (a seeded sample; only measured ones are kept)."""
     content_ood_share: float = 0.2
     """Content alignment: the share of the kept prompts drawn from the rest of the pool (holds entropy up)."""
     low_overlap_partial: tuple[float, float] = (0.1, 0.9)
@@ -76,6 +79,8 @@ class RecipeConfig(ColdstartConfig):
                 )
         if not 0 < self.content_fraction <= 1:
             errs.append(f"content_fraction={self.content_fraction}: must be in (0, 1]")
+        if self.content_num_prompts < 1:
+            errs.append(f"content_num_prompts={self.content_num_prompts}: must be >= 1")
         if not 0 <= self.content_ood_share < 1:
             errs.append(f"content_ood_share={self.content_ood_share}: must be in [0, 1)")
         lo, hi = self.low_overlap_partial

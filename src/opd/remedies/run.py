@@ -229,13 +229,19 @@ def _attempt(
                     list(cfg.template_candidates),
                     remedy_dir,
                 )
-            values[cfg.template_target] = setup[TEMPLATE]["template"]
+            target = cfg.template_target
+            if target == "teacher_prompt_template" and any(x.name == COLDSTART for x in remedies):
+                target = "prompt_template"  # the cold start's teacher samples under the student's prompt
+                log.info("[recipe] with the cold start the chosen template goes to prompt_template")
+            values[target] = setup[TEMPLATE]["template"]
+            setup[TEMPLATE]["applied_as"] = target
         elif r.name == CONTENT:
             if CONTENT not in setup:
                 remedy_dir.mkdir(parents=True, exist_ok=True)
                 setup[CONTENT] = tools.align_content(
                     _opd_config(values, str(remedy_dir / "content")),
                     remedy_dir,
+                    num_prompts=cfg.content_num_prompts,
                     fraction=cfg.content_fraction,
                     ood_share=cfg.content_ood_share,
                     seed=cfg.seed,

@@ -7,6 +7,7 @@ object with these two methods. :class:`DefaultPromptTools` calls :mod:`opd.promp
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,16 +23,19 @@ class PromptTools(Protocol):
         ...
 
     def align_content(
-        self, cfg: OPDConfig, out_dir: Path, *, fraction: float, ood_share: float, seed: int
+        self, cfg: OPDConfig, out_dir: Path, *, num_prompts: int, fraction: float, ood_share: float, seed: int
     ) -> dict[str, Any]:
-        """Rank ``cfg.prompts`` by teacher–student agreement and write the selection (``fraction`` of the
-        pool, ``ood_share`` of it from the rest) as a JSONL file under ``out_dir``. Returns a JSON-able
-        dict with at least ``prompts`` (that file) and ``why``."""
+        """Rank ``num_prompts`` prompts of ``cfg.prompts`` by teacher–student agreement and write the
+        selection (``fraction`` of them, ``ood_share`` of those from the rest) as a JSONL file under
+        ``out_dir``. Returns a JSON-able dict with at least ``prompts`` (that file) and ``why``."""
         ...
 
 
 class DefaultPromptTools:
-    """The remedies of :mod:`opd.prompts` (``select_template``, ``rank_prompts`` / ``select_prompts``)."""
+    """The remedies of :mod:`opd.prompts`: ``select_template`` over the candidates as teacher templates,
+    and ``rank_prompts`` / ``select_prompts`` / ``write_selection`` on the recipe's prompt pool. Each
+    measures on the recipe's models with its prompts' rendering, ``rollouts_per_prompt`` and
+    ``max_new_tokens``, and writes its report into ``out_dir``."""
 
     def _prompts(self):
         try:
@@ -43,28 +47,43 @@ class DefaultPromptTools:
             ) from None
         return prompts
 
+    def _config(self, cfg: OPDConfig, out_dir: Path, **keys: Any):
+        prompts = self._prompts()
+        names = {f.name for f in fields(prompts.PromptsConfig)}
+        skip = {
+            "output_dir",
+            "student_dtype",
+            "num_prompts",
+            "pools",
+        }  # opd train's student_dtype is a compute dtype
+        values = {k: getattr(cfg, k) for k in names - skip if hasattr(cfg, k)}
+        return prompts.PromptsConfig(**values, output_dir=str(out_dir), **keys)
+
     def align_template(self, cfg: OPDConfig, candidates: list[str], out_dir: Path) -> dict[str, Any]:
         prompts = self._prompts()
-        selection = prompts.select_template(cfg, list(candidates))
-        return _jsonable(selection) | {"template": selection.template}
+        pcfg = self._config(cfg, out_dir)
+        selection = prompts.select_template(pcfg, prompts.load_candidates(list(candidates)))
+        prompts.write_template_report(selection, out_dir)
+        best = selection.best
+        return {
+            "template": best.teacher_prompt_template,
+            "name": best.name,
+            "why": f"the best of {len(candidates)} candidate(s): {selection.rule}",
+            "measurements": selection.measurements,
+        }
 
     def align_content(
-        self, cfg: OPDConfig, out_dir: Path, *, fraction: float, ood_share: float, seed: int
+        self, cfg: OPDConfig, out_dir: Path, *, num_prompts: int, fraction: float, ood_share: float, seed: int
     ) -> dict[str, Any]:
         prompts = self._prompts()
-        ranking = prompts.rank_prompts(cfg)
-        rows = prompts.select_prompts(ranking, fraction=fraction, ood_share=ood_share, seed=seed)
-        path = out_dir / "prompts.jsonl"
-        prompts.write_prompts(rows, path)
-        return {"prompts": str(path), "kept": len(rows), "ranking": _jsonable(ranking)}
-
-
-def _jsonable(obj: Any) -> dict[str, Any]:
-    """A result object's plain fields (dataclass or mapping), for recipe.json."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    if not isinstance(obj, dict):
-        return {"result": repr(obj)}
-    return {k: v for k, v in obj.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+        pcfg = self._config(cfg, out_dir, num_prompts=num_prompts)
+        ranking = prompts.rank_prompts(pcfg)
+        sel = prompts.select_prompts(ranking, fraction=fraction, ood_share=ood_share, seed=seed)
+        paths = prompts.write_selection(sel, ranking, out_dir)
+        return {
+            "prompts": str(paths["selected"]),
+            "kept": len(sel.rows),
+            "why": f"the {len(sel.aligned)} best-agreeing of {len(ranking.prompts)} measured prompts plus "
+            f"{len(sel.ood)} out-of-distribution ones",
+            "stats": sel.stats,
+        }
