@@ -20,6 +20,7 @@ from opd.lab import zoo
 from opd.lab.build import build as build_zoo
 from opd.lab.demo import run_demo
 from opd.methods import METHODS, Method
+from opd.prompts import cli as prompts_cli
 from opd.remedies import RecipeConfig, recipe
 from opd.report import markdown_table
 from opd.rundir import RunInterrupted
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--only", nargs="*", default=None, help="build only these models")
     lab_sub.add_parser("list", help="list zoo models and lab prompt sets")
+    prompts_cli.add_parser(sub)
     return parser
 
 
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "grade":
             return _cmd_grade(args)
+        if args.command == "prompts":
+            return prompts_cli.run(args, parser)
         parser.print_help()
         return 0
     except ConfigError as e:

@@ -48,8 +48,12 @@ def _job(name: str, spec: ModelSpec, out_dir: str, seed: int, evaluate: bool, qu
         "sha256": weights_sha256(d),
     }
     if evaluate:
-        rows = prompt_rows("test")
-        for label, temp in (("greedy", 0.0), ("sampled_t1", 1.0)):
+        plain = prompt_rows("test")
+        rows = [r | {"prompt": world.wrap(r["prompt"], spec.prompt_template)} for r in plain]
+        runs = [("greedy", 0.0, rows), ("sampled_t1", 1.0, rows)]
+        if spec.prompt_template is not None:  # and under the plain prompt it was never trained with
+            runs.append(("greedy_plain_prompt", 0.0, plain))
+        for label, temp, rows in runs:
             r = evaluate_model(model, tok, rows, temperature=temp, seed=seed, return_responses=True)
             usage = [world.detect_pattern(x) for x in r.pop("responses")]
             r.pop("correct")

@@ -52,6 +52,9 @@ class ModelSpec:
     init_from: str | None = None  # another spec's name: continue training from its weights
     seed_offset: int = 0  # combined with the build seed (seed * 1000 + offset): own init and data order
     notes: str = ""  # one line on the model's role, copied into build_info.json
+    prompt_template: str | None = (
+        None  # world.TEMPLATE_VARIANTS value the prompts are wrapped in (None: plain)
+    )
 
 
 def encode_example(tokenizer, prompt: str, solution: str) -> tuple[list[int], int]:
@@ -64,9 +67,14 @@ def encode_example(tokenizer, prompt: str, solution: str) -> tuple[list[int], in
     return p_ids + r_ids, len(p_ids)
 
 
-def make_batch(tokenizer, problems: list[world.Problem], pattern: str) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the response)."""
-    seqs = [encode_example(tokenizer, p.prompt(), p.solution(pattern)) for p in problems]
+def make_batch(
+    tokenizer, problems: list[world.Problem], pattern: str, template: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the response).
+    ``template``: a ``{problem}`` template the prompt is wrapped in (:data:`world.TEMPLATE_VARIANTS`)."""
+    seqs = [
+        encode_example(tokenizer, world.wrap(p.prompt(), template), p.solution(pattern)) for p in problems
+    ]
     T = max(len(ids) for ids, _ in seqs)
     B = len(seqs)
     input_ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
@@ -152,7 +160,8 @@ def train_model(
     t0 = time.perf_counter()
     running = None
     for step in range(spec.steps):
-        batch = make_batch(tokenizer, [next(stream) for _ in range(spec.batch_size)], spec.pattern)
+        problems = [next(stream) for _ in range(spec.batch_size)]
+        batch = make_batch(tokenizer, problems, spec.pattern, spec.prompt_template)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, spec)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

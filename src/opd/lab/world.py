@@ -44,6 +44,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 PROMPT_TEMPLATE = "Compute {expr}. Answer in \\boxed{{}}."
+QA_TEMPLATE = "Question: {problem}\nWork it out one step per line.\nAnswer:"
+"""A prompt-template variant (an opd ``prompt_template``: ``{problem}`` is the rendered
+:data:`PROMPT_TEMPLATE` prompt). ``lab:teacher-a-qa`` was trained with its prompts in this template only,
+so the template alignment of docs/recipe.md has a teacher whose post-training template differs from the
+student's."""
+TEMPLATE_VARIANTS: dict[str, str | None] = {"plain": None, "qa": QA_TEMPLATE}
+"""Named prompt-template variants of the lab: None = the plain prompt (what the rest of the zoo saw)."""
 PATTERNS = ("a", "b")
 N_OPS = (2, 4)  # inclusive range of the number of operations
 SMALL, LARGE = range(1, 6), range(6, 10)  # operand magnitudes: easy uses SMALL only, hard also LARGE
@@ -181,3 +188,9 @@ def row(p: Problem, template: str = PROMPT_TEMPLATE) -> dict:
         "solution_a": p.solution("a"),
         "solution_b": p.solution("b"),
     }
+
+
+def wrap(prompt: str, template: str | None) -> str:
+    """``prompt`` wrapped in a :data:`TEMPLATE_VARIANTS` template (its ``{problem}`` placeholder), as
+    ``prompt_template`` / ``teacher_prompt_template`` render it (:func:`opd.data.apply_template`)."""
+    return prompt if template is None else template.replace("{problem}", prompt)

@@ -18,6 +18,8 @@ student-plus      ``student`` trained on easy + hard, A        the "after RL" st
                                                                distillation toward ``student``)
 student-base      small; A; easy only                          a student with no support on hard steps
 teacher-a-base    larger; A; easy only                         a teacher that knows nothing new
+teacher-a-qa      larger; A; easy + hard from scratch, its     compatible pattern under another prompt
+                  prompts in ``world.QA_TEMPLATE`` only        template (template alignment, recipe.md)
 ================  ===========================================  ==========================================
 
 Each model directory holds ``config.json``, ``model.safetensors``, ``generation_config.json`` and the
@@ -39,6 +41,7 @@ import os
 from pathlib import Path
 
 from opd.lab.train import ModelSpec
+from opd.lab.world import QA_TEMPLATE
 
 PACKAGE_ZOO = Path(__file__).resolve().parent
 ZOO_ENV = "OPD_LAB_ZOO"
@@ -105,6 +108,17 @@ SPECS: dict[str, ModelSpec] = {
             seed_offset=7,
             notes="pattern B, easy + hard from scratch: incompatible pattern, same score",
         ),
+        ModelSpec(
+            "teacher-a-qa",
+            "a",
+            0.5,
+            **_TEACHER,
+            steps=1500,
+            batch_size=32,
+            seed_offset=8,
+            prompt_template=QA_TEMPLATE,
+            notes="pattern A, easy + hard from scratch, prompts in world.QA_TEMPLATE only: another template",
+        ),
     )
 }
 MODEL_NAMES: tuple[str, ...] = (
@@ -115,6 +129,7 @@ MODEL_NAMES: tuple[str, ...] = (
     "student-plus",
     "student-base",
     "teacher-a-base",
+    "teacher-a-qa",
 )
 assert set(MODEL_NAMES) == set(SPECS)
 
