@@ -425,3 +425,81 @@ def test_template_remedy_sets_the_chosen_template(tmp_path):
     saved = json.loads((root / "attempt-1" / "config.json").read_text())
     assert saved["teacher_prompt_template"] == "Solve: {problem}" and saved["prompt_template"] is None
     assert state["attempts"][0]["steps_done"] == 2
+
+
+def write_diagnosis(root, **evidence):
+    """A finished diagnosis in ``root/diagnose`` (the recipe reads it back instead of measuring)."""
+    (root / "diagnose").mkdir(parents=True)
+    v = decide(Evidence(**evidence))
+    (root / "diagnose" / "diagnosis.json").write_text(
+        json.dumps(
+            {
+                "verdict": v.verdict,
+                "remedies": v.remedies,
+                "flags": v.flags,
+                "reasons": v.reasons,
+                "evidence": {},
+                "config": {"student": "lab:student"},
+            }
+        )
+    )
+    return v
+
+
+COMPATIBLE = dict(
+    overlap_ratio=0.5,
+    overlap_mass_student=0.99,
+    overlap_mass_teacher=0.99,
+    overlap_adv=-0.04,
+    entropy_gap=0.08,
+    reward_abs_mean=0.4,
+)
+
+
+def test_the_prompt_tools_pick_teacher_a_qas_own_template(tmp_path):
+    """opd.prompts measures the candidates: lab:teacher-a-qa was trained under the qa template only."""
+    root = tmp_path / "recipe"
+    write_diagnosis(root, stop_reward=-5.0, **COMPATIBLE)  # a template mismatch
+    qa = "Question: {problem}\nWork it out one step per line.\nAnswer:"
+    cfg = lab_recipe(
+        tmp_path,
+        "lab:teacher-a-qa",
+        resume=True,
+        template_candidates=("{problem}", qa),
+        eval_every=0,
+        steps=1,
+    )
+    state = opd.recipe(cfg)
+    setup = state["attempts"][0]["setup"]["template"]
+    assert setup["template"] == qa and setup["applied_as"] == "teacher_prompt_template"
+    assert json.loads((root / "attempt-1" / "config.json").read_text())["teacher_prompt_template"] == qa
+    assert (root / "attempt-1-remedy" / "template.json").is_file()
+
+
+def test_the_prompt_tools_select_the_content(tmp_path):
+    """Content alignment through opd.prompts: 8 prompts ranked, half kept (one OOD), OPD trains on them."""
+    root = tmp_path / "recipe"
+    v = write_diagnosis(
+        root,
+        **(
+            COMPATIBLE
+            | dict(overlap_mass_teacher=0.6, first_token_entropy_student=0.1, first_token_entropy_teacher=1.5)
+        ),
+    )
+    assert "teacher-aligned prompts" in v.remedies
+    cfg = lab_recipe(
+        tmp_path,
+        "lab:teacher-a-plus",
+        resume=True,
+        content_num_prompts=8,
+        content_ood_share=0.25,
+        eval_every=0,
+        steps=1,
+    )
+    state = opd.recipe(cfg)
+    setup = state["attempts"][0]["setup"]["content"]
+    selected = Path(setup["prompts"])
+    assert selected.is_file() and len(selected.read_text().splitlines()) == 4 == setup["kept"]
+    assert "3 best-agreeing of 8 measured prompts plus 1 out-of-distribution" in setup["why"]
+    saved = json.loads((root / "attempt-1" / "config.json").read_text())
+    assert saved["prompts"] == str(selected) and state["attempts"][0]["steps_done"] == 1
