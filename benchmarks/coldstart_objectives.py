@@ -38,6 +38,7 @@ VARIANTS = {
     "union": ["support=union"],
     "sampled": ["objective=sampled"],
     "lr1e-4": ["lr=1e-4"],
+    "full-lr1e-4": ["objective=full", "lr=1e-4"],
 }
 """Variant name → the keys it changes (everything else: configs/lab.yaml, as the cold start's stage 2)."""
 
