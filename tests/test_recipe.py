@@ -295,6 +295,12 @@ def test_lab_teacher_a_same_is_refused(tmp_path, capsys):
     assert state["status"] == "refused" and state["attempts"] == []
     assert not list(root.glob("attempt-*"))
     assert "**Refused.**" in (root / "report.md").read_text() and (root / "report.html").is_file()
+    # overwrite=true starts again: the old diagnosis is measured anew, a previous attempt is removed
+    (root / "attempt-7").mkdir()
+    before = (root / "diagnose" / "diagnosis.json").stat().st_mtime_ns
+    state = opd.recipe(lab_recipe(tmp_path, "lab:teacher-a-same", overwrite=True))
+    assert state["status"] == "refused" and not (root / "attempt-7").exists()
+    assert (root / "diagnose" / "diagnosis.json").stat().st_mtime_ns != before
 
 
 def test_lab_teacher_a_plus_gets_plain_opd(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ def recipe(cfg: RecipeConfig, *, tools: PromptTools | None = None) -> dict[str, 
             run, to_dict(cfg), to_dict(RecipeConfig()), resume=cfg.resume, overwrite=cfg.overwrite
         )
         run.clear_previous_run()
+        if cfg.overwrite:  # the recipe's own entries (opd train's files went with clear_previous_run)
+            _remove_recipe_entries(root)
         run.fresh = False
         write_text_atomic(root / "config.json", json.dumps(to_dict(cfg), indent=1))
         state = _read_state(root) if cfg.resume else {}
@@ -248,9 +251,7 @@ def _attempt(
                 )
             values["prompts"] = setup[CONTENT]["prompts"]
     resume = att_dir.is_dir() and any(att_dir.iterdir())  # an interrupted attempt continues
-    values.update(
-        output_dir=str(att_dir), resume=resume, overwrite=False, stop_on_alert=stop_on_alert, alerts=True
-    )
+    values.update(output_dir=str(att_dir), resume=resume, overwrite=False, stop_on_alert=stop_on_alert)
     cold = any(r.name == COLDSTART for r in remedies)
     if cold:
         summary = coldstart_method.train(ColdstartConfig(**values))
@@ -319,6 +320,15 @@ def _evaluation(attempts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ state
+
+
+def _remove_recipe_entries(root: Path) -> None:
+    """``overwrite=true``: remove a previous recipe's diagnoses, attempts, state and report."""
+    for p in root.iterdir():
+        if p.name in ("diagnose", "diagnose-after") or p.name.startswith("attempt-"):
+            shutil.rmtree(p)
+        elif p.name in (STATE, "report.md", "report.html", "curves.png"):
+            p.unlink()
 
 
 def _read_state(root: Path) -> dict[str, Any]:
