@@ -294,7 +294,8 @@ def test_lab_teacher_a_same_is_refused(tmp_path, capsys):
     state = json.loads((root / "recipe.json").read_text())
     assert state["status"] == "refused" and state["attempts"] == []
     assert not list(root.glob("attempt-*"))
-    assert "**Refused.**" in (root / "report.md").read_text() and (root / "report.html").is_file()
+    md = (root / "report.md").read_text()
+    assert "**Refused.**" in md and "none: the recipe refused" in md and (root / "report.html").is_file()
     # overwrite=true starts again: the old diagnosis is measured anew, a previous attempt is removed
     (root / "attempt-7").mkdir()
     before = (root / "diagnose" / "diagnosis.json").stat().st_mtime_ns

@@ -125,7 +125,11 @@ def write_recipe_report(root: Path, state: dict[str, Any]) -> tuple[Path, Path]:
                     [f"**{r['name']}** (before the first run): {r['why']}" for r in plan.get("initial", [])]
                     + [f"{r['name']} (if an alert stops a run): {r['why']}" for r in plan.get("fallback", [])]
                     + [f"not applied: {n}" for n in plan.get("notes", [])]
-                    or ["none: the diagnosis says go"]
+                    or [
+                        "none: the recipe refused (above)"
+                        if state.get("status") == "refused"
+                        else "none: the diagnosis says go"
+                    ]
                 )
             ],
         ),
