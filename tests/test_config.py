@@ -130,8 +130,9 @@ def test_shipped_configs_parse():
 
     from opd.compare import load_compare_config, plan_runs
     from opd.methods import METHODS
+    from opd.remedies import RecipeConfig
 
-    by_command = {m.command: m.config for m in METHODS}
+    by_command = {m.command: m.config for m in METHODS} | {"recipe": RecipeConfig}
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.glob("*.yaml")):  # <command>_*.yaml is that method's config, else opd train's
         if path.name.startswith("compare"):  # an `opd compare` config: every run validates

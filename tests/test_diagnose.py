@@ -402,6 +402,12 @@ def test_tiny_models_end_to_end(tiny_pair, tmp_path):
     assert cont["by_fraction"][0]["depth_mean"] == 0
     assert d["condition_ii"]["reward"]["sampled_token"]["abs_mean"] > 0  # two random models disagree
     assert len(d["context"]["seq_mean_reward"]) == 10
+    masses = d["context"]["seq_overlap_mass"]  # per rollout: min(student, teacher) mean mass on the overlap
+    assert len(masses) == 10 and all(0 <= m <= 1 for m in masses)
+    assert (
+        min(masses)
+        <= min(d["evidence"]["overlap_mass_student"], d["evidence"]["overlap_mass_teacher"]) + 1e-6
+    )
     assert d["rollouts"]["num"] == 10
     g = d["cost"]["generated_tokens"]
     assert g["student_rollouts"] <= 10 * 8 and g["total"] <= d["cost"]["bound_generated_tokens"]

@@ -21,6 +21,7 @@ from opd.lab.build import build as build_zoo
 from opd.lab.demo import run_demo
 from opd.methods import METHODS, Method
 from opd.prompts import cli as prompts_cli
+from opd.remedies import RecipeConfig, recipe
 from opd.report import markdown_table
 from opd.rundir import RunInterrupted
 
@@ -70,6 +71,24 @@ Examples:
   opd eval --model lab:student --benchmark lab:test --quick --output-dir runs/eval-lab
   opd eval --model ./run/final --model Qwen/Qwen3-1.7B --benchmark aime24 --benchmark amc23 \\
       --data-dir data/benchmarks dtype=bfloat16 --output-dir runs/eval
+"""
+
+
+RECIPE_EPILOG = """\
+What it does (docs/recipe.md, "opd recipe"): opd diagnose → remedies from the verdict (none for go; cold
+start for incompatible thinking patterns; template alignment for a template mismatch when
+template_candidates are given; content alignment when the overlap is low on part of the pool; refused
+for no-go) → the run (opd train or opd coldstart) with the failure-signature alerts watched: an alert
+stops it and the next remedy is applied, at most max_remedies in all → evaluation → diagnosis of the
+result → OUTPUT_DIR/report.{{md,html}}, curves.png, recipe.json. Exit status 0, or 3 when refused.
+
+Configuration keys (opd coldstart's, then the recipe's own):
+{keys}
+
+Examples:
+  opd recipe configs/recipe_lab.yaml
+  opd recipe configs/recipe_lab.yaml teacher=lab:teacher-a-plus output_dir=runs/recipe-a-plus
+  opd recipe configs/recipe_lab.yaml resume=true      # continue where it stopped
 """
 
 
@@ -141,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample student rollouts on a prompt sample, score them with both models and report "
         "condition (i) (compatible thinking patterns), condition (ii) (new capability) and a verdict, with "
         "evidence, in OUTPUT_DIR/diagnosis.{json,md,html}.",
+    )
+    _config_parser(
+        sub,
+        "recipe",
+        RECIPE_EPILOG.format(keys=help_text(RecipeConfig)),
+        help="diagnose, apply the remedy the diagnosis calls for, train, watch the alerts, evaluate, report",
+        description="The recipe for a pair: diagnose it, choose remedies from the verdict, run OPD (or the "
+        "cold start then OPD), escalate to the next remedy when a failure-signature alert fires, evaluate "
+        "and write one report.",
     )
     e = _config_parser(
         sub,
@@ -233,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_diagnose(args)
         if args.command == "compare":
             return _cmd_compare(args)
+        if args.command == "recipe":
+            return _cmd_recipe(args)
         if args.command == "lab":
             return _cmd_lab(args, parser)
         if args.command == "eval":
@@ -308,6 +338,35 @@ def _cmd_diagnose(args) -> int:
     out = Path(cfg.output_dir)
     print(f"reports: {out / 'diagnosis.json'}, {out / 'diagnosis.md'}, {out / 'diagnosis.html'}")
     return 0
+
+
+def _cmd_recipe(args) -> int:
+    """Run the recipe; print what it decided and where the report is. Exit status 3 when refused."""
+    cfg = _load(RecipeConfig, args)
+    state = recipe(cfg)
+    before = state["diagnosis"]["before"]
+    print(
+        f"opd recipe: diagnosis {before['verdict']}"
+        + (f" ({', '.join(before['remedies'])})" if before["remedies"] else "")
+    )
+    if state["status"] == "refused":
+        print(f"opd recipe: refused: {state['refused']}")
+    else:
+        for a in state["attempts"]:
+            names = ", ".join(r["name"] for r in a["remedies"]) or "no remedy"
+            stop = (
+                f", stopped by {', '.join(a['alerts'])} at step {a['stopped_by_alert']}"
+                if a["stopped_by_alert"]
+                else ""
+            )
+            print(f"  attempt {a['attempt']}: {names}: {a['method']}, {a['steps_done']} OPD steps{stop}")
+        ev = state["evaluation"]
+        if ev["final"] is not None and ev["student"] is not None:
+            print(f"  accuracy: {ev['student']:.3f} (student) -> {ev['final']:.3f} (final model)")
+        print(f"opd recipe: final model in {state['final_model']}")
+    out = Path(cfg.output_dir)
+    print(f"report: {out / 'report.md'}, {out / 'report.html'}")
+    return 3 if state["status"] == "refused" else 0
 
 
 def _cmd_compare(args) -> int:

@@ -274,7 +274,8 @@ def condition_i(
     """Mechanism metrics, position profiles and rewards of the scored rollouts (fills ``ev``).
 
     Returns ``(condition_i, rewards)``: the ``condition_i`` section of diagnosis.json, and ``stats`` (the
-    reward section of condition (ii)), ``seq_sampled`` / ``seq_topk`` (sequence-mean rewards per rollout).
+    reward section of condition (ii)), ``seq_sampled`` / ``seq_topk`` (sequence-mean rewards per rollout),
+    ``seq_mass`` (per rollout: min of the student's and the teacher's mean mass on the overlap).
     """
     mask_B_T = batch.response_mask_B_T > 0
     args = (
@@ -294,6 +295,11 @@ def condition_i(
     n_B = mask_B_T.sum(-1).clamp(min=1)
     seq_sampled = (r_B_T.sum(-1) / n_B).tolist()
     seq_topk = (rk_B_T.sum(-1) / n_B).tolist()
+    # per rollout: the smaller of the student's and the teacher's mean mass on the shared top-k set
+    seq_mass = torch.minimum(
+        torch.where(mask_B_T, mt.mass_student_B_T, 0.0).sum(-1) / n_B,
+        torch.where(mask_B_T, mt.mass_teacher_B_T, 0.0).sum(-1) / n_B,
+    ).tolist()
 
     first = mask_B_T & (pos == 0)
     stop_B_T = (
@@ -352,7 +358,7 @@ def condition_i(
         hi = hi if hi > lo else lo + 1e-6
         counts = torch.histc(r_N, bins=50, min=lo, max=hi)
         stats["histogram"] = {"edges": torch.linspace(lo, hi, 51).tolist(), "counts": counts.long().tolist()}
-    return cond_i, {"stats": stats, "seq_sampled": seq_sampled, "seq_topk": seq_topk}
+    return cond_i, {"stats": stats, "seq_sampled": seq_sampled, "seq_topk": seq_topk, "seq_mass": seq_mass}
 
 
 # ------------------------------------------------------------------------------------- condition (ii)

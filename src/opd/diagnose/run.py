@@ -213,6 +213,7 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
             "docs/paper.md §5: about 0.73-0.75 for working and failing teachers alike; context only."
         )
     ctx["seq_mean_reward"] = rewards["seq_sampled"]
+    ctx["seq_overlap_mass"] = rewards["seq_mass"]
     ctx["rollout_correct"] = rollout_correct
     result["context"] = ctx
 
