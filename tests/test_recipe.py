@@ -483,6 +483,27 @@ def test_the_prompt_tools_pick_teacher_a_qas_own_template(tmp_path):
     assert (root / "attempt-1-remedy" / "template.json").is_file()
 
 
+def test_lab_teacher_a_qa_is_diagnosed_and_trained_under_its_own_template_when_candidates_are_given(tmp_path):
+    """Template first: under the student's prompt lab:teacher-a-qa solves nothing (the diagnosis says
+    no-go and the recipe would refuse); with the candidates the recipe picks its qa template before the
+    diagnosis, which then says go, and plain OPD runs with the teacher under that template."""
+    qa = "Question: {problem}\nWork it out one step per line.\nAnswer:"
+    cfg = lab_recipe(
+        tmp_path, "lab:teacher-a-qa", template_candidates=("{problem}", qa), eval_every=0, steps=1
+    )
+    state = opd.recipe(cfg)
+    root = Path(state["output_dir"])
+    assert state["template_first"]["template"] == qa and (root / "template-first" / "template.json").is_file()
+    diagnosis = json.loads((root / "diagnose" / "diagnosis.json").read_text())
+    assert diagnosis["config"]["teacher_prompt_template"] == qa
+    assert state["diagnosis"]["before"]["verdict"] == "go" and state["plan"]["initial"] == []
+    assert json.loads((root / "attempt-1" / "config.json").read_text())["teacher_prompt_template"] == qa
+    assert "picked before the diagnosis" in (root / "report.md").read_text()
+    # without the candidates the same pair is refused: the teacher looks incapable under the student's prompt
+    refused = opd.recipe(lab_recipe(tmp_path / "plain", "lab:teacher-a-qa", eval_every=0, steps=1))
+    assert refused["status"] == "refused" and "template_first" not in refused
+
+
 def test_the_prompt_tools_select_the_content(tmp_path):
     """Content alignment through opd.prompts: 8 prompts ranked, half kept (one OOD), OPD trains on them."""
     root = tmp_path / "recipe"

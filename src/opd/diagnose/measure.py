@@ -15,6 +15,7 @@ Every function fills the :class:`~opd.diagnose.verdict.Evidence` it measures and
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from opd import objectives as obj
+from opd.data import PromptSet
 from opd.diagnose.config import DiagnoseConfig
 from opd.diagnose.verdict import Evidence
 from opd.evaluate import evaluate_accuracy, grade_responses, sample_responses
@@ -367,8 +369,9 @@ def condition_i(
 def accuracy(
     student, teacher, tokenizer, s_stop, t_stop, prompts, cfg: DiagnoseConfig, vocab_limit: int, ev: Evidence
 ) -> tuple[dict[str, Any], int, int]:
-    """Accuracy of both models on the prompts with answers (:func:`opd.evaluate.evaluate_accuracy`: the
-    student's prompt rendering, decoding per ``eval_temperature``), the paired gap and its s.e.
+    """Accuracy of both models on the prompts with answers (:func:`opd.evaluate.evaluate_accuracy`: each
+    model's prompt rendering as at OPD time — the teacher's own when ``teacher_prompt_template`` /
+    ``teacher_system_prompt`` give it one — decoding per ``eval_temperature``), the paired gap and its s.e.
 
     Returns ``(section, student_generated_tokens, teacher_generated_tokens)``; fills ``ev``.
     """
@@ -380,7 +383,7 @@ def accuracy(
         r = evaluate_accuracy(
             model,
             tokenizer,
-            prompts,
+            teacher_rendering(prompts) if who == "teacher" else prompts,
             temperature=cfg.eval_temperature,
             n=n,
             max_new_tokens=cfg.max_new_tokens,
@@ -405,6 +408,21 @@ def accuracy(
     ev.eval_truncated_frac = max(res[who]["truncated_frac"] or 0.0 for who in ("student", "teacher"))
     ev.accuracy_gap_se = se
     return res, tokens["student"], tokens["teacher"]
+
+
+def teacher_rendering(prompts: PromptSet) -> PromptSet:
+    """``prompts`` with each example's ``input_ids`` replaced by the teacher's rendering of it
+    (``teacher_input_ids``, set when the teacher has a prompt template or system prompt of its own);
+    ``prompts`` itself when no example has one."""
+    if all(e.teacher_input_ids is None for e in prompts.examples):
+        return prompts
+    return dataclasses.replace(
+        prompts,
+        examples=[
+            e if e.teacher_input_ids is None else dataclasses.replace(e, input_ids=e.teacher_input_ids)
+            for e in prompts.examples
+        ],
+    )
 
 
 def continuations(
@@ -435,7 +453,7 @@ def continuations(
     }
     if not rows or not cfg.prefix_fractions:
         return res, 0, 0
-    items = []  # (fraction, prompt ids + prefix, answer, depth)
+    items = []  # (fraction, prompt ids + prefix, answer, depth, the teacher's prompt ids or None)
     stop_set = set(s_stop)
     for f in cfg.prefix_fractions:
         for b in rows:
@@ -443,7 +461,7 @@ def continuations(
             content = ids[:-1] if ids and ids[-1] in stop_set else ids
             depth = int(round(f * len(content)))
             ex = examples[b // R]
-            items.append((f, ex.input_ids + content[:depth], ex.answer, depth))
+            items.append((f, ex.input_ids + content[:depth], ex.answer, depth, ex.teacher_input_ids))
     per_item: dict[str, list[float]] = {"student": [0.0] * len(items), "teacher": [0.0] * len(items)}
     tokens = {"student": 0, "teacher": 0}
     for who, model, stops in (("student", student, s_stop), ("teacher", teacher, t_stop)):
@@ -452,7 +470,13 @@ def continuations(
             gens = sample_responses(
                 model,
                 tokenizer,
-                [items[i][1] for i in idx],
+                # the teacher continues the same prefix after its own prompt, when it has one
+                [
+                    items[i][4] + items[i][1][len(items[i][1]) - items[i][3] :]
+                    if who == "teacher" and items[i][4] is not None
+                    else items[i][1]
+                    for i in idx
+                ],
                 n=n,
                 temperature=cfg.eval_temperature,
                 max_new_tokens=max(1, cfg.max_new_tokens - min(items[i][3] for i in idx)),
@@ -466,7 +490,7 @@ def continuations(
             tokens[who] += gens.generated_tokens
             full, answers = [], []
             for j, r in enumerate(gens.responses):
-                _, ids, answer, depth = items[idx[j // n]]
+                _, ids, answer, depth, _ = items[idx[j // n]]
                 r = r[: max(1, cfg.max_new_tokens - depth)]  # this item's own budget
                 full.append((ids[len(ids) - depth :] if depth else []) + r)
                 answers.append(answer)

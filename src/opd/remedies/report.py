@@ -92,6 +92,15 @@ def write_recipe_report(root: Path, state: dict[str, Any]) -> tuple[Path, Path]:
     plan = state.get("plan") or {}
     ev = state.get("evaluation") or {}
     intro: list = []
+    first = state.get("template_first")
+    if first is not None:
+        intro.append(
+            Paragraph(
+                "**The teacher's template, picked before the diagnosis** (`template-first/`): "
+                + (f"`{first['template']!r}`" if first.get("template") else "the student's own prompt")
+                + f" — {first.get('why', '')}. The diagnosis and every run score the teacher under it."
+            )
+        )
     if state.get("status") == "refused":
         intro.append(Paragraph(f"**Refused.** {state['refused']}"))
     else:

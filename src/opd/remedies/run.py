@@ -3,6 +3,8 @@
 One run directory, top to bottom:
 
     output_dir/
+      template-first/   with template_candidates: the teacher's context picked before the diagnosis,
+                        which (and every run) then scores with it as teacher_prompt_template
       diagnose/         opd diagnose of the student against the teacher (the "before")
       attempt-1/        the first run: opd train's layout, or opd coldstart's (sft/, opd/) with the cold start;
                         remedy/ holds what a template or content remedy chose (e.g. the selected prompts)
@@ -80,8 +82,11 @@ def recipe(cfg: RecipeConfig, *, tools: PromptTools | None = None) -> dict[str, 
 
 
 def _run(cfg: RecipeConfig, root: Path, state: dict[str, Any], tools: PromptTools) -> dict[str, Any]:
+    # ---- 0. the teacher's own template first, when candidates are given: a teacher scored (and, in the
+    # diagnosis's accuracy check, asked) under a template it was not trained with can look incapable
+    first = _template_first(cfg, root, state, tools)
     # ---- 1. diagnose
-    before = _diagnosis(cfg, root / "diagnose", cfg.student)
+    before = _diagnosis(cfg, root / "diagnose", cfg.student, first)
     state["diagnosis"] = {"before": _diagnosis_summary(before, cfg)}
     plan = choose_remedies(
         before["verdict"],
@@ -115,7 +120,7 @@ def _run(cfg: RecipeConfig, root: Path, state: dict[str, Any], tools: PromptTool
         can_escalate = nxt is not None and len(applied) < cfg.max_remedies
         if not att.get("done"):
             _save_state(root, state)
-            att.update(_attempt(cfg, root, att, applied, tools, stop_on_alert=can_escalate))
+            att.update(_attempt(cfg, root, att, applied, tools, stop_on_alert=can_escalate, first=first))
             att["done"] = True
             _save_state(root, state)
         if att["stopped_by_alert"] is not None and can_escalate:
@@ -137,10 +142,37 @@ def _run(cfg: RecipeConfig, root: Path, state: dict[str, Any], tools: PromptTool
     # ---- 3. evaluate (the runs' own greedy evaluations on eval_prompts) and diagnose the result
     state["evaluation"] = _evaluation(attempts)
     if cfg.diagnose_after and final["final_model"]:
-        after = _diagnosis(cfg, root / "diagnose-after", final["final_model"])
+        after = _diagnosis(cfg, root / "diagnose-after", final["final_model"], first)
         state["diagnosis"]["after"] = _diagnosis_summary(after, cfg)
     state["status"] = "done"
     return _finish(cfg, root, state)
+
+
+def _template_first(cfg: RecipeConfig, root: Path, state: dict[str, Any], tools: PromptTools) -> str | None:
+    """With ``template_candidates`` and the template remedy allowed: pick the teacher's context among the
+    candidates before the diagnosis (into ``template-first/``); returns the picked template when it is not
+    the student's own rendering (the diagnoses then score and ask the teacher under it as
+    ``teacher_prompt_template``, and every run uses it: see :func:`_attempt`), else None. A resumed
+    recipe reads its pick back from the state."""
+    if not cfg.template_candidates or TEMPLATE not in cfg.remedies:
+        return None
+    pick = state.get("template_first")
+    if pick is None:
+        out = root / "template-first"
+        out.mkdir(parents=True, exist_ok=True)
+        values = {f.name: getattr(cfg, f.name) for f in fields(ColdstartConfig)}
+        pick = tools.align_template(
+            _opd_config(values, str(out / "template")), list(cfg.template_candidates), out
+        )
+        state["template_first"] = pick
+        _save_state(root, state)
+    template = pick.get("template")
+    log.info(
+        "[recipe] the teacher's template, picked before the diagnosis: %r (%s)", template, pick.get("why")
+    )
+    if not template or template in (cfg.prompt_template, "{problem}"):
+        return None  # the student's own rendering: nothing changes
+    return template
 
 
 def _finish(cfg: RecipeConfig, root: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -154,13 +186,18 @@ def _finish(cfg: RecipeConfig, root: Path, state: dict[str, Any]) -> dict[str, A
 # ------------------------------------------------------------------------------------------- diagnosis
 
 
-def _diagnosis(cfg: RecipeConfig, out_dir: Path, student: str) -> dict[str, Any]:
+def _diagnosis(
+    cfg: RecipeConfig, out_dir: Path, student: str, teacher_template: str | None
+) -> dict[str, Any]:
     """``opd diagnose`` of ``student`` into ``out_dir``; a finished one (diagnosis.json) is read back."""
     path = out_dir / "diagnosis.json"
     if path.is_file():
         log.info("[recipe] diagnosis in %s already done: read back", out_dir)
         return json.loads(path.read_text())
-    return diagnose(diagnose_config(cfg, str(out_dir), student))
+    dcfg = diagnose_config(cfg, str(out_dir), student)
+    if teacher_template is not None:
+        dcfg = dataclasses.replace(dcfg, teacher_prompt_template=teacher_template)
+    return diagnose(dcfg)
 
 
 def low_overlap_share(result: dict[str, Any], mass_min: float) -> float | None:
@@ -216,11 +253,18 @@ def _attempt(
     tools: PromptTools,
     *,
     stop_on_alert: bool,
+    first: str | None = None,
 ) -> dict[str, Any]:
     """Apply ``remedies`` to the recipe's OPD config (what a template or content remedy chooses goes to
-    ``attempt-N-remedy/``, and is kept in ``att["setup"]``), run it into ``attempt-N/``, read the outcome."""
+    ``attempt-N-remedy/``, and is kept in ``att["setup"]``), run it into ``attempt-N/``, read the outcome.
+    ``first``: the teacher's template picked before the diagnosis (:func:`_template_first`), applied to
+    every run as the template remedy's choice is."""
     att_dir = Path(att["dir"])
     values = {f.name: getattr(cfg, f.name) for f in fields(ColdstartConfig)}
+    if first is not None:
+        # the cold start's SFT stage samples the teacher under the student's prompt: both models get it
+        cold = any(x.name == COLDSTART for x in remedies)
+        values["prompt_template" if cold else "teacher_prompt_template"] = first
     setup = att.setdefault("setup", {})
     remedy_dir = root / f"attempt-{att['attempt']}-remedy"
     for r in remedies:
