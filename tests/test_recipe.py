@@ -140,6 +140,12 @@ def test_next_remedy_walks_the_ladder():
     assert next_remedy(plan, [TEMPLATE, CONTENT, COLDSTART]) is None
 
 
+def test_a_template_measured_before_the_diagnosis_is_no_fallback_rung():
+    """The pick is already in place: an alert must move on to a remedy that changes the run."""
+    plan = choose_remedies("go", [], [], template_candidates=1, template_measured=True, max_remedies=3)
+    assert names(plan.fallback) == [CONTENT, COLDSTART]
+
+
 @pytest.mark.parametrize(
     "ev, plan_initial, refused",
     [
@@ -427,7 +433,9 @@ def test_template_remedy_sets_the_chosen_template(tmp_path):
     )
     cands = ("Problem: {problem}", "Solve: {problem}")
     cfg = lab_recipe(tmp_path, "lab:teacher-a-plus", resume=True, template_candidates=cands, eval_every=0)
-    state = opd.recipe(cfg, tools=FakeTools())
+    tools = FakeTools()
+    state = opd.recipe(cfg, tools=tools)
+    assert tools.calls == [("template", "lab:train")]  # measured once (before the diagnosis), then reused
     assert names_of(state["plan"]["initial"]) == [TEMPLATE]
     saved = json.loads((root / "attempt-1" / "config.json").read_text())
     assert saved["teacher_prompt_template"] == "Solve: {problem}" and saved["prompt_template"] is None
@@ -480,7 +488,9 @@ def test_the_prompt_tools_pick_teacher_a_qas_own_template(tmp_path):
     setup = state["attempts"][0]["setup"]["template"]
     assert setup["template"] == qa and setup["applied_as"] == "teacher_prompt_template"
     assert json.loads((root / "attempt-1" / "config.json").read_text())["teacher_prompt_template"] == qa
-    assert (root / "attempt-1-remedy" / "template.json").is_file()
+    # measured once, before the diagnosis; the remedy reuses that measurement
+    assert (root / "template-first" / "template.json").is_file()
+    assert not (root / "attempt-1-remedy" / "template.json").exists()
 
 
 def test_lab_teacher_a_qa_is_diagnosed_and_trained_under_its_own_template_when_candidates_are_given(tmp_path):

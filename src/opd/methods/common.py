@@ -10,8 +10,9 @@ calls in the order it reads best (STYLE.md §7: duplication over abstraction in 
   compatibility checked first, the prompt-length cap both contexts allow;
 - :func:`load_prompt_sets` — training and evaluation prompts with the length cap (drops are logged);
 - :func:`evaluate_during_training`, :func:`make_alert_monitor`;
-- :class:`StepEnd` — the end of every step of every method's loop (evaluation, alerts, logging,
-  checkpoint, stop by signal / alert / budget) and the end of the run, rank-aware;
+- (:class:`opd.methods.loop.StepEnd` — the end of every step of every method's loop: evaluation,
+  alerts, logging, progress bar, checkpoint, stop by signal / alert / budget; and the end of the run,
+  rank-aware);
 - :func:`write_config`, :func:`finish_interrupted`, :func:`finish_completed` (``summary.json``,
   the atomic ``final/`` save).
 
@@ -29,7 +30,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -394,147 +395,6 @@ def budget_spent(cfg: Any, cost: CostMeter) -> bool:
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     n = mask.sum()
     return float((x * mask).sum() / n) if n > 0 else 0.0
-
-
-# --------------------------------------------------------------------------- the end of a step
-
-
-@dataclass
-class StepEnd:
-    """The end of each step and of the run, the same for every method's loop.
-
-    After a method's step has produced its (already process-reduced) metrics row, :meth:`end_of_step`:
-    evaluates on ``eval_set`` every ``eval_every`` steps and at the last step (also the step that spends
-    the budget, so an equal-budget curve ends at the final model), updates the alerts (``monitor``),
-    logs the row (rank 0's ``metrics_log`` writes; the others hold a null logger), checkpoints every
-    ``save_every`` steps (rank 0 writes with ``save``, the others wait for it), and decides whether to
-    stop: a signal on any process (then with a checkpoint), ``stop_on_alert``, or the budget.
-    :meth:`finish` closes the loop: ``summary.json`` and ``final/`` from rank 0 (or the interrupt's
-    summary), the other processes waiting until it is written.
-    """
-
-    cfg: Any
-    runtime: Runtime
-    name: str
-    """The method's name: the prefix of the messages (``[opd] ...``)."""
-    out_dir: Path
-    student: torch.nn.Module
-    tokenizer: Any
-    eval_set: PromptSet | None
-    metrics_log: Any
-    bar: Any
-    cost: CostMeter
-    stop: StopSignals
-    save: Callable[[int], Path]
-    """Writes the checkpoint of a step (called on rank 0 only) and returns its path."""
-    postfix: Callable[[dict[str, Any]], dict[str, str]]
-    """The progress bar's postfix of a row."""
-    monitor: AlertMonitor | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    interrupted: dict[str, Any] | None = None
-    stopped_by_alert: int | None = None
-    stopped_by_budget: int | None = None
-    last_step: int = 0
-    run_t0: float = field(default_factory=time.perf_counter)
-
-    def log_start(self, start_step: int) -> None:
-        """Step 0 of the accuracy curve (a fresh run with an evaluation set; rank 0)."""
-        if self.eval_set is not None and start_step == 0 and self.runtime.is_main:
-            self.metrics_log.log({"step": 0, **self._evaluate()})
-        self.run_t0 = time.perf_counter()  # the loop's time starts after it
-
-    def checkpoint(self, step: int) -> Path:
-        """Rank 0 writes the checkpoint of ``step``; the others wait until it is complete."""
-        if not self.runtime.is_main:
-            self.runtime.barrier()
-            return self.out_dir / "checkpoints"
-        path = self.save(step)
-        self.runtime.barrier()
-        return path
-
-    def end_of_step(self, step: int, row: dict[str, Any]) -> bool:
-        """Evaluate, alert, log and checkpoint after ``step``; True when the loop must stop."""
-        cfg, runtime = self.cfg, self.runtime
-        self.last_step = step
-        last = step == cfg.steps or budget_spent(cfg, self.cost)
-        if self.eval_set is not None and runtime.is_main and (step % cfg.eval_every == 0 or last):
-            row.update(self._evaluate())
-        if self.monitor is not None:
-            for name, msg in self.monitor.update(step, row).items():
-                row[name] = msg
-                self.bar.write(f"[{self.name}] ALERT step {step}: {msg}")
-        self.metrics_log.log(row)
-        self.history.append(row)
-        self.bar.set_postfix(**self.postfix(row))
-        self.bar.update(1)
-        saved = None
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            saved = self.checkpoint(step)
-        if runtime.any(self.stop.requested is not None) and step < cfg.steps:
-            signal_name = self.stop.requested or "SIGTERM"  # another process got it
-            self.interrupted = {"signal": signal_name, "checkpoint": str(saved or self.checkpoint(step))}
-            self.bar.write(
-                f"[{self.name}] {signal_name}: stopped after step {step}, "
-                f"checkpoint {self.interrupted['checkpoint']}"
-            )
-            return True
-        if self.monitor is not None and self.monitor.should_stop:
-            self.stopped_by_alert = step
-            self.bar.write(f"[{self.name}] stop_on_alert: stopping after step {step}")
-            return True
-        if budget_spent(cfg, self.cost):
-            self.stopped_by_budget = step
-            self.bar.write(
-                f"[{self.name}] budget of {cfg.budget:g} {cfg.budget_unit} spent: stopping after step {step}"
-            )
-            return True
-        return False
-
-    def finish(
-        self, *, start_step: int, skipped_steps: int, lora: Any = None, extra: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Close the bar and the log; rank 0 writes ``summary.json`` and ``final/`` (or, after a signal,
-        the interrupt's summary and raises :class:`RunInterrupted` on every process)."""
-        self.bar.close()
-        self.metrics_log.close()
-        loop_time = time.perf_counter() - self.run_t0
-        steps_done = self.history[-1]["step"] if self.history else start_step
-        if not self.runtime.is_main:  # rank 0 writes the summary and the final model
-            self.runtime.barrier()
-            if self.interrupted is not None:
-                raise RunInterrupted(self.interrupted["signal"], {})
-            return {"rank": self.runtime.rank, "steps_done": steps_done}
-        if self.interrupted is not None:
-            self.runtime.barrier()
-            finish_interrupted(
-                self.out_dir,
-                self.interrupted["signal"],
-                self.interrupted["checkpoint"],
-                steps_done=self.last_step,
-                skipped_steps=skipped_steps,
-                loop_time=loop_time,
-                history=self.history,
-            )
-        summary = finish_completed(
-            self.out_dir,
-            self.student,
-            self.tokenizer,
-            steps_done=steps_done,
-            skipped_steps=skipped_steps,
-            loop_time=loop_time,
-            run_t0=self.run_t0,
-            stopped_by_alert=self.stopped_by_alert,
-            history=self.history,
-            cost=self.cost,
-            stopped_by_budget=self.stopped_by_budget,
-            lora=lora,
-            extra=extra,
-        )
-        self.runtime.barrier()
-        return summary
-
-    def _evaluate(self) -> dict[str, float]:
-        return evaluate_during_training(self.student, self.tokenizer, self.eval_set, self.cfg)
 
 
 # --------------------------------------------------------------------------- the end of a run

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from opd import objectives as obj
-from opd.checkpoint import load_newest_checkpoint, save_checkpoint
+from opd.checkpoint import load_newest_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
@@ -65,7 +65,6 @@ from opd.data import PromptSet
 from opd.datafiles import read_rows
 from opd.errors import ConfigError
 from opd.methods.common import (
-    StepEnd,
     clip_and_step,
     load_models,
     load_prompt_sets,
@@ -75,6 +74,7 @@ from opd.methods.common import (
     seed_everything,
     write_config,
 )
+from opd.methods.loop import StepEnd
 from opd.precision import compute_context
 from opd.rollout import (
     END_OF_TURN_TOKENS,
@@ -87,7 +87,7 @@ from opd.rollout import (
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
-from opd.tracking import MetricsLogger, NullMetricsLogger, progress
+from opd.tracking import MetricsLogger, NullMetricsLogger
 
 log = logging.getLogger("opd")
 
@@ -342,26 +342,6 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         metrics_log.truncate_after(start_step)
         write_config(out_dir, cfg)
 
-    bar = progress(
-        total=cfg.steps, initial=start_step, desc="gkd", enabled=cfg.progress and runtime.is_main, unit="step"
-    )
-
-    def save(step: int) -> Path:
-        return save_checkpoint(
-            out_dir,
-            step,
-            model=student,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            keep=cfg.keep_checkpoints,
-            state={
-                "sampler": sampler.state_dict(),
-                "skipped_steps": skipped_total,
-                "cost": cost.state_dict(),
-            },
-        )
-
     ends = StepEnd(
         cfg,
         runtime,
@@ -369,15 +349,17 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         out_dir,
         student,
         tokenizer,
+        optimizer,
+        scheduler,
         eval_set,
         metrics_log,
-        bar,
         cost,
         stop,
-        save,
+        start_step,
+        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
         postfix=lambda row: dict(loss=f"{row['loss/gkd']:.4f}", on_policy=row["data/on_policy"]),
     )
-    ends.log_start(start_step)  # the starting point of the accuracy curve
+    ends.log_start()  # the starting point of the accuracy curve
     stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         row = gkd_step(
@@ -399,7 +381,7 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         row["skipped_steps"] = skipped_total
         if ends.end_of_step(step, row):
             break
-    return ends.finish(start_step=start_step, skipped_steps=skipped_total, lora=models.lora)
+    return ends.finish(skipped_steps=skipped_total, lora=models.lora)
 
 
 def gkd_step(

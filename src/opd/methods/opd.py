@@ -39,12 +39,11 @@ import numpy as np
 import torch
 
 from opd import objectives as obj
-from opd.checkpoint import load_newest_checkpoint, save_checkpoint
+from opd.checkpoint import load_newest_checkpoint
 from opd.config import OPDConfig, tracking_backends
 from opd.config_io import to_dict
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.methods.common import (
-    StepEnd,
     load_models,
     load_prompt_sets,
     make_alert_monitor,
@@ -55,6 +54,7 @@ from opd.methods.common import (
     seed_everything,
     write_config,
 )
+from opd.methods.loop import StepEnd
 from opd.methods.opd_scoring import (
     ScoredBatch,
     apply_gradients,
@@ -71,7 +71,7 @@ from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed,
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
-from opd.tracking import MetricsLogger, NullMetricsLogger, progress
+from opd.tracking import MetricsLogger, NullMetricsLogger
 
 log = logging.getLogger("opd")
 
@@ -262,27 +262,6 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         metrics_log.truncate_after(start_step)
         write_config(out_dir, cfg)
 
-    bar = progress(
-        total=cfg.steps, initial=start_step, desc="opd", enabled=cfg.progress and runtime.is_main, unit="step"
-    )
-
-    def save(step: int) -> Path:
-        return save_checkpoint(
-            out_dir,
-            step,
-            model=student,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            keep=cfg.keep_checkpoints,
-            state={
-                "sampler": sampler.state_dict(),
-                "skipped_steps": skipped_total,
-                "alerts": monitor.state_dict() if monitor is not None else None,
-                "cost": cost.state_dict(),
-            },
-        )
-
     ends = StepEnd(
         cfg,
         runtime,
@@ -290,12 +269,14 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         out_dir,
         student,
         tokenizer,
+        optimizer,
+        scheduler,
         eval_set,
         metrics_log,
-        bar,
         cost,
         stop,
-        save,
+        start_step,
+        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
         postfix=lambda row: dict(
             loss=f"{row['loss/pg']:.4f}",
             kl=f"{row['kl/sampled']:.3f}",
@@ -303,7 +284,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         ),
         monitor=monitor,
     )
-    ends.log_start(start_step)  # the starting point of the accuracy curve
+    ends.log_start()  # the starting point of the accuracy curve
     stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         row = opd_step(
@@ -325,7 +306,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             break
     if hasattr(backend, "close"):  # an engine process of its own (vLLM): shut it down now, not at exit
         backend.close()
-    return ends.finish(start_step=start_step, skipped_steps=skipped_total, lora=models.lora)
+    return ends.finish(skipped_steps=skipped_total, lora=models.lora)
 
 
 def opd_step(

@@ -46,14 +46,13 @@ from typing import Any
 
 import torch
 
-from opd.checkpoint import load_newest_checkpoint, save_checkpoint
+from opd.checkpoint import load_newest_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSet
 from opd.errors import ConfigError
 from opd.methods.common import (
-    StepEnd,
     clip_and_step,
     load_models,
     load_prompt_sets,
@@ -63,6 +62,7 @@ from opd.methods.common import (
     seed_everything,
     write_config,
 )
+from opd.methods.loop import StepEnd
 from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
 from opd.rollout import RolloutBatch, make_backend
 from opd.runtime import Runtime
@@ -514,26 +514,6 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     if state is not None:
         sampler.load_state_dict(state["sampler"])
 
-    bar = progress(
-        total=cfg.steps, initial=start_step, desc="sft", enabled=cfg.progress and runtime.is_main, unit="step"
-    )
-
-    def save(step: int) -> Path:
-        return save_checkpoint(
-            out_dir,
-            step,
-            model=student,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            keep=cfg.keep_checkpoints,
-            state={
-                "sampler": sampler.state_dict(),
-                "skipped_steps": skipped_total,
-                "cost": cost.state_dict(),
-            },
-        )
-
     ends = StepEnd(
         cfg,
         runtime,
@@ -541,15 +521,17 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         out_dir,
         student,
         tokenizer,
+        optimizer,
+        scheduler,
         eval_set,
         metrics_log,
-        bar,
         cost,
         stop,
-        save,
+        start_step,
+        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
         postfix=lambda row: dict(nll=f"{row['loss/nll']:.4f}"),
     )
-    ends.log_start(start_step)  # the starting point of the accuracy curve
+    ends.log_start()  # the starting point of the accuracy curve
     stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
     for step in range(start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
@@ -590,7 +572,6 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         if ends.end_of_step(step, row):
             break
     return ends.finish(
-        start_step=start_step,
         skipped_steps=skipped_total,
         lora=models.lora,
         extra={"teacher_data": {**data_info, "sequences": len(sequences)}},

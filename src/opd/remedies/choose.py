@@ -93,13 +93,16 @@ def choose_remedies(
     low_overlap_share: float | None = None,
     allowed: tuple[str, ...] = REMEDY_NAMES,
     template_candidates: int = 0,
+    template_measured: bool = False,
     max_remedies: int = 2,
     partial_share: tuple[float, float] = (0.1, 0.9),
 ) -> RemedyPlan:
     """The plan for a diagnosis (module docstring). ``remedies`` / ``flags``: the verdict's (the
     ``REMEDY_*`` / ``FLAG_*`` strings of :mod:`opd.diagnose.verdict`); ``low_overlap_share``: the share of
     the diagnosis's rollouts whose overlap mass is under the threshold (None = not measured);
-    ``template_candidates``: how many candidate templates the config gives."""
+    ``template_candidates``: how many candidate templates the config gives; ``template_measured``: they
+    were measured before the diagnosis and the pick is already in place, so the template is no fallback
+    rung (an alert would rerun the same config)."""
     unknown = [r for r in allowed if r not in REMEDY_NAMES]
     if unknown:
         raise ValueError(f"allowed remedies {unknown}: unknown; choose from {list(REMEDY_NAMES)}")
@@ -190,7 +193,11 @@ def choose_remedies(
         return plan
     applied = {r.name for r in plan.initial}
     for name in LADDER:
-        if name in applied or name not in allowed or (name == TEMPLATE and not template_candidates):
+        if (
+            name in applied
+            or name not in allowed
+            or (name == TEMPLATE and (not template_candidates or template_measured))
+        ):
             continue
         if len(plan.initial) + len(plan.fallback) >= max_remedies:
             break

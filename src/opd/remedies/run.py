@@ -95,6 +95,7 @@ def _run(cfg: RecipeConfig, root: Path, state: dict[str, Any], tools: PromptTool
         low_overlap_share=state["diagnosis"]["before"]["low_overlap_share"],
         allowed=tuple(cfg.remedies),
         template_candidates=len(cfg.template_candidates),
+        template_measured="template_first" in state,
         max_remedies=cfg.max_remedies,
         partial_share=tuple(cfg.low_overlap_partial),
     )
@@ -120,7 +121,18 @@ def _run(cfg: RecipeConfig, root: Path, state: dict[str, Any], tools: PromptTool
         can_escalate = nxt is not None and len(applied) < cfg.max_remedies
         if not att.get("done"):
             _save_state(root, state)
-            att.update(_attempt(cfg, root, att, applied, tools, stop_on_alert=can_escalate, first=first))
+            att.update(
+                _attempt(
+                    cfg,
+                    root,
+                    att,
+                    applied,
+                    tools,
+                    stop_on_alert=can_escalate,
+                    first=first,
+                    first_pick=state.get("template_first"),
+                )
+            )
             att["done"] = True
             _save_state(root, state)
         if att["stopped_by_alert"] is not None and can_escalate:
@@ -254,22 +266,26 @@ def _attempt(
     *,
     stop_on_alert: bool,
     first: str | None = None,
+    first_pick: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply ``remedies`` to the recipe's OPD config (what a template or content remedy chooses goes to
     ``attempt-N-remedy/``, and is kept in ``att["setup"]``), run it into ``attempt-N/``, read the outcome.
     ``first``: the teacher's template picked before the diagnosis (:func:`_template_first`), applied to
-    every run as the template remedy's choice is."""
+    every run as the template remedy's choice is; ``first_pick``: that measurement, which the template
+    remedy reuses (same models, prompts and candidates) instead of measuring again."""
     att_dir = Path(att["dir"])
     values = {f.name: getattr(cfg, f.name) for f in fields(ColdstartConfig)}
+    cold = any(r.name == COLDSTART for r in remedies)
     if first is not None:
         # the cold start's SFT stage samples the teacher under the student's prompt: both models get it
-        cold = any(x.name == COLDSTART for x in remedies)
         values["prompt_template" if cold else "teacher_prompt_template"] = first
     setup = att.setdefault("setup", {})
     remedy_dir = root / f"attempt-{att['attempt']}-remedy"
     for r in remedies:
         if r.name == TEMPLATE:
-            if TEMPLATE not in setup:
+            if TEMPLATE not in setup and first_pick is not None:
+                setup[TEMPLATE] = dict(first_pick)
+            elif TEMPLATE not in setup:
                 remedy_dir.mkdir(parents=True, exist_ok=True)
                 setup[TEMPLATE] = tools.align_template(
                     _opd_config(values, str(remedy_dir / "template")),
@@ -277,7 +293,7 @@ def _attempt(
                     remedy_dir,
                 )
             target = cfg.template_target
-            if target == "teacher_prompt_template" and any(x.name == COLDSTART for x in remedies):
+            if target == "teacher_prompt_template" and cold:
                 target = "prompt_template"  # the cold start's teacher samples under the student's prompt
                 log.info("[recipe] with the cold start the chosen template goes to prompt_template")
             values[target] = setup[TEMPLATE]["template"]
@@ -296,7 +312,6 @@ def _attempt(
             values["prompts"] = setup[CONTENT]["prompts"]
     resume = att_dir.is_dir() and any(att_dir.iterdir())  # an interrupted attempt continues
     values.update(output_dir=str(att_dir), resume=resume, overwrite=False, stop_on_alert=stop_on_alert)
-    cold = any(r.name == COLDSTART for r in remedies)
     if cold:
         summary = coldstart_method.train(ColdstartConfig(**values))
         opd_summary, opd_dir = summary["stages"]["opd"], att_dir / OPD_DIR
