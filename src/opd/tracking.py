@@ -128,6 +128,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_metrics_if_any(path: str | Path | None) -> list[dict[str, Any]]:
+    """:func:`read_metrics` of ``path``; [] when there is no path or no file (a run that has not logged)."""
+    return read_metrics(path) if path and Path(path).is_file() else []
+
+
 def progress(iterable=None, *, total=None, desc="", enabled=True, initial=0, unit="it"):
     """A tqdm bar (to stderr), or a no-op wrapper when disabled."""
     return tqdm(

@@ -27,7 +27,7 @@ from opd.report import (
     write_text_atomic,
 )
 from opd.rundir import config_changes
-from opd.tracking import read_metrics
+from opd.tracking import read_metrics_if_any
 
 log = logging.getLogger("opd")
 
@@ -345,7 +345,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         "training_this_invocation": train_time,
         "evaluation_this_invocation": eval_time,
     }
-    metrics = {(p.name, p.seed): _read_metrics(p.out_dir) for p in planned}
+    metrics = {(p.name, p.seed): read_metrics_if_any(p.out_dir / "metrics.jsonl") for p in planned}
     write_text_atomic(out / "compare.json", json.dumps(summary, indent=1, default=str))
     write_compare_report(out, summary, metrics)
     print("\n" + markdown_table(results_rows(summary), results_headers(summary)), flush=True)
@@ -353,11 +353,6 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         f"\nreport: {out / 'report.html'}  (total {summary['wall_time_s']['total'] / 60:.1f} min)", flush=True
     )
     return summary
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return read_metrics(path) if path.is_file() else []
 
 
 def build_summary(
@@ -397,7 +392,7 @@ def build_summary(
         per_seed = []
         for p in ps:
             s = summaries[(p.name, p.seed)]
-            metrics = _read_metrics(p.out_dir)
+            metrics = read_metrics_if_any(p.out_dir / "metrics.jsonl")
             per_seed.append(
                 {
                     "seed": p.seed,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.report import Bullets, Paragraph, Plot, Section, Table, fig_to_data_uri, new_figure, write_report
+from opd.tracking import read_metrics_if_any
 
 __all__ = ["CURVES", "write_recipe_report"]
 
@@ -46,15 +47,9 @@ def _cell(v: Any) -> Any:
     return v
 
 
-def _metrics(path: str | None) -> list[dict[str, Any]]:
-    if not path or not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _curves_plot(root: Path, state: dict[str, Any]) -> Plot | None:
     attempts = state.get("attempts") or []
-    series = [(a, _metrics((a.get("metrics") or {}).get("opd"))) for a in attempts]
+    series = [(a, read_metrics_if_any((a.get("metrics") or {}).get("opd"))) for a in attempts]
     if not any(rows for _, rows in series):
         return None
     fig = new_figure(12, 6.4)

@@ -49,6 +49,7 @@ from opd.remedies.report import write_recipe_report
 from opd.remedies.tools import DefaultPromptTools, PromptTools
 from opd.report import write_text_atomic
 from opd.rundir import locked_run_dir, prepare_train_dir
+from opd.tracking import read_metrics_if_any
 
 log = logging.getLogger("opd.recipe")
 
@@ -318,7 +319,7 @@ def _attempt(
     else:
         summary = opd_method.train(_opd_config(values, str(att_dir)))
         opd_summary, opd_dir = summary, att_dir
-    metrics = _read_metrics(opd_dir)
+    metrics = read_metrics_if_any(opd_dir / "metrics.jsonl")
     alerts = {k: v for row in metrics for k, v in row.items() if k.startswith("alert/")}
     return {
         "method": "coldstart" if cold else "opd",
@@ -338,18 +339,11 @@ def _opd_config(values: dict[str, Any], output_dir: str) -> OPDConfig:
     return OPDConfig(**{k: v for k, v in values.items() if k in names} | {"output_dir": output_dir})
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_curves(attempt: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """An attempt's metric rows: ``{"sft": [...], "opd": [...]}`` (sft empty without the cold start)."""
     out = {}
     for stage, path in attempt.get("metrics", {}).items():
-        out[stage] = _read_metrics(Path(path).parent) if path else []
+        out[stage] = read_metrics_if_any(path)
     return out
 
 
