@@ -148,6 +148,10 @@ def test_per_prompt_figures_equal_the_batch_metrics_of_each_prompts_rollouts():
         if ref["teacher_advantage"] is not None:
             assert got[p]["teacher_advantage"] == pytest.approx(ref["teacher_advantage"], rel=1e-5, abs=1e-6)
         assert got[p]["tokens"] == int(batch.response_mask_B_T[rows].sum())
+        # an independent reference: the sampled-token KL estimate, mean over the prompt's response tokens
+        m = batch.response_mask_B_T[rows] > 0
+        ref_kl = (s_out.token_logp_B_T[rows] - t_out.token_logp_B_T[rows])[m].double().mean()
+        assert got[p]["kl"] == pytest.approx(float(ref_kl), rel=1e-5, abs=1e-6), p
 
 
 def test_mean_rank_ties_and_missing():

@@ -216,14 +216,23 @@ def test_protocol_sync_and_argument_errors(tok, model, prompts):
     [dict(seed=4), dict(prompt_seeds=[11, 12, 13]), dict(seed=4, batch_size=4)],
     ids=["stream", "per-prompt", "batch-size-splits-groups"],
 )
-def test_shared_prefill_gives_the_unshared_samples(tok, model, prompts, many_stops, kw):
+def test_shared_prefill_gives_the_unshared_samples(tok, model, prompts, many_stops, kw, monkeypatch):
     """One prefill per distinct prompt, its KV cache repeated n times: the same samples as n prefills
     (the prefill draws no random numbers), with prompts of different lengths (left padding)."""
     batch_size = kw.pop("batch_size", None)
+    shared_calls = []
+    real = HFGenerateBackend._shared_prefill
+
+    def counted(self, *a, **k):
+        shared_calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(HFGenerateBackend, "_shared_prefill", counted)
     out = {}
     for share in (False, True):
         backend = HFGenerateBackend(model, tok, many_stops, batch_size=batch_size, share_prefill=share)
         out[share] = backend.generate(prompts, n=3, max_new_tokens=MAX_NEW, **kw)
+        assert bool(shared_calls) == share  # the shared path really ran (and only when asked for)
     _check_layout(out[True], prompts, 3, many_stops, tok.pad_token_id, MAX_NEW)
     assert out[True].response_lengths_B.float().std() > 0  # rows stop at different lengths
     for f in ("input_ids_B_T", "attention_mask_B_T", "response_mask_B_T", "truncated_B"):
