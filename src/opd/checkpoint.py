@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,11 @@ def save_checkpoint(
     scheduler: Any = None,
     state: dict[str, Any] | None = None,
     keep: int = 2,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` complete ones."""
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` complete ones. ``optimizer_state``:
+    an optimiser state dict gathered beforehand (a sharded student's, :func:`opd.fsdp.full_state`), written
+    instead of ``optimizer.state_dict()``."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stray in root.glob(".tmp-step-*"):  # left behind by a crash mid-write
@@ -108,7 +112,9 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     tmp.mkdir()
     save_model(model, tokenizer, tmp / "model", atomic=False)  # the whole checkpoint is renamed below
-    if optimizer is not None:
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    elif optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -133,14 +139,26 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     restore_rng: bool = True,
+    loaders: tuple[Callable[[dict], None], Callable[[dict], None]] | None = None,
 ) -> dict[str, Any]:
-    """Restore model/optimizer/scheduler/RNG in place from ``path``; returns ``state.json``."""
+    """Restore model/optimizer/scheduler/RNG in place from ``path``; returns ``state.json``. ``loaders``:
+    ``(load_model, load_optimizer)`` that take the full state dicts read from disk instead of
+    ``load_state_dict`` (a sharded student, :func:`opd.fsdp.loaders`)."""
     path = Path(path)
     if not (path / COMPLETE_MARKER).exists():
         raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker); delete it")
     sd: dict[str, torch.Tensor] = {}
     for f in sorted((path / "model").glob("*.safetensors")):
         sd.update(load_file(f))
+    if loaders is not None:
+        loaders[0](sd)
+        if optimizer is not None:
+            loaders[1](safe_torch_load(path / "optimizer.pt"))
+        if scheduler is not None:
+            scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
+        if restore_rng:
+            set_rng_state(json.loads((path / "rng.json").read_text()))
+        return json.loads((path / "state.json").read_text())
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # tied embeddings are stored once; anything else missing is an error
     missing = [k for k in missing if not _is_tied(model, k)]
@@ -240,6 +258,7 @@ def load_newest_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    loaders: tuple[Callable[[dict], None], Callable[[dict], None]] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Restore the newest checkpoint under ``output_dir`` that verifies and loads; None when there is none.
 
@@ -260,7 +279,9 @@ def load_newest_checkpoint(
         why = verify_checkpoint(path)
         if why is None:
             try:
-                return path, load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+                return path, load_checkpoint(
+                    path, model=model, optimizer=optimizer, scheduler=scheduler, loaders=loaders
+                )
             except UnsafeFileError:
                 raise
             except Exception as err:  # noqa: BLE001 - any failure to load means: try the previous one

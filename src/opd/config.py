@@ -380,6 +380,10 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
     micro-batch (the old log-probs are the detached new ones; objective=full also runs the teacher once).
     False: separate no-grad scoring passes first (the same update to float tolerance, one more student
     forward; objective=full also re-runs the teacher in the update)."""
+    fsdp: bool = False
+    """Shard the student's weights, gradients and AdamW state across the processes with FSDP2 (under torchrun
+    or accelerate launch, at least 2 processes; prompts_per_step a multiple of their number). The same
+    training as data parallel (docs/scaling.md). Not with objective=full, LoRA, rollout_backend=vllm or eval_every."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -441,6 +445,7 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
                 f"teacher_timeout={self.teacher_timeout}, teacher_retries={self.teacher_retries}: the timeout "
                 "must be > 0 seconds and the retries >= 0"
             )
+        errs.extend(_fsdp_errors(self))
         if errs:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
@@ -455,6 +460,32 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _fsdp_errors(cfg: OPDConfig) -> list[str]:
+    """What ``fsdp=true`` cannot be combined with (opd.fsdp's module docstring says why)."""
+    if not cfg.fsdp:
+        return []
+    refused = {
+        "objective=full": (
+            cfg.objective == "full",
+            "the full-vocabulary passes are not routed through the sharded scorer; use objective=topk or sampled",
+        ),
+        f"lora_r={cfg.lora_r}": (
+            cfg.lora_r > 0,
+            "LoRA keeps the base frozen (it fits unsharded); set lora_r=0",
+        ),
+        "rollout_backend=vllm": (
+            cfg.rollout_backend == "vllm",
+            "the engine would need the full weights every step; use rollout_backend=hf",
+        ),
+        f"eval_every={cfg.eval_every}": (
+            cfg.eval_every > 0,
+            "evaluation runs on rank 0 only, and the sharded student needs every process; set eval_every=0 "
+            "and evaluate final/ with opd eval",
+        ),
+    }
+    return [f"fsdp=true with {key}: {why}" for key, (bad, why) in refused.items() if bad]
 
 
 OBJECTIVES = ("sampled", "topk", "full")

@@ -19,7 +19,11 @@ across processes once per optimiser step (:meth:`Runtime.all_reduce_grads`, the 
 after local gradient accumulation), global counts (:meth:`Runtime.sum`), and one metrics row agreed by
 all processes (:meth:`Runtime.reduce_row`), and Python values exchanged as JSON (:meth:`Runtime.gather_json`,
 no pickling). In one process they are no-ops. Every method (``opd train``, ``sft``, ``kd``, ``gkd``,
-``grpo``, ``coldstart``) runs through them; FSDP is not wired in (docs/scaling.md says why).
+``grpo``, ``coldstart``) runs through them.
+
+Sharded student. ``opd train fsdp=true`` shards the student with FSDP2 (:mod:`opd.fsdp`): its gradients
+then arrive reduce-scattered and summed as DTensor shards, so :meth:`Runtime.all_reduce_grads` leaves
+them alone, and the rest of these helpers (counts, metrics rows) work unchanged. DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from opd.config import DEVICE_PATTERN, ConfigError
 
@@ -91,13 +96,22 @@ class Runtime:
     def from_config(cls, cfg) -> Runtime:
         """Resolve ``cfg.device`` and ``cfg.teacher_device`` (empty = the student's device); under a
         multi-process launcher (``WORLD_SIZE`` > 1) join the process group first. An ``accelerate launch``
-        configured for FSDP or DeepSpeed is refused: opd does not shard the student (docs/scaling.md)."""
-        for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if os.environ.get(var, "").lower() in ("1", "true"):
+        configured for DeepSpeed is refused; one configured for FSDP is accepted when it maps onto opd's
+        sharded student (``opd train fsdp=true``, FSDP version 2, :func:`opd.fsdp.accelerate_fsdp_error`)."""
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+            raise ConfigError(
+                f"accelerate launch with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED="
+                f"{os.environ['ACCELERATE_USE_DEEPSPEED']}): opd does not run DeepSpeed; launch with a MULTI_GPU "
+                "config (distributed_type: MULTI_GPU), an FSDP2 config with opd train fsdp=true, or torchrun"
+            )
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            from opd.fsdp import accelerate_fsdp_error
+
+            why = accelerate_fsdp_error(cfg)
+            if why is not None:
                 raise ConfigError(
-                    f"accelerate launch with a {what} config ({var}={os.environ[var]}): opd trains data parallel "
-                    "with a full student copy per process and does not shard it; launch with a MULTI_GPU "
-                    "config (distributed_type: MULTI_GPU) or torchrun"
+                    f"accelerate launch with an FSDP config (ACCELERATE_USE_FSDP={os.environ['ACCELERATE_USE_FSDP']}): "
+                    f"{why}; or launch with a MULTI_GPU config (distributed_type: MULTI_GPU) or torchrun"
                 )
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
@@ -161,6 +175,8 @@ class Runtime:
         if self.world_size == 1:
             return
         params = list(params)
+        if any(isinstance(p, DTensor) for p in params):
+            return  # a sharded student (opd.fsdp): FSDP has already reduce-scattered and summed them
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

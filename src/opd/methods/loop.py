@@ -63,6 +63,9 @@ class StepEnd:
     stopped_by_budget: int | None = None
     last_step: int = 0
     run_t0: float = field(default_factory=time.perf_counter)
+    sharded: bool = False
+    """The student is sharded (``opd.fsdp``): every process gathers the full state for a checkpoint and
+    ``final/``, rank 0 writes it."""
     bar: Any = field(init=False)
     """The loop's progress bar (rank 0 shows it)."""
 
@@ -84,15 +87,19 @@ class StepEnd:
 
     def checkpoint(self, step: int) -> Path:
         """Rank 0 writes the checkpoint of ``step``; the others wait until it is complete."""
+        model, optimizer_state = self.student, None
+        if self.sharded:  # every process takes part in gathering the full state to rank 0
+            model, optimizer_state = self._gathered(with_optimizer=True)
         if not self.runtime.is_main:
             self.runtime.barrier()
             return self.out_dir / "checkpoints"
         path = save_checkpoint(
             self.out_dir,
             step,
-            model=self.student,
+            model=model,
             tokenizer=self.tokenizer,
             optimizer=self.optimizer,
+            optimizer_state=optimizer_state,
             scheduler=self.scheduler,
             keep=self.cfg.keep_checkpoints,
             state={
@@ -151,6 +158,9 @@ class StepEnd:
         self.metrics_log.close()
         loop_time = time.perf_counter() - self.run_t0
         steps_done = self.history[-1]["step"] if self.history else self.start_step
+        model = self.student
+        if self.sharded and self.interrupted is None:
+            model, _ = self._gathered(with_optimizer=False)
         if not self.runtime.is_main:  # rank 0 writes the summary and the final model
             self.runtime.barrier()
             if self.interrupted is not None:
@@ -169,7 +179,7 @@ class StepEnd:
             )
         summary = finish_completed(
             self.out_dir,
-            self.student,
+            model,
             self.tokenizer,
             steps_done=steps_done,
             skipped_steps=skipped_steps,
@@ -184,6 +194,14 @@ class StepEnd:
         )
         self.runtime.barrier()
         return summary
+
+    def _gathered(self, *, with_optimizer: bool) -> tuple[Any, dict | None]:
+        """A sharded student's full model (an unsharded CPU copy, rank 0; None elsewhere) and optimiser
+        state (rank 0; empty elsewhere). Every process must call it."""
+        from opd.fsdp import full_state, unsharded_copy
+
+        sd, optimizer_state = full_state(self.student, self.optimizer if with_optimizer else None)
+        return (unsharded_copy(self.student, sd) if self.runtime.is_main else None), optimizer_state
 
     def _evaluate(self) -> dict[str, float]:
         return evaluate_during_training(self.student, self.tokenizer, self.eval_set, self.cfg)

@@ -2,7 +2,8 @@
 
 What this file deliberately leaves out: value functions and baselines (the study uses none), reference-
 model KL penalties, multi-turn rollouts, sequence packing, and distributed setup (``opd.runtime`` owns
-devices; a DDP/FSDP wrapper would wrap the ``PolicyScorer`` this loop already scores through). The run
+devices and processes; ``fsdp=true`` shards the student with ``opd.fsdp``, whose ``ShardedScorer`` takes
+the place of the ``PolicyScorer`` this loop scores through). The run
 frame — run directory, seeding, optimiser and schedule, model and prompt loading, evaluation, the end
 of a run — is :mod:`opd.methods.common`'s, shared with every method.
 
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opd import fsdp
 from opd import objectives as obj
 from opd.checkpoint import load_newest_checkpoint
 from opd.config import OPDConfig, tracking_backends
@@ -109,6 +111,10 @@ def update(
             mb = batch.select(sl)
             mask = mask_all[sl]
             if mask.sum() == 0:
+                if getattr(
+                    student, "lockstep", False
+                ):  # a sharded student: the pass's collectives all the same
+                    student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T * 0)
                 continue
             w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
             if cfg.objective == "full":
@@ -194,8 +200,13 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     if runtime.is_main:
         log.info("%s", runtime.describe())
 
+    if cfg.fsdp:
+        fsdp.check_fsdp(cfg, runtime.world_size)
     models = load_models(cfg, runtime, served_teacher=True)
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
+    n_student = count_parameters(student)
+    if cfg.fsdp:  # weights, gradients and AdamW state sharded across the processes (opd.fsdp)
+        fsdp.shard_student(student)
     prompts, eval_set = load_prompt_sets(cfg, models)
     sampler = PromptSampler(prompts, seed=cfg.seed)
     backend = make_backend(
@@ -206,8 +217,10 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         vocab_limit=vocab_limit,
         engine_options=engine_options(cfg, max(len(e.input_ids) for e in prompts.examples)),
     )
+    if cfg.fsdp:
+        backend.share_prefill = False  # its decoder-only prefill runs only on some batches: not in lockstep
     # every student and teacher pass goes through these modules (a DDP/FSDP wrapper would wrap the first)
-    student_scorer = PolicyScorer(
+    student_scorer = (fsdp.ShardedScorer if cfg.fsdp else PolicyScorer)(
         student,
         temperature=cfg.temperature,
         chunk_size=cfg.score_chunk_size,
@@ -228,8 +241,10 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     )
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
+    if cfg.fsdp:
+        fsdp.reshard_before_steps(student, optimizer)
     n_teacher = models.teacher.num_parameters if served else count_parameters(models.teacher)
-    cost = CostMeter(count_parameters(student), n_teacher)
+    cost = CostMeter(n_student, n_teacher)
     metrics_log = (
         MetricsLogger(
             out_dir / "metrics.jsonl", backends=tracking_backends(cfg.report_to), config=to_dict(cfg)
@@ -241,7 +256,13 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
 
     start_step, skipped_total = 0, 0
     if cfg.resume:
-        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
+        found = load_newest_checkpoint(
+            out_dir,
+            model=student,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loaders=fsdp.loaders(student, optimizer) if cfg.fsdp else None,
+        )
         if found is None:
             log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
         else:
@@ -283,6 +304,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             ovl=f"{row.get('overlap/ratio', float('nan')):.3f}",
         ),
         monitor=monitor,
+        sharded=cfg.fsdp,
     )
     ends.log_start()  # the starting point of the accuracy curve
     stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
