@@ -32,6 +32,7 @@ micro-batch and streams both heads chunk by chunk (checkpointed), so no B x T x 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,8 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
     written and :class:`opd.rundir.RunInterrupted` is raised; ``resume=true`` continues exactly.
     """
     cfg.check_runnable()
+    if cfg.fsdp:  # before the run directory is touched (the launcher's WORLD_SIZE, as opd.runtime reads it)
+        fsdp.check_fsdp(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     return run_processes(cfg, _train, per_step=("prompts_per_step", cfg.prompts_per_step))
 
 
@@ -200,8 +203,6 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     if runtime.is_main:
         log.info("%s", runtime.describe())
 
-    if cfg.fsdp:
-        fsdp.check_fsdp(cfg, runtime.world_size)
     models = load_models(cfg, runtime, served_teacher=True)
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
     n_student = count_parameters(student)
