@@ -9,7 +9,8 @@ gradient reduce-scatter. A one-process copy trains on the whole batch (the mean 
 Rank 0 prints the largest gradient difference after the first backward, the largest weight difference
 after the last step (the full state dict gathered with ``get_model_state_dict``), and whether
 ``generate`` runs on the sharded model (every process must call it: each forward all-gathers).
-This is the check docs/scaling.md quotes; it does not run opd's training loop (FSDP is not wired in).
+This is the bare-engine check docs/scaling.md quotes; opd's own sharded training (``opd train fsdp=true``,
+``opd.fsdp``) is tested in tests/test_fsdp.py and sized by benchmarks/fsdp_memory.py.
 """
 
 from __future__ import annotations
