@@ -82,9 +82,8 @@ def main() -> None:
         for (name, _), f, m in zip(rows, full, largest.tolist()):
             print(f"{name:32s} {f / mib:14.2f} {m / mib:22.2f} {m / f:7.3f}")
         f, m = sum(full), float(largest.sum())
-        print(
-            f"{'all (16·N_s)':32s} {f / mib:14.2f} {m / mib:22.2f} {m / f:7.3f}  (1/world_size = {1 / world:.3f})"
-        )
+        total = f"{'all (16·N_s)':32s} {f / mib:14.2f} {m / mib:22.2f} {m / f:7.3f}"
+        print(f"{total}  (1/world_size = {1 / world:.3f})")
     dist.destroy_process_group()
 
 

@@ -8,8 +8,9 @@ each holds 1/world_size of them. What this module does, and why each piece is ne
   root's unit holds the embeddings, the final norm and the output head, tied or not). No
   ``MixedPrecisionPolicy``: the parameters are all-gathered in float32 and the forward runs under the
   same autocast as without FSDP (:mod:`opd.precision`), so the numerics are a one-process run's. The
-  gradient divide factor is set to 1: FSDP2 averages gradients over the processes by default, while opd's
-  loss is already divided by the *global* token count (``Runtime.sum``), so the shares must be summed.
+  gradient divide factor is set to 1 with a plain SUM reduce-scatter (gloo has no ``PREMUL_SUM``): FSDP2
+  averages gradients over the processes by default, while opd's loss is already divided by the *global*
+  token count (``Runtime.sum``), so the shares must be summed.
   The root's forward runs first on every process (the scoring head's one-time check,
   ``opd.scoring.check_head_path``), so it is the root FSDP initialises (FSDP makes the first module that
   runs forward the root; the scoring path calls the decoder directly).
@@ -22,9 +23,10 @@ each holds 1/world_size of them. What this module does, and why each piece is ne
   a no-grad call reshards them at its end, a call with grad leaves that to the backward's final callback,
   which reduce-scatters their gradients and reshards them. The root also reshards after its own forward
   (generate), so between scorer calls every parameter is a shard — the objects the optimiser and the
-  gradient clipping hold (a gathered root would hand ``parameters()`` its unsharded copies). A micro-batch without a scored position (``score`` would return
-  zeros without running the model) runs a one-row stand-in forward instead, and with grad enabled its
-  zero-weighted backward at once, so every process makes the same collective calls.
+  gradient clipping hold (a gathered root would hand ``parameters()`` its unsharded copies). A
+  micro-batch without a scored position (``score`` would return zeros without running the model) runs a
+  one-row stand-in forward instead, and with grad enabled its zero-weighted backward at once, so every
+  process makes the same collective calls.
 - lockstep: every process must make the same forward and backward calls of the student. Rows per
   process are equal (:func:`check_fsdp` requires ``prompts_per_step`` divisible by the number of
   processes), so generate calls and micro-batch counts are equal; the shared-prefill shortcut of the HF
@@ -36,8 +38,8 @@ each holds 1/world_size of them. What this module does, and why each piece is ne
   (``get_model_state_dict`` / ``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True``);
   rank 0 writes them in the usual format (safetensors, ``torch.save`` of plain tensors) through an
   unsharded CPU copy of the model (:func:`unsharded_copy`); resume reads them on every process and
-  loads them with ``set_model_state_dict`` / ``set_optimizer_state_dict`` (:func:`loaders`). ``final/`` is the
-  full model, written by rank 0.
+  loads them with ``set_model_state_dict`` / ``set_optimizer_state_dict`` (:func:`loaders`). ``final/``
+  is the full model, written by rank 0.
 
 What it leaves out: other methods (``sft``, ``kd``, ``gkd``, ``grpo``, ``coldstart`` refuse ``fsdp``),
 ``objective=full``, LoRA, the vLLM backend, CPU offload, FSDP's MixedPrecisionPolicy, sharding the
@@ -82,7 +84,10 @@ def accelerate_fsdp_error(cfg: Any) -> str | None:
         return "fsdp_offload_params: true is not supported; set it to false"
     mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if mp not in ("no", ""):
-        return f'mixed_precision: {mp}: set mixed_precision: "no" and student_dtype=bfloat16 (opd autocasts itself)'
+        return (
+            f'mixed_precision: {mp}: set mixed_precision: "no" and student_dtype=bfloat16 '
+            "(opd autocasts itself)"
+        )
     return None
 
 
@@ -196,9 +201,11 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) 
 
 
 def unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A plain CPU model of ``model``'s class and config holding ``state_dict`` (rank 0, for saving)."""
+    """A plain CPU model of ``model``'s class and config holding ``state_dict`` (rank 0), for saving only:
+    its non-persistent buffers (rotary tables) stay on the meta device."""
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # not FSDP's subclass
     with torch.device("meta"):
-        copy = type(model)(model.config)
+        copy = cls(model.config)
     missing, unexpected = copy.load_state_dict(state_dict, strict=False, assign=True)
     copy.tie_weights()
     still = [k for k in missing if copy.get_parameter(k).is_meta]

@@ -112,9 +112,8 @@ def update(
             mb = batch.select(sl)
             mask = mask_all[sl]
             if mask.sum() == 0:
-                if getattr(
-                    student, "lockstep", False
-                ):  # a sharded student: the pass's collectives all the same
+                # a sharded student still makes the pass's collectives (opd.fsdp.ShardedScorer's stand-in)
+                if getattr(student, "lockstep", False):
                     student(mb.input_ids_B_T, mb.attention_mask_B_T, mb.response_mask_B_T * 0)
                 continue
             w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
@@ -220,7 +219,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     )
     if cfg.fsdp:
         backend.share_prefill = False  # its decoder-only prefill runs only on some batches: not in lockstep
-    # every student and teacher pass goes through these modules (a DDP/FSDP wrapper would wrap the first)
+    # every student and teacher pass goes through these modules (fsdp=true: the sharded student's scorer)
     student_scorer = (fsdp.ShardedScorer if cfg.fsdp else PolicyScorer)(
         student,
         temperature=cfg.temperature,
