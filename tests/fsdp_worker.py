@@ -7,6 +7,8 @@ unequal work per process, against one unsharded copy of the same model.
 2. scoring with grad: rank 0 has two micro-batches with response tokens, rank 1 one and then one without
    any (a stand-in pass, no loss); the gradients summed by FSDP equal the one-process gradients of all
    the loss micro-batches (embedding / tied head included), and so does ``clip_grad_norm_``'s norm.
+3. the same split through the fused full-vocabulary pass (``objective=full``: the scorer call takes the
+   exact KL's backward itself): the same gradients as one process.
 
 Prints ``FSDP-LOCKSTEP-OK`` on rank 0 when every check holds (an assertion fails otherwise).
 """
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from opd.fsdp import ShardedScorer, shard_student
+from opd.methods.opd_scoring import reverse_kl
 from opd.scoring import PolicyScorer
 from opd.tiny import build_byte_tokenizer, build_tiny_model
 
@@ -80,8 +83,34 @@ def main() -> None:
     norm1 = float(torch.nn.utils.clip_grad_norm_(list(single.parameters()), float("inf")))
     assert worst <= 1e-6, worst
     assert abs(norm - norm1) <= 1e-6 * norm1, (norm, norm1)
+
+    # 3. the fused full-vocabulary pass (its backward runs inside the scorer call), same split of work
+    teacher = build_tiny_model(tok, seed=4).requires_grad_(False)
+    for model in (sharded, single):
+        model.zero_grad(set_to_none=True)
+
+    def fused(s: PolicyScorer, sl: slice | None) -> None:
+        ids, a, r = (x[sl], att[sl], resp[sl]) if sl is not None else (x[:1], att[:1], resp[:1] * 0)
+        s(ids, a, r, top_k=3, teacher=teacher, divergence=reverse_kl, loss_weight_B_T=r.float() / total)
+
+    for sl in micro[rank]:
+        fused(scorer, sl)
+    for r in range(world):
+        for sl in micro[r]:
+            fused(scorer1, sl)
+    worst_full = max(
+        float((p.grad.full_tensor() - ref_grads[name].grad).abs().max())
+        for name, p in sharded.named_parameters()
+    )
+    scale_full = max(float(p.grad.abs().max()) for p in single.parameters())
+    assert scale_full > 1e-4 and worst_full <= 1e-6, (worst_full, scale_full)  # real gradients, equal
     if rank == 0:
-        print(f"FSDP-LOCKSTEP-OK max|grad diff| {worst:.2e} norm {norm:.6f} vs {norm1:.6f}", flush=True)
+        print(
+            f"FSDP-LOCKSTEP-OK max|grad diff| {worst:.2e} (full vocabulary {worst_full:.2e} of "
+            f"{scale_full:.2e}) "
+            f"norm {norm:.6f} vs {norm1:.6f}",
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

@@ -383,7 +383,7 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
     fsdp: bool = False
     """Shard the student's weights, gradients and AdamW state across the processes with FSDP2 (under torchrun
     or accelerate launch, at least 2 processes; prompts_per_step a multiple of their number). The same
-    training as data parallel (docs/scaling.md). Not with objective=full, LoRA, rollout_backend=vllm or eval_every."""
+    training as data parallel (docs/scaling.md). Not with LoRA, rollout_backend=vllm or eval_every."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -467,10 +467,6 @@ def _fsdp_errors(cfg: OPDConfig) -> list[str]:
     if not cfg.fsdp:
         return []
     refused = {
-        "objective=full": (
-            cfg.objective == "full",
-            "the full-vocabulary passes are not routed through the sharded scorer; use objective=topk or sampled",
-        ),
         f"lora_r={cfg.lora_r}": (
             cfg.lora_r > 0,
             "LoRA keeps the base frozen (it fits unsharded); set lora_r=0",

@@ -24,9 +24,11 @@ each holds 1/world_size of them. What this module does, and why each piece is ne
   which reduce-scatters their gradients and reshards them. The root also reshards after its own forward
   (generate), so between scorer calls every parameter is a shard — the objects the optimiser and the
   gradient clipping hold (a gathered root would hand ``parameters()`` its unsharded copies). A
-  micro-batch without a scored position (``score`` would return zeros without running the model) runs a
-  one-row stand-in forward instead, and with grad enabled its zero-weighted backward at once, so every
-  process makes the same collective calls.
+  micro-batch without a scored position (``score`` would return zeros without running the model) first
+  runs a one-row stand-in forward, and with grad enabled its zero-weighted backward at once, so every
+  process makes the same collective calls. The full-vocabulary passes (``objective=full``) go through
+  the same ``forward``: their backward (inside it for the fused step) reaches the root's gathered head
+  and the sharded layers like any other.
 - lockstep: every process must make the same forward and backward calls of the student. Rows per
   process are equal (:func:`check_fsdp` requires ``prompts_per_step`` divisible by the number of
   processes), so generate calls and micro-batch counts are equal; the shared-prefill shortcut of the HF
@@ -42,7 +44,7 @@ each holds 1/world_size of them. What this module does, and why each piece is ne
   is the full model, written by rank 0.
 
 What it leaves out: other methods (``sft``, ``kd``, ``gkd``, ``grpo``, ``coldstart`` refuse ``fsdp``),
-``objective=full``, LoRA, the vLLM backend, CPU offload, FSDP's MixedPrecisionPolicy, sharding the
+LoRA, the vLLM backend, CPU offload, FSDP's MixedPrecisionPolicy, sharding the
 teacher (each process holds a full teacher), and resuming a checkpoint across fsdp=true/false (the
 optimiser state is keyed by parameter names under FSDP). Tested on CPU with gloo only; NCCL is untested.
 """
@@ -63,7 +65,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from opd.errors import ConfigError
-from opd.scoring import PolicyScorer, ScoreOutput, check_head_path
+from opd.scoring import PolicyScorer, check_head_path
 
 _TRUE = ("1", "true", "yes")
 
@@ -147,39 +149,22 @@ class ShardedScorer(PolicyScorer):
 
     def forward(self, input_ids_B_T, attention_mask_B_T, response_mask_B_T, given_ids_B_T_K=None, **kw):
         self.model.unshard()  # embeddings, final norm, head: gathered for the direct head calls
-        if kw.get("teacher") is not None or bool((response_mask_B_T != 0).any()):
-            out = super().forward(input_ids_B_T, attention_mask_B_T, response_mask_B_T, given_ids_B_T_K, **kw)
-        else:
-            out = self._stand_in(input_ids_B_T, given_ids_B_T_K, **kw)
+        if not bool((response_mask_B_T != 0).any()):
+            self._stand_in(input_ids_B_T.device)
+        # with nothing to score, the zeros of the caller's shapes, without running the model
+        out = super().forward(input_ids_B_T, attention_mask_B_T, response_mask_B_T, given_ids_B_T_K, **kw)
         if not torch.is_grad_enabled():
             self.model.reshard()  # with grad, the backward's final callback reshards it
         return out
 
-    def _stand_in(
-        self, input_ids_B_T, given_ids_B_T_K, *, top_k: int = 0, entropy: bool = False
-    ) -> ScoreOutput:
-        """What ``score`` returns for nothing to score (zeros), after the collectives of a real pass: one
-        row of two tokens scored at its second, and with grad its backward weighted by 0."""
-        dev = input_ids_B_T.device
-        ids = torch.zeros((1, 2), dtype=torch.long, device=dev)
-        resp = torch.tensor([[0, 1]], device=dev)
-        out = super().forward(ids, torch.ones_like(ids), resp, None, top_k=top_k, entropy=entropy)
+    def _stand_in(self, device: torch.device) -> None:
+        """The collectives of a real pass for a call with nothing to score: one row of two tokens scored
+        at its second, and with grad enabled its backward weighted by 0 (the caller has no loss to
+        backpropagate for such a micro-batch)."""
+        ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+        out = super().forward(ids, torch.ones_like(ids), torch.tensor([[0, 1]], device=device))
         if torch.is_grad_enabled():
-            anchor = out.token_logp_B_T.sum() * 0.0
-            anchor.backward()
-        B, T = input_ids_B_T.shape
-
-        def zeros(k: int | None, dtype=torch.float32):
-            return None if k is None else torch.zeros((B, T, *((k,) if k else ())), dtype=dtype, device=dev)
-
-        K = given_ids_B_T_K.shape[-1] if given_ids_B_T_K is not None else None
-        return ScoreOutput(
-            token_logp_B_T=zeros(0),
-            topk_ids_B_T_K=zeros(top_k, torch.long) if top_k else None,
-            topk_logp_B_T_K=zeros(top_k) if top_k else None,
-            given_logp_B_T_K=zeros(K),
-            entropy_B_T=zeros(0) if entropy else None,
-        )
+            (out.token_logp_B_T.sum() * 0.0).backward()
 
 
 def reshard_before_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
