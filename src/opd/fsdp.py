@@ -137,10 +137,6 @@ def shard_student(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 class ShardedScorer(PolicyScorer):
     """:class:`PolicyScorer` of an FSDP-sharded student (module docstring): gathers the root's parameters
     before the direct head calls, and runs a stand-in pass for a micro-batch with nothing to score."""
@@ -207,9 +203,10 @@ def loaders(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
 
     def load_model(sd: dict[str, torch.Tensor]) -> None:
         model.reshard()
-        tied = getattr(model.config, "tie_word_embeddings", False)
-        if tied and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
-            sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
+        tied = getattr(model, "_tied_weights_keys", None)  # transformers 5: {tied key: the key it shares}
+        if getattr(model.config, "tie_word_embeddings", False) and isinstance(tied, dict):
+            # a saved tied head is stored once (safetensors); the full state dict names both
+            sd = {**sd, **{k: sd[src] for k, src in tied.items() if k not in sd and src in sd}}
         set_model_state_dict(model, sd, options=full)
 
     def load_optimizer(osd: dict) -> None:
