@@ -9,6 +9,7 @@ unequal work per process, against one unsharded copy of the same model.
    the loss micro-batches (embedding / tied head included), and so does ``clip_grad_norm_``'s norm.
 3. the same split through the fused full-vocabulary pass (``objective=full``: the scorer call takes the
    exact KL's backward itself): the same gradients as one process.
+4. the scoring of 2. on a model whose output head is not tied to its embeddings.
 
 Prints ``FSDP-LOCKSTEP-OK`` on rank 0 when every check holds (an assertion fails otherwise).
 """
@@ -104,11 +105,34 @@ def main() -> None:
     )
     scale_full = max(float(p.grad.abs().max()) for p in single.parameters())
     assert scale_full > 1e-4 and worst_full <= 1e-6, (worst_full, scale_full)  # real gradients, equal
+    # 4. an untied output head (its own unit's parameter, beside the embeddings): the same gradients
+    config = single.config.to_dict() | {"tie_word_embeddings": False}
+    torch.manual_seed(5)
+    untied = type(single)(type(single.config).from_dict(config))
+    untied1 = type(single)(type(single.config).from_dict(config))
+    untied1.load_state_dict(untied.state_dict())
+    assert untied1.lm_head.weight is not untied1.model.embed_tokens.weight
+    shard_student(untied)
+    s_untied, s_untied1 = ShardedScorer(untied, chunk_size=4), PolicyScorer(untied1, chunk_size=4)
+    for sl in micro[rank]:
+        value = loss(s_untied, sl)
+        if value is not None:
+            value.backward()
+    for r in range(world):
+        for sl in micro[r]:
+            value = loss(s_untied1, sl)
+            if value is not None:
+                value.backward()
+    ref_untied = dict(untied1.named_parameters())
+    worst_untied = max(
+        float((p.grad.full_tensor() - ref_untied[name].grad).abs().max())
+        for name, p in untied.named_parameters()
+    )
+    assert float(ref_untied["lm_head.weight"].grad.abs().max()) > 0 and worst_untied <= 1e-6, worst_untied
     if rank == 0:
         print(
-            f"FSDP-LOCKSTEP-OK max|grad diff| {worst:.2e} (full vocabulary {worst_full:.2e} of "
-            f"{scale_full:.2e}) "
-            f"norm {norm:.6f} vs {norm1:.6f}",
+            f"FSDP-LOCKSTEP-OK max|grad diff| {worst:.2e} (norm {norm:.6f} vs {norm1:.6f}), full vocabulary "
+            f"{worst_full:.2e} (of gradients up to {scale_full:.2e}), untied head {worst_untied:.2e}",
             flush=True,
         )
     dist.destroy_process_group()
