@@ -51,7 +51,9 @@ optimiser state is keyed by parameter names under FSDP). Tested on CPU with gloo
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -152,6 +154,18 @@ class ShardedScorer(PolicyScorer):
         if not torch.is_grad_enabled():
             self.model.reshard()  # with grad, the backward's final callback reshards it
         return out
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Around a rollout: the root's parameters stay gathered from the first decoding step to the last
+        (one all-gather of the embeddings and head per rollout, not one per generated token), then are
+        resharded; the decoder layers still gather and reshard at each step."""
+        self.model.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            self.model.set_reshard_after_forward(True, recurse=False)
+            self.model.reshard()
 
     def _stand_in(self, device: torch.device) -> None:
         """The collectives of a real pass for a call with nothing to score: one row of two tokens scored

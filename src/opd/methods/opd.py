@@ -31,6 +31,7 @@ micro-batch and streams both heads chunk by chunk (checkpointed), so no B x T x 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -356,7 +357,9 @@ def opd_step(
         [prompt_seed(cfg.seed, step, j) for j in slots] if cfg.rollout_seeding == "per_prompt" else None
     )
     t0 = time.perf_counter()
-    with compute_context(student.model, cfg.student_dtype):
+    # a sharded student keeps its root (embeddings, head) gathered for the whole rollout (opd.fsdp)
+    sampling = student.sampling() if hasattr(student, "sampling") else contextlib.nullcontext()
+    with compute_context(student.model, cfg.student_dtype), sampling:
         batch = backend.generate(
             [prompts.examples[idx[j]].input_ids for j in slots],
             n=cfg.rollouts_per_prompt,
