@@ -53,7 +53,7 @@ from opd.models import (
     save_model,
 )
 from opd.precision import compute_context
-from opd.rollout import tokenizer_vocab_size
+from opd.rollout import model_vocab_limit
 from opd.rundir import RunDir, RunInterrupted, StopSignals, locked_run_dir, prepare_train_dir
 from opd.runtime import Runtime
 
@@ -203,11 +203,9 @@ def load_models(cfg: Any, runtime: Runtime, *, served_teacher: bool = False) -> 
         if why:
             log.info("max_prompt_tokens=%d (%s)", cap, why)
         student.eval()
-        vocab_limit = tokenizer_vocab_size(tokenizer)  # the ids the tokenizer can produce, capped at the head
-        head = student.get_output_embeddings()
-        if head is not None:
-            vocab_limit = min(vocab_limit, int(head.weight.shape[0]))
-        return Models(student, None, tokenizer, CompatReport(vocab_limit), cap, why, lora)
+        return Models(
+            student, None, tokenizer, CompatReport(model_vocab_limit(student, tokenizer)), cap, why, lora
+        )
     teacher = load_model(
         cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=trust, device=runtime.teacher_device
     )
@@ -233,10 +231,7 @@ def _with_served_teacher(cfg: Any, student: torch.nn.Module, tokenizer: Any, lor
     teacher's too)."""
     from opd.remote.client import RemoteTeacher
 
-    vocab_limit = tokenizer_vocab_size(tokenizer)
-    head = student.get_output_embeddings()
-    if head is not None:
-        vocab_limit = min(vocab_limit, int(head.weight.shape[0]))
+    vocab_limit = model_vocab_limit(student, tokenizer)
     teacher = RemoteTeacher(
         cfg.teacher,
         tokenizer,
@@ -246,6 +241,8 @@ def _with_served_teacher(cfg: Any, student: torch.nn.Module, tokenizer: Any, lor
         timeout=getattr(cfg, "teacher_timeout", 60.0),
         retries=getattr(cfg, "teacher_retries", 3),
     )
+    for w in teacher.warnings:
+        log.warning(w)
     info = teacher.info
     log.info(
         "served teacher %s: %s (%s on %s, %d parameters)",
@@ -270,7 +267,7 @@ def _with_served_teacher(cfg: Any, student: torch.nn.Module, tokenizer: Any, lor
     if why:
         log.info("max_prompt_tokens=%d (%s)", cap, why)
     student.eval()
-    return Models(student, teacher, tokenizer, CompatReport(vocab_limit), cap, why, lora)
+    return Models(student, teacher, tokenizer, CompatReport(vocab_limit, teacher.warnings), cap, why, lora)
 
 
 def prepare_student(student: torch.nn.Module, cfg: Any) -> Any:
