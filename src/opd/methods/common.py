@@ -10,9 +10,10 @@ calls in the order it reads best (STYLE.md §7: duplication over abstraction in 
   compatibility checked first, the prompt-length cap both contexts allow;
 - :func:`load_prompt_sets` — training and evaluation prompts with the length cap (drops are logged);
 - :func:`evaluate_during_training`, :func:`make_alert_monitor`;
-- (:class:`opd.methods.loop.StepEnd` — the end of every step of every method's loop: evaluation,
-  alerts, logging, progress bar, checkpoint, stop by signal / alert / budget; and the end of the run,
-  rank-aware);
+- (:mod:`opd.methods.loop` — the start of every method's loop: :func:`~opd.methods.loop.begin_process`,
+  :func:`~opd.methods.loop.resume_checkpoint`, per-process seeds, the run directory claimed; and
+  :class:`~opd.methods.loop.StepEnd`, the end of every step: evaluation, alerts, logging, progress bar,
+  checkpoint, stop by signal / alert / budget; and the end of the run, rank-aware);
 - :func:`write_config`, :func:`finish_interrupted`, :func:`finish_completed` (``summary.json``,
   the atomic ``final/`` save).
 

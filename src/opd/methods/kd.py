@@ -34,13 +34,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from opd import objectives as obj
-from opd.checkpoint import load_newest_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
@@ -52,10 +50,8 @@ from opd.methods.common import (
     make_optimizer,
     make_scheduler,
     run_processes,
-    seed_everything,
-    write_config,
 )
-from opd.methods.loop import StepEnd
+from opd.methods.loop import StepEnd, begin_process
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
@@ -223,12 +219,7 @@ def train(cfg: KDConfig) -> dict[str, Any]:
 
 
 def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    if runtime.is_main:
-        log.info("%s", runtime.describe())
+    out_dir = begin_process(cfg, runtime)
 
     models = load_models(cfg, runtime)
     student, teacher, tokenizer = models.student, models.teacher, models.tokenizer
@@ -261,27 +252,12 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     cost = CostMeter(count_parameters(student), count_parameters(teacher))
     metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
-    start_step, skipped_total = 0, 0
-    if cfg.resume:
-        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
-        if found is None:
-            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
-        else:
-            ckpt, state = found
-            start_step = state["step"]
-            skipped_total = state.get("skipped_steps", 0)
-            sampler.load_state_dict(state["sampler"])
-            cost.load_state_dict(state["cost"])
-            log.info("resumed from %s (step %d)", ckpt, start_step)
-    if run is not None:  # rank 0
-        run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
-        metrics_log.truncate_after(start_step)
-        write_config(out_dir, cfg)
-
-    ends = StepEnd(
+    ends = StepEnd.open(
+        "kd",
         cfg,
         runtime,
-        "kd",
+        run,
+        stop,
         out_dir,
         student,
         tokenizer,
@@ -290,14 +266,13 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         eval_set,
         metrics_log,
         cost,
-        stop,
-        start_step,
-        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
+        sampler,
         postfix=lambda row: dict(kl=f"{row['kl/forward']:.4f}"),
+        reseed=False,  # KD samples nothing
     )
     ends.log_start()  # the starting point of the accuracy curve
     stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
-    for step in range(start_step + 1, cfg.steps + 1):
+    for step in range(ends.start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
         batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]  # the same on every process
         lr = scheduler.get_last_lr()[0]
@@ -314,7 +289,6 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             runtime=runtime,
         )
         scheduler.step()
-        skipped_total += out["skipped"]
         seq_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch)
         cost.add(
             teacher_forward_tokens=seq_tokens,
@@ -329,7 +303,7 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             "grad_norm": out["grad_norm"],
             "lr": lr,
             "response/length_mean": out["tokens"] / len(batch),
-            "skipped_steps": skipped_total,
+            "skipped_steps": ends.count_skipped(out["skipped"]),
             "epoch": sampler.epoch + sampler.position / sampler.size,
             "time/step": step_time,
             "throughput/tokens_per_s": out["tokens"] / step_time if step_time > 0 else 0.0,
@@ -343,7 +317,6 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         if ends.end_of_step(step, row):
             break
     return ends.finish(
-        skipped_steps=skipped_total,
         lora=models.lora,
         extra={
             "sequences": {
