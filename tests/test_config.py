@@ -2,7 +2,7 @@ import pytest
 
 from opd.cli import build_parser, main
 from opd.config import ConfigError, OPDConfig
-from opd.config_io import field_docs, load_config, parse_overrides
+from opd.config_io import config_values, field_docs, load_config, parse_overrides
 
 
 def test_defaults_follow_the_paper():
@@ -105,6 +105,29 @@ def test_missing_required_keys_have_a_fix():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(OPDConfig, tmp_path / "nope.yaml")
+
+
+def test_config_values_reads_the_file_then_the_overrides_for_every_loader(tmp_path):
+    """One reader of YAML + overrides for opd train / eval / compare (their errors name the file)."""
+    from opd.compare.config import load_compare_config
+    from opd.evaluation import load_eval_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\nlr: 0.5\n")
+    assert config_values(path, ["seed=4", "steps=2"]) == {"seed": 4, "lr": 0.5, "steps": 2}
+    assert config_values(None, {"seed": 5}) == {"seed": 5}
+    assert load_config(OPDConfig, path, ["seed=4"]).seed == 4
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    for load, what in (
+        (lambda p: load_config(OPDConfig, p), "config file"),
+        (lambda p: load_eval_config(p), "config file"),
+        (lambda p: load_compare_config(p), "compare config file"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{what} .*nope.yaml' not found"):
+            load(tmp_path / "nope.yaml")
+        with pytest.raises(ConfigError, match=f"^{what} .*list.yaml': expected a mapping of key: value"):
+            load(listed)
 
 
 def test_help_lists_every_key(capsys):

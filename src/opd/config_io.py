@@ -196,18 +196,27 @@ def load_config(
 ):
     """YAML file (optional) + overrides → validated config of type ``cls`` (``command``: the CLI
     subcommand named in the error for an unknown key)."""
+    return build_config(cls, config_values(path, overrides), command)
+
+
+def config_values(
+    path: str | Path | None, overrides: list[str] | dict | None, what: str = "config file"
+) -> dict[str, Any]:
+    """The raw values of a YAML file (optional; ``what`` names it in the errors) updated with the
+    overrides (``key=value`` strings or a mapping), before any type checking: a missing file or one whose
+    top level is not a mapping is a :class:`ConfigError` naming it."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = load_yaml_text(read_utf8(p), f"config file {str(p)!r}") or {}
+            raise ConfigError(f"{what} {str(p)!r} not found")
+        loaded = load_yaml_text(read_utf8(p), f"{what} {str(p)!r}") or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping of key: value at the top level")
+            raise ConfigError(f"{what} {str(p)!r}: expected a mapping of key: value at the top level")
         values.update(loaded)
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return build_config(cls, values, command)
+    return values
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

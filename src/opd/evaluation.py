@@ -36,7 +36,7 @@ import torch
 
 from opd.benchmarks import Benchmark, load_benchmark
 from opd.config import DEVICE_PATTERN, ConfigError
-from opd.config_io import _coerce_types, build_config, load_yaml_text, parse_overrides, to_dict
+from opd.config_io import _coerce_types, build_config, config_values, load_yaml_text, to_dict
 from opd.data import load_prompts
 from opd.estimators import _has_answer, metrics_from_predictions, regrade
 from opd.eval_report import write_eval_report
@@ -242,17 +242,7 @@ def load_eval_config(
     ``--model`` / ``--benchmark`` flags are appended to the ``models`` / ``benchmarks`` keys; with
     ``preset=quick`` (or ``quick``) the values of :data:`QUICK` fill every key not set explicitly.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = load_yaml_text(read_utf8(p), f"config file {str(p)!r}") or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping of key: value at the top level")
-        values.update(loaded)
-    if overrides:
-        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    values = config_values(path, overrides)
     for key, extra in (("models", models), ("benchmarks", benchmarks)):
         if extra:
             have = values.get(key, ())
