@@ -219,6 +219,42 @@ def config_values(
     return values
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+"""The weight dtypes a model loads in."""
+
+
+def below(cfg: Any, keys: tuple[str, ...], low: int, note: str = "") -> list[str]:
+    """One rule violation ``key=value: must be >= low`` (then ``note``) for each of ``keys`` whose value
+    in ``cfg`` is below ``low``."""
+    return [f"{key}={getattr(cfg, key)}: must be >= {low}{note}" for key in keys if getattr(cfg, key) < low]
+
+
+def dtype_errors(cfg: Any, keys: tuple[str, ...]) -> list[str]:
+    """One rule violation for each of ``keys`` whose value in ``cfg`` is not one of :data:`DTYPES`."""
+    return [
+        f"{key}={getattr(cfg, key)!r}: choose float32, bfloat16 or float16"
+        for key in keys
+        if getattr(cfg, key) not in DTYPES
+    ]
+
+
+def raise_errors(errs: list[str], what: str = "config") -> None:
+    """One :class:`ConfigError` listing every rule violation of a config (``invalid <what>:``), if any."""
+    if errs:
+        raise ConfigError(f"invalid {what}:\n  - " + "\n  - ".join(errs))
+
+
+def require_keys(cfg: Any, keys: tuple[str, ...], example: str, missing: tuple[str, ...] = ()) -> None:
+    """A :class:`ConfigError` naming the keys of ``keys`` that ``cfg`` leaves empty (and the ``missing``
+    ones the caller found), with ``example``: a command line that sets them."""
+    missing = (*(k for k in keys if not getattr(cfg, k)), *missing)
+    if missing:
+        raise ConfigError(
+            f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as key=value, "
+            f"e.g. {example}"
+        )
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -57,7 +57,7 @@ import torch
 
 from opd import objectives as obj
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
-from opd.config_io import _coerce_types
+from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSet
 from opd.datafiles import read_rows
@@ -123,19 +123,16 @@ class GKDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
             errs.append(
                 f"loss_aggregation={self.loss_aggregation!r}: choose one of {', '.join(obj.AGGREGATIONS)}"
             )
-        if self.score_chunk_size < 1:
-            errs.append(f"score_chunk_size={self.score_chunk_size}: must be >= 1")
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        errs += below(self, ("score_chunk_size",), 1)
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
-        missing = [k for k in ("student", "teacher", "prompts") if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as "
-                "key=value, e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train"
-            )
+        require_keys(
+            self,
+            ("student", "teacher", "prompts"),
+            "student=lab:student teacher=lab:teacher-a-plus prompts=lab:train",
+        )
         if self.lmbda < 1 and not self.seq_kd and not self.response_field:
             raise ConfigError(
                 f"lmbda={self.lmbda} < 1 needs fixed sequences: set response_field to the field holding a "

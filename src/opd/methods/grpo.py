@@ -48,7 +48,7 @@ import torch
 
 from opd import objectives as obj
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
-from opd.config_io import _coerce_types
+from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.errors import ConfigError
 from opd.evaluate import grade_responses
@@ -114,26 +114,18 @@ class GRPOConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig
             errs.append(
                 f"loss_aggregation={self.loss_aggregation!r}: choose one of {', '.join(obj.AGGREGATIONS)}"
             )
-        for key in ("ppo_epochs", "score_chunk_size"):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        errs += below(self, ("ppo_epochs", "score_chunk_size"), 1)
         if not 0 < self.clip_eps < 1:
             errs.append(f"clip_eps={self.clip_eps}: must be in (0, 1); the usual value is 0.2")
         if self.kl_coef < 0:
             errs.append(f"kl_coef={self.kl_coef}: must be >= 0 (0 = no KL-to-reference penalty)")
         if self.adv_eps <= 0:
             errs.append(f"adv_eps={self.adv_eps}: must be > 0 (e.g. 1e-4)")
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
-        missing = [k for k in ("student", "prompts") if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as "
-                "key=value, e.g. student=lab:student prompts=lab:train"
-            )
+        require_keys(self, ("student", "prompts"), "student=lab:student prompts=lab:train")
 
 
 # --------------------------------------------------------------------------- rewards and update

@@ -40,7 +40,7 @@ import torch
 
 from opd import objectives as obj
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
-from opd.config_io import _coerce_types
+from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.errors import ConfigError
 from opd.methods.common import (
@@ -101,9 +101,7 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 "stop_on_alert=true: the alerts watch OPD's failure signatures (overlap, entropy gap), which "
                 "KD does not measure; leave stop_on_alert=false"
             )
-        for key in ("max_new_tokens", "batch_size", "score_chunk_size"):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        errs += below(self, ("max_new_tokens", "batch_size", "score_chunk_size"), 1)
         if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
             errs.append(f"kd_temperature={self.kd_temperature}: must be a finite number > 0 (1.0 = plain KL)")
         if self.response_field and self.sft_data:
@@ -116,8 +114,7 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 f"sft_data={self.sft_data!r} with prompts={self.prompts!r}: the sequences come from the file; "
                 "leave prompts empty"
             )
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
@@ -127,12 +124,11 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 "e.g. response_field=solution_a prompts=lab:train) or sft_data=RUN/teacher_data.jsonl"
             )
         need = ("student", "teacher") + (() if self.sft_data else ("prompts",))
-        missing = [k for k in need if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as key=value, "
-                "e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train response_field=solution_a"
-            )
+        require_keys(
+            self,
+            need,
+            "student=lab:student teacher=lab:teacher-a-plus prompts=lab:train response_field=solution_a",
+        )
 
 
 # --------------------------------------------------------------------------- the loss

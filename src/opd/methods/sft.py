@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
-from opd.config_io import _coerce_types
+from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSet
 from opd.errors import ConfigError
@@ -142,19 +142,19 @@ class SFTConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 "stop_on_alert=true: the alerts watch OPD's failure signatures (overlap, entropy gap), which "
                 "SFT does not measure; leave stop_on_alert=false"
             )
-        for key in ("num_prompts",):
-            if getattr(self, key) < 0:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 0 (0 = all)")
-        for key in (
-            "teacher_samples_per_prompt",
-            "max_new_tokens",
-            "generation_batch_size",
-            "repetition_ngram",
-            "batch_size",
-            "score_chunk_size",
-        ):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        errs += below(self, ("num_prompts",), 0, " (0 = all)")
+        errs += below(
+            self,
+            (
+                "teacher_samples_per_prompt",
+                "max_new_tokens",
+                "generation_batch_size",
+                "repetition_ngram",
+                "batch_size",
+                "score_chunk_size",
+            ),
+            1,
+        )
         if self.teacher_temperature < 0:
             errs.append(f"teacher_temperature={self.teacher_temperature}: must be >= 0 (the study: 0.7)")
         if self.teacher_temperature == 0 and self.teacher_samples_per_prompt > 1:
@@ -176,19 +176,17 @@ class SFTConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 f"sft_data={self.sft_data!r} with {given} set: a run trains either on an existing file or on "
                 f"data it generates; leave {given} empty, or drop sft_data to generate"
             )
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
         need = ("student",) if self.sft_data else ("student", "teacher", "prompts")
-        missing = [k for k in need if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as key=value, "
-                "e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train "
-                "(or student=... sft_data=RUN/teacher_data.jsonl)"
-            )
+        require_keys(
+            self,
+            need,
+            "student=lab:student teacher=lab:teacher-a-plus prompts=lab:train "
+            "(or student=... sft_data=RUN/teacher_data.jsonl)",
+        )
 
 
 # --------------------------------------------------------------------------- stage 1: teacher data
