@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from opd.config_io import to_dict
-from opd.data import load_prompts, prompt_texts
+from opd.data import load_prompts, prompt_texts, rendering
 from opd.diagnose import measure
 from opd.diagnose.config import DiagnoseConfig
 from opd.diagnose.report import render_markdown, write_html
@@ -130,13 +130,9 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
     prompts = load_prompts(
         cfg.prompts,
         tok,
-        prompt_field=cfg.prompt_field,
-        answer_field=cfg.answer_field,
-        prompt_template=cfg.prompt_template,
+        **rendering(cfg),
         teacher_prompt_template=cfg.teacher_prompt_template,
         teacher_system_prompt=cfg.teacher_system_prompt,
-        use_chat_template=cfg.use_chat_template,
-        chat_template_kwargs=cfg.chat_template_kwargs,
         max_prompt_tokens=max_prompt_tokens,
         limit=cfg.num_prompts,
         seed=cfg.seed,

@@ -42,7 +42,7 @@ from opd import evaluate
 from opd.alerts import AlertConfig, AlertMonitor
 from opd.config_io import to_dict
 from opd.cost import CostMeter
-from opd.data import PromptSet, load_prompts, prompt_texts
+from opd.data import PromptSet, load_prompts, prompt_texts, rendering
 from opd.errors import ConfigError
 from opd.models import (
     CompatReport,
@@ -333,11 +333,7 @@ def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet | None, Prompt
         return load_prompts(
             source,
             models.tokenizer,
-            prompt_field=cfg.prompt_field,
-            answer_field=cfg.answer_field,
-            prompt_template=cfg.prompt_template,
-            use_chat_template=cfg.use_chat_template,
-            chat_template_kwargs=cfg.chat_template_kwargs,
+            **rendering(cfg),
             max_prompt_tokens=models.max_prompt_tokens,
             max_prompt_tokens_why=models.max_prompt_tokens_why,
             **kw,

@@ -59,7 +59,7 @@ from opd import objectives as obj
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
 from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.data import PromptSet
+from opd.data import _MISSING, PromptSet, _get_field
 from opd.datafiles import read_rows
 from opd.errors import ConfigError
 from opd.methods.common import (
@@ -73,7 +73,6 @@ from opd.methods.common import (
 from opd.methods.loop import StepEnd, begin_process
 from opd.precision import compute_context
 from opd.rollout import (
-    END_OF_TURN_TOKENS,
     RolloutBackend,
     RolloutBatch,
     fixed_batch,
@@ -83,6 +82,7 @@ from opd.rollout import (
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
+from opd.teacher_data import end_of_response_id
 from opd.tracking import MetricsLogger, NullMetricsLogger
 
 log = logging.getLogger("opd")
@@ -144,30 +144,16 @@ class GKDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
 # --------------------------------------------------------------------------- the fixed sequences
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The token a response ends with: the chat template's end-of-turn marker if the vocabulary has one
-    (``<|im_end|>``, ``<|eot_id|>``, ...), else EOS."""
-    vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_TOKENS:
-        if token in vocab:
-            return int(vocab[token])
-    if tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"tokenizer {type(tokenizer).__name__} has no end-of-turn token and no EOS: a fixed response "
-            "cannot be terminated. Set tokenizer.eos_token"
-        )
-    return int(tokenizer.eos_token_id)
-
-
 def load_fixed_responses(cfg: GKDConfig, prompts: PromptSet, tokenizer) -> list[list[int]]:
     """Token ids of each prompt's fixed response (``response_field`` of its source row), ending with
-    :func:`end_of_turn_id` and cut at ``max_new_tokens``. ConfigError naming the row when one is missing."""
+    :func:`opd.teacher_data.end_of_response_id` (the end-of-turn marker, else EOS) and cut at ``max_new_tokens``. ConfigError naming the row when one is missing."""
     rows = read_rows(cfg.prompts)
-    eot = end_of_turn_id(tokenizer)
+    eot = end_of_response_id(tokenizer, use_chat_template=True)
     out = []
     for ex in prompts.examples:
         i = ex.meta["row"]
-        value = _field(rows[i], cfg.response_field)
+        value = _get_field(rows[i], cfg.response_field)  # a dotted path walks nested dicts
+        value = None if value is _MISSING else value
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(
                 f"prompts={cfg.prompts!r} row {i}: response_field={cfg.response_field!r} is "
@@ -179,16 +165,6 @@ def load_fixed_responses(cfg: GKDConfig, prompts: PromptSet, tokenizer) -> list[
             ids.append(eot)
         out.append(ids[: cfg.max_new_tokens])
     return out
-
-
-def _field(row: dict, name: str) -> Any:
-    """``row[name]``, or the dotted path ``a.b.c`` through nested dicts; None if absent."""
-    if name in row:
-        return row[name]
-    value: Any = row
-    for part in name.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
@@ -379,7 +355,7 @@ def gkd_step(
     source = "student" if on_policy else ("teacher" if cfg.seq_kd else "fixed")
     t0 = time.perf_counter()
     if source == "fixed":
-        eot = end_of_turn_id(tokenizer)
+        eot = end_of_response_id(tokenizer, use_chat_template=True)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
         batch = fixed_batch(prompt_ids, [fixed[idx[j]] for j in slots], stop_ids=[eot], pad_id=int(pad))
     else:

@@ -77,7 +77,7 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
 
     # --- the sequences ---
     response_field: str = ""
-    """Field of the prompt rows holding a gold solution to distil on (e.g. solution_a for lab prompts); or use sft_data."""
+    """Field of the prompt rows holding a gold solution to distil on (dotted paths allowed; e.g. solution_a for lab prompts); or use sft_data."""
     sft_data: str = ""
     """Distil on the cached teacher outputs of an SFT run (its teacher_data.jsonl) instead; then leave prompts empty."""
     max_new_tokens: int = 256
