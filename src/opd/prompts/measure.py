@@ -17,7 +17,7 @@ import torch
 from opd.diagnose import measure
 from opd.diagnose.config import DiagnoseConfig
 from opd.diagnose.run import load_pair
-from opd.metrics import mechanism_metrics, mechanism_tensors
+from opd.metrics import mechanism_means, mechanism_tensors
 from opd.models import check_compatibility
 
 __all__ = ["METRICS", "Pair", "batch_metrics", "mean_rank", "per_prompt"]
@@ -63,33 +63,15 @@ class Pair:
 
 def _tensors(s_out, t_out, batch):
     mask_B_T = batch.response_mask_B_T > 0
-    mt = mechanism_tensors(
-        s_out.topk_ids_B_T_K,
-        s_out.topk_logp_B_T_K,
-        t_out.topk_ids_B_T_K,
-        t_out.given_logp_B_T_K,
-        s_out.entropy_B_T,
-        t_out.entropy_B_T,
-        mask_B_T,
-    )
+    mt = mechanism_tensors(*measure.mechanism_inputs(s_out, t_out, mask_B_T))
     r_B_T, _ = measure.token_rewards(s_out, t_out, mask_B_T)
     return mask_B_T, mt, r_B_T
 
 
 def batch_metrics(s_out, t_out, batch) -> dict[str, float | None]:
     """Token means over the whole batch (``opd.metrics.mechanism_metrics``, as ``opd diagnose`` reports)."""
-    mask_B_T = batch.response_mask_B_T > 0
-    r_B_T, _ = measure.token_rewards(s_out, t_out, mask_B_T)
-    mech = mechanism_metrics(
-        s_out.topk_ids_B_T_K,
-        s_out.topk_logp_B_T_K,
-        t_out.topk_ids_B_T_K,
-        t_out.given_logp_B_T_K,
-        s_out.entropy_B_T,
-        t_out.entropy_B_T,
-        mask_B_T,
-        position_chunk=None,
-    )
+    mask_B_T, mt, r_B_T = _tensors(s_out, t_out, batch)
+    mech = mechanism_means(mt, position_chunk=None)
     n = int(mask_B_T.sum())
     return {
         "overlap_ratio": mech.get("overlap/ratio"),
