@@ -68,7 +68,7 @@ log = logging.getLogger("opd")
 def open_run(cfg: Any) -> Iterator[tuple[RunDir, StopSignals]]:
     """Lock ``cfg.output_dir`` for this run and apply the non-empty-directory rules (:mod:`opd.rundir`:
     one run per directory, a non-empty one only with ``resume``/``overwrite``, never an input's
-    directory); SIGINT/SIGTERM are caught for the run (``stop.arm()`` once training starts)."""
+    directory); SIGINT/SIGTERM are caught for the run (armed by :meth:`opd.methods.loop.StepEnd.start`)."""
     models = {"student": getattr(cfg, "student", ""), "teacher": getattr(cfg, "teacher", "")}
     data = {key: getattr(cfg, key, "") for key in ("prompts", "eval_prompts", "sft_data", "exclude_prompts")}
     with locked_run_dir(cfg.output_dir, models=models, data=data) as run, StopSignals() as stop:

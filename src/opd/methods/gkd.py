@@ -304,8 +304,7 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         sampler,
         postfix=lambda row: dict(loss=f"{row['loss/gkd']:.4f}", on_policy=row["data/on_policy"]),
     )
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
     for step in range(ends.start_step + 1, cfg.steps + 1):
         row = gkd_step(
             student_scorer,

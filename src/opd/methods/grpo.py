@@ -306,8 +306,7 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         sampler,
         postfix=lambda row: dict(loss=f"{row['loss/pg']:.4f}", reward=f"{row['reward/mean']:.3f}"),
     )
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
     for step in range(ends.start_step + 1, cfg.steps + 1):
         row = grpo_step(
             student_scorer,

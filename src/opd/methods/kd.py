@@ -266,8 +266,7 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         postfix=lambda row: dict(kl=f"{row['kl/forward']:.4f}"),
         reseed=False,  # KD samples nothing
     )
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
     for step in range(ends.start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
         batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]  # the same on every process

@@ -219,11 +219,14 @@ class StepEnd:
         self.skipped_steps += int(skipped)
         return self.skipped_steps
 
-    def log_start(self) -> None:
-        """Step 0 of the accuracy curve (a fresh run with an evaluation set; rank 0)."""
+    def start(self) -> None:
+        """Start the loop: step 0 of the accuracy curve (a fresh run with an evaluation set; rank 0),
+        then arm the stop signals (from here a first SIGINT/SIGTERM stops at the step boundary with a
+        checkpoint)."""
         if self.eval_set is not None and self.start_step == 0 and self.runtime.is_main:
             self.metrics_log.log({"step": 0, **self._evaluate()})
         self.run_t0 = time.perf_counter()  # the loop's time starts after it
+        self.stop.arm()
 
     def checkpoint(self, step: int) -> Path:
         """Rank 0 writes the checkpoint of ``step``; the others wait until it is complete."""

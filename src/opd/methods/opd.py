@@ -254,8 +254,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     )
     if ends.resumed.state is not None:
         backend.sync_weights(student)  # an engine with its own copy (vLLM) started on the old weights
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
     for step in range(ends.start_step + 1, cfg.steps + 1):
         row = opd_step(
             student_scorer,
