@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from opd.models import load_model, load_tokenizer  # noqa: E402
 from opd.remote import RemoteTeacher  # noqa: E402
 from opd.remote.protocol import encode_request  # noqa: E402
-from opd.rollout import RolloutBatch, tokenizer_vocab_size  # noqa: E402
+from opd.rollout import RolloutBatch, model_vocab_limit  # noqa: E402
 from opd.scoring import PolicyScorer, score_teacher  # noqa: E402
 
 
@@ -103,8 +103,7 @@ def main() -> None:
 
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=args.dtype).eval()
-    head = model.get_output_embeddings()
-    V = min(tokenizer_vocab_size(tok), int(head.weight.shape[0]))
+    V = model_vocab_limit(model, tok)
     batch = make_batch(args.batch, args.prompt, args.response, V)
     given = torch.randint(
         0, V, (*batch.input_ids_B_T.shape, args.top_k), generator=torch.Generator().manual_seed(1)

@@ -2,7 +2,16 @@ import pytest
 
 from opd.cli import build_parser, main
 from opd.config import ConfigError, OPDConfig
-from opd.config_io import field_docs, load_config, parse_overrides
+from opd.config_io import (
+    below,
+    config_values,
+    dtype_errors,
+    field_docs,
+    load_config,
+    parse_overrides,
+    raise_errors,
+    require_keys,
+)
 
 
 def test_defaults_follow_the_paper():
@@ -105,6 +114,48 @@ def test_missing_required_keys_have_a_fix():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(OPDConfig, tmp_path / "nope.yaml")
+
+
+def test_config_values_reads_the_file_then_the_overrides_for_every_loader(tmp_path):
+    """One reader of YAML + overrides for opd train / eval / compare (their errors name the file)."""
+    from opd.compare.config import load_compare_config
+    from opd.evaluation import load_eval_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\nlr: 0.5\n")
+    assert config_values(path, ["seed=4", "steps=2"]) == {"seed": 4, "lr": 0.5, "steps": 2}
+    assert config_values(None, {"seed": 5}) == {"seed": 5}
+    assert load_config(OPDConfig, path, ["seed=4"]).seed == 4
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    for load, what in (
+        (lambda p: load_config(OPDConfig, p), "config file"),
+        (lambda p: load_eval_config(p), "config file"),
+        (lambda p: load_compare_config(p), "compare config file"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{what} .*nope.yaml' not found"):
+            load(tmp_path / "nope.yaml")
+        with pytest.raises(ConfigError, match=f"^{what} .*list.yaml': expected a mapping of key: value"):
+            load(listed)
+
+
+def test_shared_rule_helpers_name_the_key_the_value_and_the_fix():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(a=0, b=2, c=-1, d="float64", e="bfloat16", student="", prompts="p")
+    assert below(cfg, ("a", "b", "c"), 1) == ["a=0: must be >= 1", "c=-1: must be >= 1"]
+    assert below(cfg, ("c",), 0, " (0 = all)") == ["c=-1: must be >= 0 (0 = all)"]
+    assert dtype_errors(cfg, ("d", "e")) == ["d='float64': choose float32, bfloat16 or float16"]
+    raise_errors([])  # nothing to report
+    with pytest.raises(ConfigError, match="^invalid diagnose config:\n  - x\n  - y$"):
+        raise_errors(["x", "y"], "diagnose config")
+    require_keys(cfg, ("prompts",), "prompts=lab:train")
+    with pytest.raises(
+        ConfigError, match="missing required key.s.: student, pools; .* e.g. student=lab:student$"
+    ):
+        require_keys(cfg, ("student", "prompts"), "student=lab:student", ("pools",))
+    with pytest.raises(ConfigError, match="^invalid config:\n  - steps=0: must be >= 1"):
+        OPDConfig(steps=0)
 
 
 def test_help_lists_every_key(capsys):

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA, require, require_module
 
-from opd.data import PromptSet, load_prompts
+from opd.data import RENDER_KEYS, PromptSet, load_prompts, rendering, resolve_prompt_field
 from opd.datafiles import read_rows
 from opd.lab import LabNameError, prompt_rows
 from opd.sampler import PromptSampler
+from opd.teacher_data import field_sequences
 from opd.tiny import CHATML_TEMPLATE, build_byte_tokenizer
 
 SHARED = SHARED_DATA
@@ -344,3 +345,29 @@ def test_sampler_state_round_trip_resumes_exactly():
         PromptSampler(list(range(8)), seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="n must be a positive"):
         ref.next_batch(0)
+
+
+def test_rendering_is_the_configs_data_keys_and_load_prompts_takes_them(tmp_path, tok):
+    from opd.config import OPDConfig
+
+    cfg = OPDConfig(prompt_field="problem", prompt_template="Q: {problem}", use_chat_template=False)
+    kw = rendering(cfg)
+    assert set(kw) == set(RENDER_KEYS) and kw["prompt_template"] == "Q: {problem}"
+    ps = load_prompts(_write(tmp_path / "p.jsonl", ROWS), tok, **kw)
+    assert ps.examples[0].text == "Q: " + ROWS[0]["problem"] and ps.prompt_field == "problem"
+
+
+def test_resolve_prompt_field_skips_empty_fields_and_names_the_source():
+    assert resolve_prompt_field({"prompt": None, "question": "q"}, "auto", "x") == "question"
+    assert resolve_prompt_field({"a": {"b": "q"}}, "a.b", "x") == "a.b"
+    with pytest.raises(ValueError, match=r"^benchmark 'b.jsonl': row 0 has none of the prompt fields"):
+        resolve_prompt_field({"text": "q"}, "auto", "benchmark 'b.jsonl'")
+
+
+def test_field_sequences_read_a_dotted_response_field(tmp_path, tok):
+    rows = [{"problem": "1+1?", "answer": "2", "ref": {"solution": "It is 2."}}]
+    ps = load_prompts(_write(tmp_path / "p.jsonl", rows), tok)
+    (seq,) = field_sequences(ps, tok, "ref.solution", use_chat_template=True)
+    assert seq.response == "It is 2."
+    with pytest.raises(ValueError, match=r"response_field='ref.other'.*got NoneType"):
+        field_sequences(ps, tok, "ref.other", use_chat_template=True)

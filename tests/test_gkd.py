@@ -17,6 +17,7 @@ from opd.objectives import full_vocab_divergence
 from opd.rollout import fixed_batch
 from opd.runtime import Runtime
 from opd.scoring import PolicyScorer, full_vocab_pair
+from opd.teacher_data import end_of_response_id
 from opd.tracking import read_metrics
 
 # --------------------------------------------------------------------------- the divergence
@@ -238,7 +239,7 @@ def test_gkd_learns_on_the_lab(tmp_path):
         prompts, _ = load_prompt_sets(held, models)
         fixed = gkd.load_fixed_responses(held, prompts, models.tokenizer)
         n = 32
-        eot = gkd.end_of_turn_id(models.tokenizer)
+        eot = end_of_response_id(models.tokenizer, use_chat_template=True)
         batch = fixed_batch(
             [e.input_ids for e in prompts.examples[:n]], fixed[:n], stop_ids=[eot], pad_id=eot
         )

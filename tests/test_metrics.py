@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from opd.metrics import mechanism_metrics, mechanism_tensors, position_profile, response_positions
+from opd.metrics import (
+    mechanism_means,
+    mechanism_metrics,
+    mechanism_tensors,
+    position_profile,
+    response_positions,
+)
 
 V, K = 9, 3
 
@@ -131,6 +137,17 @@ def test_every_metric_matches_brute_force_reference(chunk):
     assert set(got) == set(want)
     for name, value in want.items():
         assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_means_of_computed_tensors_are_the_metrics(chunk):
+    """A caller holding the per-position tensors gets the same metrics without computing them again."""
+    s, t, mask = _batch(seed=2)
+    inputs, _ = _scoring(s, t, mask)
+    mt = mechanism_tensors(**inputs)
+    assert mechanism_means(mt, position_chunk=chunk) == mechanism_metrics(**inputs, position_chunk=chunk)
+    with pytest.raises(ValueError, match="position_chunk must be a positive number"):
+        mechanism_means(mt, position_chunk=0)
 
 
 def test_empty_overlap_positions_are_excluded_from_advantages_only():

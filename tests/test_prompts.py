@@ -11,6 +11,7 @@ import torch
 
 from opd.cli import main
 from opd.config import ConfigError
+from opd.data import load_prompts
 from opd.lab import prompt_rows
 from opd.lab.world import QA_TEMPLATE
 from opd.prompts import (
@@ -24,7 +25,7 @@ from opd.prompts import (
     select_prompts,
     select_template,
 )
-from opd.prompts.dedup import embed_texts
+from opd.prompts.dedup import embed_texts, prompt_text
 from opd.prompts.measure import batch_metrics, mean_rank, per_prompt
 
 SYSTEM = "You are a careful calculator."
@@ -39,6 +40,29 @@ def test_normalize_text():
         normalize_text("  Compute\t47+8.\n Answer in \\boxed{{}}. ") == "compute 47+8. answer in \\boxed{}."
     )
     assert normalize_text("ＡＢＣ") == "abc"  # NFKC + casefold
+
+
+def test_prompt_text_finds_the_field_as_load_prompts_does():
+    """Dotted paths walk nested dicts; ``auto`` skips a field whose value is None, as opd.data does."""
+    rows = [{"prompt": None, "problem": "Compute 1+2.", "meta": {"q": "Compute 3+4."}}]
+    assert prompt_text(rows[0]) == "Compute 1+2."
+    assert prompt_text(rows[0], "meta.q") == "Compute 3+4."
+    for field in ("auto", "meta.q"):
+        ps = load_prompts("rows", _WordTok(), rows=rows, prompt_field=field, use_chat_template=False)
+        assert ps.examples[0].text == prompt_text(rows[0], field)
+    with pytest.raises(ValueError, match="no prompt field 'meta.x'.*pass prompt_field=<name>"):
+        prompt_text(rows[0], "meta.x")
+    with pytest.raises(ValueError, match="no prompt field 'auto'"):
+        prompt_text({"text": "x"})
+
+
+class _WordTok:
+    """Just enough of a tokenizer for load_prompts without a chat template: one id per character."""
+
+    chat_template = None
+
+    def __call__(self, text, **kw):
+        return {"input_ids": [ord(c) for c in text]}
 
 
 def test_dedup_exact_counts_and_keeps_first():
@@ -351,10 +375,9 @@ def test_config_errors():
 def test_the_qa_teacher_is_trained_on_exactly_what_teacher_prompt_template_renders():
     """``ModelSpec.prompt_template`` (how lab:teacher-a-qa was trained) and opd's
     ``teacher_prompt_template`` give the teacher the same prompt tokens."""
-    from opd.data import load_prompts
+    from opd.data import apply_template, load_prompts
     from opd.lab import lab_tokenizer
     from opd.lab.train import encode_example
-    from opd.lab.world import wrap
     from opd.lab.zoo import SPECS
 
     assert SPECS["teacher-a-qa"].prompt_template == QA_TEMPLATE
@@ -362,7 +385,7 @@ def test_the_qa_teacher_is_trained_on_exactly_what_teacher_prompt_template_rende
     rows = prompt_rows("train-hard")[:3]
     ps = load_prompts("lab:train-hard", tok, rows=rows, teacher_prompt_template=QA_TEMPLATE)
     for row, ex in zip(rows, ps.examples):
-        ids, n_prompt = encode_example(tok, wrap(row["prompt"], QA_TEMPLATE), row["solution_a"])
+        ids, n_prompt = encode_example(tok, apply_template(row["prompt"], QA_TEMPLATE), row["solution_a"])
         assert ex.teacher_input_ids == ids[:n_prompt]
         assert ex.input_ids == encode_example(tok, row["prompt"], row["solution_a"])[0][: len(ex.input_ids)]
         assert ex.teacher_input_ids != ex.input_ids

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd.rollout import HFGenerateBackend, RolloutBackend, RolloutBatch, stop_token_ids
+from opd.rollout import (
+    HFGenerateBackend,
+    RolloutBackend,
+    RolloutBatch,
+    logit_rows,
+    model_vocab_limit,
+    stop_and_pad,
+    stop_token_ids,
+    tokenizer_vocab_size,
+)
+from opd.rollout_vllm import request_seeds
 from opd.tiny import IM_END, PAD, build_byte_tokenizer, build_tiny_model
 
 MAX_NEW = 12
@@ -120,6 +130,60 @@ def test_greedy_matches_reference_decoding_and_copies_n(tok, model, prompts, man
         prompts, n=3, max_new_tokens=MAX_NEW, temperature=0, top_p=1.0, top_k=0, seed=None
     )
     assert torch.equal(batch.input_ids_B_T, again.input_ids_B_T)
+
+
+def test_greedy_draws_nothing_from_the_global_stream_on_either_backend(tok, model, prompts):
+    """A greedy call leaves torch's global stream where it was, with HF generate and in the seeds the
+    vLLM backend gives its requests, so what is sampled after it does not depend on the backend."""
+    backend = HFGenerateBackend(model, tok, stop_token_ids(tok))
+    state = torch.get_rng_state()
+    backend.generate(prompts, n=2, max_new_tokens=4, temperature=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert request_seeds(3, greedy=True, seed=None, prompt_seeds=None) == [None] * 3
+    assert request_seeds(2, greedy=True, seed=None, prompt_seeds=[5, 6]) == [None] * 2
+    assert torch.equal(torch.get_rng_state(), state)
+    # sampling without a seed draws from the global stream; a seed or per-prompt seeds do not
+    seeded = request_seeds(3, greedy=False, seed=4, prompt_seeds=None)
+    assert seeded == request_seeds(3, greedy=False, seed=4, prompt_seeds=None)
+    assert request_seeds(2, greedy=False, seed=None, prompt_seeds=[5, 2**31 + 1]) == [5, 2]
+    assert torch.equal(torch.get_rng_state(), state)
+    request_seeds(3, greedy=False, seed=None, prompt_seeds=None)
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_stop_and_pad_checks_stop_ids_and_falls_back_to_the_first_stop_for_padding(tok):
+    assert stop_and_pad(tok, [int(tok.eos_token_id)], None) == (
+        [int(tok.eos_token_id)],
+        tokenizer_vocab_size(tok),
+        int(tok.pad_token_id),
+    )
+    with pytest.raises(ValueError, match=r"stop_token_ids=\[\]: pass at least the EOS id"):
+        stop_and_pad(tok, [], None)
+    with pytest.raises(ValueError, match=r"stop_token_ids \[10\] are outside the vocabulary \[0, 10\)"):
+        stop_and_pad(tok, [3, 10], 10)
+
+    class NoPad:
+        pad_token_id = None
+
+    assert stop_and_pad(NoPad(), [7, 3], 10) == ([7, 3], 10, 7)
+
+
+def test_model_vocab_limit_is_the_tokenizer_ids_capped_at_the_logit_rows(tok):
+    size = tokenizer_vocab_size(tok)
+    padded = build_tiny_model(tok, vocab_size=size + 200, seed=0)
+    assert logit_rows(padded) == size + 200 and model_vocab_limit(padded, tok) == size
+
+    class Short:  # a head with fewer rows than the tokenizer has ids, and a head-less model
+        def __init__(self, head):
+            self.head = head
+            self.config = padded.config
+
+        def get_output_embeddings(self):
+            return self.head
+
+    short = Short(torch.nn.Linear(4, size - 5, bias=False))
+    assert logit_rows(short) == size - 5 and model_vocab_limit(short, tok) == size - 5
+    assert logit_rows(Short(None)) == size + 200  # the config's vocab_size
 
 
 def test_seed_reproducible_and_caller_rng_untouched(tok, model, prompts):

@@ -125,8 +125,11 @@ def assert_contract(batch, stop_ids, max_new):
 def test_greedy_equals_hf_token_for_token(models, engine):
     tok, m0, _ = models
     ids = prompt_ids(tok)
+    state = torch.get_rng_state()
     got = timed(engine.generate, ids, n=2, max_new_tokens=24, temperature=0.0)
+    assert torch.equal(torch.get_rng_state(), state)  # greedy draws no seeds, as HF greedy draws nothing
     ref = hf(m0, tok).generate(ids, n=2, max_new_tokens=24, temperature=0.0)
+    assert torch.equal(torch.get_rng_state(), state)
     assert_same_batch(got, ref)
     assert got.truncated_B.any() and not got.truncated_B.all()  # both stop paths are exercised
 

@@ -21,7 +21,7 @@ from opd.data import load_prompts
 from opd.methods import opd as opd_method
 from opd.methods.opd_scoring import fused_update, score_batch
 from opd.metrics import mechanism_metrics
-from opd.models import TokenizerMismatchError, load_model, load_tokenizer
+from opd.models import TokenizerMismatchError, check_compatibility, load_model, load_tokenizer
 from opd.remote import RemoteTeacher, TeacherServerError, tokenizer_fingerprint
 from opd.remote.protocol import (
     FINGERPRINT_HEADER,
@@ -167,14 +167,41 @@ def other_tokenizer(tok):
     return other
 
 
-def test_fingerprint_is_of_the_vocabulary_and_special_tokens(lab):
+def test_fingerprint_is_of_the_vocabulary_only(lab):
     _, _, tok = lab
     fp = tokenizer_fingerprint(tok)
     assert fp == tokenizer_fingerprint(load_tokenizer("lab:teacher-b-plus"))  # same vocabulary, other model
     assert tokenizer_fingerprint(other_tokenizer(tok)) != fp
     eos = copy.deepcopy(tok)
-    eos.eos_token = eos.pad_token  # same ids, another end-of-sequence token
-    assert tokenizer_fingerprint(eos) != fp
+    eos.eos_token = eos.pad_token  # same ids, another end-of-sequence token: a warning, not a refusal
+    assert tokenizer_fingerprint(eos) == fp
+
+
+def test_a_different_eos_is_the_same_warning_with_a_local_or_a_served_teacher(
+    lab, lab_server, tiny_pair, tmp_path
+):
+    """Both paths accept a student whose EOS differs from the teacher's (the ids mean the same strings)
+    and give the same warning; a different vocabulary is refused by both."""
+    _, teacher, tok = lab
+    eos = copy.deepcopy(tok)
+    eos.eos_token = eos.pad_token
+    local = check_compatibility(eos, tok, None, teacher)
+    assert [w for w in local.warnings if w.startswith("EOS differs")], local.warnings
+    served = remote(lab_server.url, eos, make_cfg(tiny_pair, tmp_path))
+    try:
+        assert served.warnings == local.warnings
+    finally:
+        served.close()
+    same = remote(lab_server.url, tok, make_cfg(tiny_pair, tmp_path))
+    assert same.warnings == [] == check_compatibility(tok, tok).warnings
+    same.close()
+    other = other_tokenizer(tok)
+    with pytest.raises(TokenizerMismatchError):
+        remote(lab_server.url, other, make_cfg(tiny_pair, tmp_path))
+    bad = copy.deepcopy(tok)
+    bad.add_special_tokens({"additional_special_tokens": ["<x>"]})
+    with pytest.raises(TokenizerMismatchError):
+        check_compatibility(bad, other)  # the same new id means another string locally too
 
 
 # ------------------------------------------------------------------------------------------ same loss

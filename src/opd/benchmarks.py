@@ -41,10 +41,10 @@ from typing import Any
 from opd.data import (
     _MISSING,
     ANSWER_FIELDS,
-    PROMPT_FIELDS,
     _clean_answer,
     _get_field,
     _resolve_field,
+    resolve_prompt_field,
 )
 from opd.datafiles import SUPPORTED_SUFFIXES, read_rows
 from opd.lab import LAB_PREFIX
@@ -155,12 +155,7 @@ def load_benchmark(
     where = path or name
     if not raw:
         raise ValueError(f"benchmark {where!r} has no rows; check the file")
-    p_field = _resolve_field(raw[0], prompt_field, PROMPT_FIELDS)
-    if p_field is None:
-        raise ValueError(
-            f"benchmark {where!r}: row 0 has none of the prompt fields {list(PROMPT_FIELDS)} (fields: "
-            f"{sorted(raw[0])}); pass prompt_field=<name>"
-        )
+    p_field = resolve_prompt_field(raw[0], prompt_field, f"benchmark {where!r}")
     a_field = _resolve_field(raw[0], answer_field, ANSWER_FIELDS)
     if a_field is None:
         raise ValueError(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
 from opd.alerts import AlertConfig
-from opd.config_io import _coerce_types, _coerce_value
+from opd.config_io import _coerce_types, _coerce_value, below, raise_errors, require_keys
 from opd.errors import ConfigError
 from opd.objectives import AGGREGATIONS, SUPPORTS, WEIGHTINGS
 from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
@@ -177,12 +177,8 @@ class RolloutConfig:
 
     def _check(self) -> list[str]:
         errs = []
-        for key in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
-        for key in ("sample_top_k", "rollout_batch_size"):
-            if getattr(self, key) < 0:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        errs += below(self, ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens"), 1)
+        errs += below(self, ("sample_top_k", "rollout_batch_size"), 0)
         if self.temperature <= 0:
             errs.append(
                 f"temperature={self.temperature}: OPD trains on sampled rollouts (greedy decoding gives "
@@ -233,9 +229,7 @@ class OptimConfig:
 
     def _check(self) -> list[str]:
         errs = []
-        for key in ("steps", "micro_batch_size"):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        errs += below(self, ("steps", "micro_batch_size"), 1)
         if self.warmup_steps < 0:
             errs.append(f"warmup_steps={self.warmup_steps}: must be >= 0")
         if self.lr <= 0:
@@ -305,9 +299,7 @@ class RunConfig:
             errs.append(f"budget_unit={self.budget_unit!r}: choose one of {', '.join(BUDGET_UNITS)}")
         elif self.budget_unit != "none" and self.budget <= 0:
             errs.append(f"budget={self.budget} with budget_unit={self.budget_unit}: give a budget > 0")
-        for key in ("save_every", "keep_checkpoints", "eval_every", "eval_limit", "threads"):
-            if getattr(self, key) < 0:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        errs += below(self, ("save_every", "keep_checkpoints", "eval_every", "eval_limit", "threads"), 0)
         if self.eval_temperature < 0:
             errs.append(f"eval_temperature={self.eval_temperature}: must be >= 0 (0 = greedy)")
         errs.extend(_alert_threshold_errors(self))
@@ -408,9 +400,7 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
                 "not renormalised on the support, so Eq. 5 is not defined there; set renormalize=false "
                 "or choose another support"
             )
-        for key in ("ppo_epochs", "score_chunk_size", "metrics_top_k"):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        errs += below(self, ("ppo_epochs", "score_chunk_size", "metrics_top_k"), 1)
         if self.teacher_temperature <= 0:
             errs.append(f"teacher_temperature={self.teacher_temperature}: must be > 0; use 1.0")
         if self.clip_eps <= 0 or self.dual_clip <= 1:
@@ -446,17 +436,15 @@ class OPDConfig(RunConfig, OptimConfig, RolloutConfig, TeacherPromptConfig, Data
                 "must be > 0 seconds and the retries >= 0"
             )
         errs.extend(_fsdp_errors(self))
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
-        missing = [k for k in ("student", "teacher", "prompts") if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as "
-                f"key=value, e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train"
-            )
+        require_keys(
+            self,
+            ("student", "teacher", "prompts"),
+            "student=lab:student teacher=lab:teacher-a-plus prompts=lab:train",
+        )
 
 
 # --------------------------------------------------------------------------- helpers

@@ -196,18 +196,63 @@ def load_config(
 ):
     """YAML file (optional) + overrides → validated config of type ``cls`` (``command``: the CLI
     subcommand named in the error for an unknown key)."""
+    return build_config(cls, config_values(path, overrides), command)
+
+
+def config_values(
+    path: str | Path | None, overrides: list[str] | dict | None, what: str = "config file"
+) -> dict[str, Any]:
+    """The raw values of a YAML file (optional; ``what`` names it in the errors) updated with the
+    overrides (``key=value`` strings or a mapping), before any type checking: a missing file or one whose
+    top level is not a mapping is a :class:`ConfigError` naming it."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = load_yaml_text(read_utf8(p), f"config file {str(p)!r}") or {}
+            raise ConfigError(f"{what} {str(p)!r} not found")
+        loaded = load_yaml_text(read_utf8(p), f"{what} {str(p)!r}") or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping of key: value at the top level")
+            raise ConfigError(f"{what} {str(p)!r}: expected a mapping of key: value at the top level")
         values.update(loaded)
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    return build_config(cls, values, command)
+    return values
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""The weight dtypes a model loads in."""
+
+
+def below(cfg: Any, keys: tuple[str, ...], low: int, note: str = "") -> list[str]:
+    """One rule violation ``key=value: must be >= low`` (then ``note``) for each of ``keys`` whose value
+    in ``cfg`` is below ``low``."""
+    return [f"{key}={getattr(cfg, key)}: must be >= {low}{note}" for key in keys if getattr(cfg, key) < low]
+
+
+def dtype_errors(cfg: Any, keys: tuple[str, ...]) -> list[str]:
+    """One rule violation for each of ``keys`` whose value in ``cfg`` is not one of :data:`DTYPES`."""
+    return [
+        f"{key}={getattr(cfg, key)!r}: choose float32, bfloat16 or float16"
+        for key in keys
+        if getattr(cfg, key) not in DTYPES
+    ]
+
+
+def raise_errors(errs: list[str], what: str = "config") -> None:
+    """One :class:`ConfigError` listing every rule violation of a config (``invalid <what>:``), if any."""
+    if errs:
+        raise ConfigError(f"invalid {what}:\n  - " + "\n  - ".join(errs))
+
+
+def require_keys(cfg: Any, keys: tuple[str, ...], example: str, missing: tuple[str, ...] = ()) -> None:
+    """A :class:`ConfigError` naming the keys of ``keys`` that ``cfg`` leaves empty (and the ``missing``
+    ones the caller found), with ``example``: a command line that sets them."""
+    missing = (*(k for k in keys if not getattr(cfg, k)), *missing)
+    if missing:
+        raise ConfigError(
+            f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as key=value, "
+            f"e.g. {example}"
+        )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

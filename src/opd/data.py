@@ -67,6 +67,7 @@ __all__ = [
     "PromptSet",
     "load_prompts",
     "prompt_texts",
+    "rendering",
     "PROMPT_FIELDS",
     "ANSWER_FIELDS",
 ]
@@ -138,6 +139,29 @@ def _resolve_field(row: dict, requested: str | None, candidates: tuple[str, ...]
         if v is not _MISSING and v is not None:
             return name
     return None
+
+
+RENDER_KEYS = ("prompt_field", "answer_field", "prompt_template", "use_chat_template", "chat_template_kwargs")
+"""The data keys of a config (:class:`opd.config.DataConfig`) that say how a row's prompt and answer are
+found and rendered: :func:`load_prompts` arguments of the same names."""
+
+
+def rendering(cfg: Any) -> dict[str, Any]:
+    """The :data:`RENDER_KEYS` of ``cfg`` as :func:`load_prompts` keyword arguments, so every command
+    renders a config's prompts alike."""
+    return {key: getattr(cfg, key) for key in RENDER_KEYS}
+
+
+def resolve_prompt_field(row0: dict, requested: str, where: str) -> str:
+    """The prompt field of a source whose first row is ``row0``: ``requested``, or for ``"auto"`` the first
+    of :data:`PROMPT_FIELDS` with a value there; a ValueError naming ``where`` and the fix if none has."""
+    p_field = _resolve_field(row0, requested, PROMPT_FIELDS)
+    if p_field is None:
+        raise ValueError(
+            f"{where}: row 0 has none of the prompt fields {list(PROMPT_FIELDS)} (fields: "
+            f"{sorted(row0)}); pass prompt_field=<name>"
+        )
+    return p_field
 
 
 def apply_template(text: str, template: str | None) -> str:
@@ -247,12 +271,7 @@ def load_prompts(
     if not rows:
         raise ValueError(f"prompt source {name!r} has no rows; check the file or the split name")
 
-    p_field = _resolve_field(rows[0], prompt_field, PROMPT_FIELDS)
-    if p_field is None:
-        raise ValueError(
-            f"{name}: row 0 has none of the prompt fields {list(PROMPT_FIELDS)} (fields: "
-            f"{sorted(rows[0])}); pass prompt_field=<name>"
-        )
+    p_field = resolve_prompt_field(rows[0], prompt_field, name)
     a_field = _resolve_field(rows[0], answer_field, ANSWER_FIELDS)
 
     order = list(range(len(rows)))

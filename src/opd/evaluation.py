@@ -36,7 +36,7 @@ import torch
 
 from opd.benchmarks import Benchmark, load_benchmark
 from opd.config import DEVICE_PATTERN, ConfigError
-from opd.config_io import _coerce_types, build_config, load_yaml_text, parse_overrides, to_dict
+from opd.config_io import _coerce_types, build_config, config_values, dtype_errors, load_yaml_text, to_dict
 from opd.data import load_prompts
 from opd.estimators import _has_answer, metrics_from_predictions, regrade
 from opd.eval_report import write_eval_report
@@ -152,8 +152,7 @@ class EvalSettings:
             errs.append(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             errs.append(f"top_p={self.top_p}: must be in (0, 1]; 1.0 turns nucleus sampling off")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            errs.append(f"dtype={self.dtype!r}: choose float32, bfloat16 or float16")
+        errs += dtype_errors(self, ("dtype",))
         if not DEVICE_PATTERN.fullmatch(self.device):
             errs.append(f"device={self.device!r}: choose auto, cpu, cuda, cuda:N or mps")
         if errs:
@@ -242,17 +241,7 @@ def load_eval_config(
     ``--model`` / ``--benchmark`` flags are appended to the ``models`` / ``benchmarks`` keys; with
     ``preset=quick`` (or ``quick``) the values of :data:`QUICK` fill every key not set explicitly.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = load_yaml_text(read_utf8(p), f"config file {str(p)!r}") or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping of key: value at the top level")
-        values.update(loaded)
-    if overrides:
-        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    values = config_values(path, overrides)
     for key, extra in (("models", models), ("benchmarks", benchmarks)):
         if extra:
             have = values.get(key, ())

@@ -341,10 +341,6 @@ def mechanism_metrics(
     A metric with no positions to average over is omitted (an all-masked batch gives ``{}``).
     ``position_chunk=None`` turns the per-chunk metrics off.
     """
-    if position_chunk is not None and position_chunk < 1:
-        raise ValueError(
-            f"position_chunk must be a positive number of positions (or None to disable), got {position_chunk}."
-        )
     mt = mechanism_tensors(
         student_topk_ids_B_T_K,
         student_topk_logp_B_T_K,
@@ -354,6 +350,16 @@ def mechanism_metrics(
         teacher_entropy_B_T,
         mask_B_T,
     )
+    return mechanism_means(mt, position_chunk=position_chunk)
+
+
+def mechanism_means(mt: MechanismTensors, *, position_chunk: int | None = 256) -> dict[str, float]:
+    """:func:`mechanism_metrics` of already computed :func:`mechanism_tensors` (for a caller that also
+    needs the per-position tensors: the tensors are then computed once)."""
+    if position_chunk is not None and position_chunk < 1:
+        raise ValueError(
+            f"position_chunk must be a positive number of positions (or None to disable), got {position_chunk}."
+        )
     out: dict[str, float] = {}
 
     def put(name: str, value: float | None) -> None:

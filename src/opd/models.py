@@ -29,6 +29,7 @@ import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -467,27 +468,7 @@ def check_compatibility(
             f"vocabulary sizes differ (student {s_size}, teacher {t_size}): the {bigger}'s extra ids "
             f">= {vocab_limit} are dropped from its logits (scoring uses vocab_limit={vocab_limit})."
         )
-    for kind in ("eos", "pad", "bos"):
-        s_id = getattr(student_tokenizer, f"{kind}_token_id")
-        t_id = getattr(teacher_tokenizer, f"{kind}_token_id")
-        if s_id != t_id:
-            s_tok = getattr(student_tokenizer, f"{kind}_token")
-            t_tok = getattr(teacher_tokenizer, f"{kind}_token")
-            warnings.append(
-                f"{kind.upper()} differs: student {s_tok!r} (id {s_id}), teacher {t_tok!r} (id {t_id}). Rollouts "
-                "stop and pad with the student's tokens; check that the teacher's end-of-response token is among "
-                "the stop ids (opd.rollout.stop_token_ids)."
-            )
-    s_tmpl, t_tmpl = student_tokenizer.chat_template, teacher_tokenizer.chat_template
-    if s_tmpl != t_tmpl:
-        state = (
-            "missing in the student" if s_tmpl is None else "missing in the teacher" if t_tmpl is None else ""
-        )
-        warnings.append(
-            f"chat templates differ{' (' + state + ')' if state else ''}: prompts are rendered once and the "
-            "teacher scores them as they are; a prompt format the teacher was not post-trained on lowers "
-            "student/teacher overlap. Fix: render prompts with the teacher's template (docs/paper.md §4)."
-        )
+    warnings += trait_warnings(tokenizer_traits(student_tokenizer), tokenizer_traits(teacher_tokenizer))
     notes: list[str] = []
     for role, model, tok_size in (("student", student_model, s_size), ("teacher", teacher_model, t_size)):
         if model is not None:
@@ -502,6 +483,44 @@ def check_compatibility(
     if strict and warnings:
         raise TokenizerMismatchError("strict compatibility check failed: " + " ".join(warnings))
     return CompatReport(vocab_limit=vocab_limit, warnings=warnings, notes=notes)
+
+
+def tokenizer_traits(tokenizer) -> dict[str, Any]:
+    """What a tokenizer has beyond its vocabulary that student and teacher should share: the EOS / PAD /
+    BOS tokens as ``[token, id]`` and the chat template. JSON-ready (a served teacher reports its own in
+    ``/info``); compared by :func:`trait_warnings`."""
+    traits: dict[str, Any] = {
+        kind: [getattr(tokenizer, f"{kind}_token"), getattr(tokenizer, f"{kind}_token_id")]
+        for kind in ("eos", "pad", "bos")
+    }
+    traits["chat_template"] = tokenizer.chat_template
+    return traits
+
+
+def trait_warnings(student: dict[str, Any], teacher: dict[str, Any]) -> list[str]:
+    """The warnings of two tokenizers' :func:`tokenizer_traits` that differ (different EOS / PAD / BOS ids,
+    different chat templates): the teacher can still score the student's ids, but rollouts stop and pad
+    with the student's tokens and prompts are rendered once."""
+    warnings: list[str] = []
+    for kind in ("eos", "pad", "bos"):
+        (s_tok, s_id), (t_tok, t_id) = student[kind], teacher[kind]
+        if s_id != t_id:
+            warnings.append(
+                f"{kind.upper()} differs: student {s_tok!r} (id {s_id}), teacher {t_tok!r} (id {t_id}). Rollouts "
+                "stop and pad with the student's tokens; check that the teacher's end-of-response token is among "
+                "the stop ids (opd.rollout.stop_token_ids)."
+            )
+    s_tmpl, t_tmpl = student["chat_template"], teacher["chat_template"]
+    if s_tmpl != t_tmpl:
+        state = (
+            "missing in the student" if s_tmpl is None else "missing in the teacher" if t_tmpl is None else ""
+        )
+        warnings.append(
+            f"chat templates differ{' (' + state + ')' if state else ''}: prompts are rendered once and the "
+            "teacher scores them as they are; a prompt format the teacher was not post-trained on lowers "
+            "student/teacher overlap. Fix: render prompts with the teacher's template (docs/paper.md §4)."
+        )
+    return warnings
 
 
 def _table_rows(model) -> int:

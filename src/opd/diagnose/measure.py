@@ -27,7 +27,7 @@ from opd.data import PromptSet
 from opd.diagnose.config import DiagnoseConfig
 from opd.diagnose.verdict import Evidence
 from opd.evaluate import evaluate_accuracy, grade_responses, sample_responses
-from opd.metrics import mechanism_metrics, mechanism_tensors, position_profile
+from opd.metrics import mechanism_means, mechanism_tensors, position_profile
 from opd.rollout import RolloutBatch, make_backend, stop_token_ids
 from opd.scoring import PolicyScorer, ScoreOutput, score_pair
 from opd.tracking import progress
@@ -234,6 +234,22 @@ def score_rollouts(
     return s_out, t_out
 
 
+def mechanism_inputs(
+    s_out: ScoreOutput, t_out: ScoreOutput, mask_B_T: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The arguments of :func:`opd.metrics.mechanism_tensors` from the student's and the teacher's
+    scoring of the same rollouts (the student's own top-k, the teacher's at the student's top-k ids)."""
+    return (
+        s_out.topk_ids_B_T_K,
+        s_out.topk_logp_B_T_K,
+        t_out.topk_ids_B_T_K,
+        t_out.given_logp_B_T_K,
+        s_out.entropy_B_T,
+        t_out.entropy_B_T,
+        mask_B_T,
+    )
+
+
 def token_rewards(
     student: ScoreOutput, teacher: ScoreOutput, mask_B_T: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,17 +296,8 @@ def condition_i(
     ``seq_mass`` (per rollout: min of the student's and the teacher's mean mass on the overlap).
     """
     mask_B_T = batch.response_mask_B_T > 0
-    args = (
-        s_out.topk_ids_B_T_K,
-        s_out.topk_logp_B_T_K,
-        t_out.topk_ids_B_T_K,
-        t_out.given_logp_B_T_K,
-        s_out.entropy_B_T,
-        t_out.entropy_B_T,
-        mask_B_T,
-    )
-    mt = mechanism_tensors(*args)
-    mech = mechanism_metrics(*args, position_chunk=None)
+    mt = mechanism_tensors(*mechanism_inputs(s_out, t_out, mask_B_T))
+    mech = mechanism_means(mt, position_chunk=None)
     pos, bin_size = mt.position_B_T, cfg.bin_size(int(mask_B_T.sum(-1).max()))
 
     r_B_T, rk_B_T = token_rewards(s_out, t_out, mask_B_T)

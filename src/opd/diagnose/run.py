@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from opd.config_io import to_dict
-from opd.data import load_prompts, prompt_texts
+from opd.data import load_prompts, prompt_texts, rendering
 from opd.diagnose import measure
 from opd.diagnose.config import DiagnoseConfig
 from opd.diagnose.report import render_markdown, write_html
@@ -37,7 +37,7 @@ from opd.runtime import Runtime
 
 log = logging.getLogger("opd.diagnose")
 
-__all__ = ["TINY_MODEL_PARAMS", "diagnose"]
+__all__ = ["TINY_MODEL_PARAMS", "diagnose", "load_pair"]
 
 TINY_MODEL_PARAMS = 10_000_000
 """Below this many parameters (both models), ``threads = 0`` runs torch with one CPU thread."""
@@ -62,6 +62,33 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def load_pair(cfg: DiagnoseConfig) -> tuple[Any, Any, torch.nn.Module, torch.nn.Module]:
+    """``(student tokenizer, teacher tokenizer, student, teacher)`` as the diagnosis loads them: each
+    model in its configured dtype on ``device`` / ``teacher_device`` (as in opd train), in eval mode. Sets
+    torch's thread count: ``cfg.threads`` when set, else one thread when both models are under
+    :data:`TINY_MODEL_PARAMS` on the CPU; the caller restores it."""
+    tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    teacher_tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    runtime = Runtime.from_config(cfg)
+    student = load_model(
+        cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code, device=runtime.device
+    )
+    teacher = load_model(
+        cfg.teacher,
+        dtype=cfg.teacher_dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        device=runtime.teacher_device,
+    )
+    student.eval()
+    teacher.eval()
+    n_params = max(sum(p.numel() for p in m.parameters()) for m in (student, teacher))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif n_params < TINY_MODEL_PARAMS and next(student.parameters()).device.type == "cpu":
+        torch.set_num_threads(1)
+    return tok, teacher_tok, student, teacher
+
+
 class _Clock:
     """Seconds per phase (``lap(name)`` adds the time since the previous lap)."""
 
@@ -81,25 +108,7 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # -- 1. models (tiny ones run single-threaded unless threads is set)
-    tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    teacher_tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    runtime = Runtime.from_config(cfg)  # device / teacher_device, as in opd train
-    student = load_model(
-        cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code, device=runtime.device
-    )
-    teacher = load_model(
-        cfg.teacher,
-        dtype=cfg.teacher_dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        device=runtime.teacher_device,
-    )
-    student.eval()
-    teacher.eval()
-    n_params = max(sum(p.numel() for p in m.parameters()) for m in (student, teacher))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif n_params < TINY_MODEL_PARAMS and next(student.parameters()).device.type == "cpu":
-        torch.set_num_threads(1)
+    tok, teacher_tok, student, teacher = load_pair(cfg)
     clock.lap("load")
 
     config = to_dict(cfg) | {"thresholds": dataclasses.asdict(cfg.thresholds)}
@@ -121,13 +130,9 @@ def _run(cfg: DiagnoseConfig) -> dict[str, Any]:
     prompts = load_prompts(
         cfg.prompts,
         tok,
-        prompt_field=cfg.prompt_field,
-        answer_field=cfg.answer_field,
-        prompt_template=cfg.prompt_template,
+        **rendering(cfg),
         teacher_prompt_template=cfg.teacher_prompt_template,
         teacher_system_prompt=cfg.teacher_system_prompt,
-        use_chat_template=cfg.use_chat_template,
-        chat_template_kwargs=cfg.chat_template_kwargs,
         max_prompt_tokens=max_prompt_tokens,
         limit=cfg.num_prompts,
         seed=cfg.seed,

@@ -22,6 +22,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from opd.data import apply_template
 from opd.lab import lab_tokenizer, prompt_rows, world
 from opd.lab.evaluate import evaluate_model
 from opd.lab.train import ModelSpec, train_model
@@ -49,7 +50,7 @@ def _job(name: str, spec: ModelSpec, out_dir: str, seed: int, evaluate: bool, qu
     }
     if evaluate:
         plain = prompt_rows("test")
-        rows = [r | {"prompt": world.wrap(r["prompt"], spec.prompt_template)} for r in plain]
+        rows = [r | {"prompt": apply_template(r["prompt"], spec.prompt_template)} for r in plain]
         runs = [("greedy", 0.0, rows), ("sampled_t1", 1.0, rows)]
         if spec.prompt_template is not None:  # and under the plain prompt it was never trained with
             runs.append(("greedy_plain_prompt", 0.0, plain))

@@ -71,9 +71,12 @@ def make_batch(
     tokenizer, problems: list[world.Problem], pattern: str, template: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the response).
-    ``template``: a ``{problem}`` template the prompt is wrapped in (:data:`world.TEMPLATE_VARIANTS`)."""
+    ``template``: a ``{problem}`` template the prompt is wrapped in (:data:`world.TEMPLATE_VARIANTS`), as
+    opd's ``prompt_template`` renders it."""
+    from opd.data import apply_template  # here: opd.data reads lab sources, so it imports opd.lab
+
     seqs = [
-        encode_example(tokenizer, world.wrap(p.prompt(), template), p.solution(pattern)) for p in problems
+        encode_example(tokenizer, apply_template(p.prompt(), template), p.solution(pattern)) for p in problems
     ]
     T = max(len(ids) for ids, _ in seqs)
     B = len(seqs)

@@ -188,9 +188,3 @@ def row(p: Problem, template: str = PROMPT_TEMPLATE) -> dict:
         "solution_a": p.solution("a"),
         "solution_b": p.solution("b"),
     }
-
-
-def wrap(prompt: str, template: str | None) -> str:
-    """``prompt`` wrapped in a :data:`TEMPLATE_VARIANTS` template (its ``{problem}`` placeholder), as
-    ``prompt_template`` / ``teacher_prompt_template`` render it (:func:`opd.data.apply_template`)."""
-    return prompt if template is None else template.replace("{problem}", prompt)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.config import OPDConfig
-from opd.config_io import to_dict
+from opd.config_io import raise_errors, to_dict
 from opd.cost import COUNTERS
 from opd.errors import ConfigError
 from opd.methods import opd as opd_method
@@ -120,8 +120,7 @@ class ColdstartConfig(OPDConfig):
                 "teacher_prompt_template / teacher_system_prompt: opd coldstart does not support them (its SFT "
                 "stage samples the teacher under the student's prompts); use opd train, or drop the keys"
             )
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        raise_errors(errs)
         sft_config(self)  # the SFT stage's own rules, reported under the sft_ names
 
 

@@ -10,9 +10,10 @@ calls in the order it reads best (STYLE.md §7: duplication over abstraction in 
   compatibility checked first, the prompt-length cap both contexts allow;
 - :func:`load_prompt_sets` — training and evaluation prompts with the length cap (drops are logged);
 - :func:`evaluate_during_training`, :func:`make_alert_monitor`;
-- (:class:`opd.methods.loop.StepEnd` — the end of every step of every method's loop: evaluation,
-  alerts, logging, progress bar, checkpoint, stop by signal / alert / budget; and the end of the run,
-  rank-aware);
+- (:mod:`opd.methods.loop` — the start of every method's loop: :func:`~opd.methods.loop.begin_process`,
+  :func:`~opd.methods.loop.resume_checkpoint`, per-process seeds, the run directory claimed; and
+  :class:`~opd.methods.loop.StepEnd`, the end of every step: evaluation, alerts, logging, progress bar,
+  checkpoint, stop by signal / alert / budget; and the end of the run, rank-aware);
 - :func:`write_config`, :func:`finish_interrupted`, :func:`finish_completed` (``summary.json``,
   the atomic ``final/`` save).
 
@@ -41,7 +42,7 @@ from opd import evaluate
 from opd.alerts import AlertConfig, AlertMonitor
 from opd.config_io import to_dict
 from opd.cost import CostMeter
-from opd.data import PromptSet, load_prompts, prompt_texts
+from opd.data import PromptSet, load_prompts, prompt_texts, rendering
 from opd.errors import ConfigError
 from opd.models import (
     CompatReport,
@@ -53,7 +54,7 @@ from opd.models import (
     save_model,
 )
 from opd.precision import compute_context
-from opd.rollout import tokenizer_vocab_size
+from opd.rollout import model_vocab_limit
 from opd.rundir import RunDir, RunInterrupted, StopSignals, locked_run_dir, prepare_train_dir
 from opd.runtime import Runtime
 
@@ -67,7 +68,7 @@ log = logging.getLogger("opd")
 def open_run(cfg: Any) -> Iterator[tuple[RunDir, StopSignals]]:
     """Lock ``cfg.output_dir`` for this run and apply the non-empty-directory rules (:mod:`opd.rundir`:
     one run per directory, a non-empty one only with ``resume``/``overwrite``, never an input's
-    directory); SIGINT/SIGTERM are caught for the run (``stop.arm()`` once training starts)."""
+    directory); SIGINT/SIGTERM are caught for the run (armed by :meth:`opd.methods.loop.StepEnd.start`)."""
     models = {"student": getattr(cfg, "student", ""), "teacher": getattr(cfg, "teacher", "")}
     data = {key: getattr(cfg, key, "") for key in ("prompts", "eval_prompts", "sft_data", "exclude_prompts")}
     with locked_run_dir(cfg.output_dir, models=models, data=data) as run, StopSignals() as stop:
@@ -203,11 +204,9 @@ def load_models(cfg: Any, runtime: Runtime, *, served_teacher: bool = False) -> 
         if why:
             log.info("max_prompt_tokens=%d (%s)", cap, why)
         student.eval()
-        vocab_limit = tokenizer_vocab_size(tokenizer)  # the ids the tokenizer can produce, capped at the head
-        head = student.get_output_embeddings()
-        if head is not None:
-            vocab_limit = min(vocab_limit, int(head.weight.shape[0]))
-        return Models(student, None, tokenizer, CompatReport(vocab_limit), cap, why, lora)
+        return Models(
+            student, None, tokenizer, CompatReport(model_vocab_limit(student, tokenizer)), cap, why, lora
+        )
     teacher = load_model(
         cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=trust, device=runtime.teacher_device
     )
@@ -233,10 +232,7 @@ def _with_served_teacher(cfg: Any, student: torch.nn.Module, tokenizer: Any, lor
     teacher's too)."""
     from opd.remote.client import RemoteTeacher
 
-    vocab_limit = tokenizer_vocab_size(tokenizer)
-    head = student.get_output_embeddings()
-    if head is not None:
-        vocab_limit = min(vocab_limit, int(head.weight.shape[0]))
+    vocab_limit = model_vocab_limit(student, tokenizer)
     teacher = RemoteTeacher(
         cfg.teacher,
         tokenizer,
@@ -246,6 +242,8 @@ def _with_served_teacher(cfg: Any, student: torch.nn.Module, tokenizer: Any, lor
         timeout=getattr(cfg, "teacher_timeout", 60.0),
         retries=getattr(cfg, "teacher_retries", 3),
     )
+    for w in teacher.warnings:
+        log.warning(w)
     info = teacher.info
     log.info(
         "served teacher %s: %s (%s on %s, %d parameters)",
@@ -270,7 +268,7 @@ def _with_served_teacher(cfg: Any, student: torch.nn.Module, tokenizer: Any, lor
     if why:
         log.info("max_prompt_tokens=%d (%s)", cap, why)
     student.eval()
-    return Models(student, teacher, tokenizer, CompatReport(vocab_limit), cap, why, lora)
+    return Models(student, teacher, tokenizer, CompatReport(vocab_limit, teacher.warnings), cap, why, lora)
 
 
 def prepare_student(student: torch.nn.Module, cfg: Any) -> Any:
@@ -335,11 +333,7 @@ def load_prompt_sets(cfg: Any, models: Models) -> tuple[PromptSet | None, Prompt
         return load_prompts(
             source,
             models.tokenizer,
-            prompt_field=cfg.prompt_field,
-            answer_field=cfg.answer_field,
-            prompt_template=cfg.prompt_template,
-            use_chat_template=cfg.use_chat_template,
-            chat_template_kwargs=cfg.chat_template_kwargs,
+            **rendering(cfg),
             max_prompt_tokens=models.max_prompt_tokens,
             max_prompt_tokens_why=models.max_prompt_tokens_why,
             **kw,

@@ -51,17 +51,15 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from opd import objectives as obj
-from opd.checkpoint import load_newest_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
-from opd.config_io import _coerce_types
+from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
-from opd.data import PromptSet
+from opd.data import _MISSING, PromptSet, _get_field
 from opd.datafiles import read_rows
 from opd.errors import ConfigError
 from opd.methods.common import (
@@ -71,13 +69,10 @@ from opd.methods.common import (
     make_optimizer,
     make_scheduler,
     run_processes,
-    seed_everything,
-    write_config,
 )
-from opd.methods.loop import StepEnd
+from opd.methods.loop import StepEnd, begin_process
 from opd.precision import compute_context
 from opd.rollout import (
-    END_OF_TURN_TOKENS,
     RolloutBackend,
     RolloutBatch,
     fixed_batch,
@@ -87,6 +82,7 @@ from opd.rollout import (
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
+from opd.teacher_data import end_of_response_id
 from opd.tracking import MetricsLogger, NullMetricsLogger
 
 log = logging.getLogger("opd")
@@ -127,19 +123,16 @@ class GKDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
             errs.append(
                 f"loss_aggregation={self.loss_aggregation!r}: choose one of {', '.join(obj.AGGREGATIONS)}"
             )
-        if self.score_chunk_size < 1:
-            errs.append(f"score_chunk_size={self.score_chunk_size}: must be >= 1")
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        errs += below(self, ("score_chunk_size",), 1)
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
-        missing = [k for k in ("student", "teacher", "prompts") if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as "
-                "key=value, e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train"
-            )
+        require_keys(
+            self,
+            ("student", "teacher", "prompts"),
+            "student=lab:student teacher=lab:teacher-a-plus prompts=lab:train",
+        )
         if self.lmbda < 1 and not self.seq_kd and not self.response_field:
             raise ConfigError(
                 f"lmbda={self.lmbda} < 1 needs fixed sequences: set response_field to the field holding a "
@@ -151,30 +144,16 @@ class GKDConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig)
 # --------------------------------------------------------------------------- the fixed sequences
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The token a response ends with: the chat template's end-of-turn marker if the vocabulary has one
-    (``<|im_end|>``, ``<|eot_id|>``, ...), else EOS."""
-    vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_TOKENS:
-        if token in vocab:
-            return int(vocab[token])
-    if tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"tokenizer {type(tokenizer).__name__} has no end-of-turn token and no EOS: a fixed response "
-            "cannot be terminated. Set tokenizer.eos_token"
-        )
-    return int(tokenizer.eos_token_id)
-
-
 def load_fixed_responses(cfg: GKDConfig, prompts: PromptSet, tokenizer) -> list[list[int]]:
     """Token ids of each prompt's fixed response (``response_field`` of its source row), ending with
-    :func:`end_of_turn_id` and cut at ``max_new_tokens``. ConfigError naming the row when one is missing."""
+    :func:`opd.teacher_data.end_of_response_id` (the end-of-turn marker, else EOS) and cut at ``max_new_tokens``. ConfigError naming the row when one is missing."""
     rows = read_rows(cfg.prompts)
-    eot = end_of_turn_id(tokenizer)
+    eot = end_of_response_id(tokenizer, use_chat_template=True)
     out = []
     for ex in prompts.examples:
         i = ex.meta["row"]
-        value = _field(rows[i], cfg.response_field)
+        value = _get_field(rows[i], cfg.response_field)  # a dotted path walks nested dicts
+        value = None if value is _MISSING else value
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(
                 f"prompts={cfg.prompts!r} row {i}: response_field={cfg.response_field!r} is "
@@ -186,16 +165,6 @@ def load_fixed_responses(cfg: GKDConfig, prompts: PromptSet, tokenizer) -> list[
             ids.append(eot)
         out.append(ids[: cfg.max_new_tokens])
     return out
-
-
-def _field(row: dict, name: str) -> Any:
-    """``row[name]``, or the dotted path ``a.b.c`` through nested dicts; None if absent."""
-    if name in row:
-        return row[name]
-    value: Any = row
-    for part in name.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
@@ -278,12 +247,7 @@ def train(cfg: GKDConfig) -> dict[str, Any]:
 
 
 def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    if runtime.is_main:
-        log.info("%s", runtime.describe())
+    out_dir = begin_process(cfg, runtime)
 
     models = load_models(cfg, runtime)
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
@@ -323,29 +287,12 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
     metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
-    start_step, skipped_total = 0, 0
-    if cfg.resume:
-        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
-        if found is None:
-            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
-        else:
-            ckpt, state = found
-            start_step = state["step"]
-            skipped_total = state.get("skipped_steps", 0)
-            sampler.load_state_dict(state["sampler"])
-            cost.load_state_dict(state["cost"])
-            log.info("resumed from %s (step %d)", ckpt, start_step)
-    if runtime.world_size > 1:  # each process its own sampling stream (after any restored RNG state)
-        seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
-    if run is not None:  # rank 0
-        run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
-        metrics_log.truncate_after(start_step)
-        write_config(out_dir, cfg)
-
-    ends = StepEnd(
+    ends = StepEnd.open(
+        "gkd",
         cfg,
         runtime,
-        "gkd",
+        run,
+        stop,
         out_dir,
         student,
         tokenizer,
@@ -354,14 +301,11 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         eval_set,
         metrics_log,
         cost,
-        stop,
-        start_step,
-        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
+        sampler,
         postfix=lambda row: dict(loss=f"{row['loss/gkd']:.4f}", on_policy=row["data/on_policy"]),
     )
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
-    for step in range(start_step + 1, cfg.steps + 1):
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
+    for step in range(ends.start_step + 1, cfg.steps + 1):
         row = gkd_step(
             student_scorer,
             teacher_scorer,
@@ -377,11 +321,10 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             step,
             cost,
         )
-        skipped_total += row.pop("_skipped")
-        row["skipped_steps"] = skipped_total
+        row["skipped_steps"] = ends.count_skipped(row.pop("_skipped"))
         if ends.end_of_step(step, row):
             break
-    return ends.finish(skipped_steps=skipped_total, lora=models.lora)
+    return ends.finish(lora=models.lora)
 
 
 def gkd_step(
@@ -411,7 +354,7 @@ def gkd_step(
     source = "student" if on_policy else ("teacher" if cfg.seq_kd else "fixed")
     t0 = time.perf_counter()
     if source == "fixed":
-        eot = end_of_turn_id(tokenizer)
+        eot = end_of_response_id(tokenizer, use_chat_template=True)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
         batch = fixed_batch(prompt_ids, [fixed[idx[j]] for j in slots], stop_ids=[eot], pad_id=int(pad))
     else:

@@ -41,16 +41,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from opd import objectives as obj
-from opd.checkpoint import load_newest_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RolloutConfig, RunConfig, part_errors
-from opd.config_io import _coerce_types
+from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.errors import ConfigError
 from opd.evaluate import grade_responses
@@ -61,10 +59,8 @@ from opd.methods.common import (
     make_optimizer,
     make_scheduler,
     run_processes,
-    seed_everything,
-    write_config,
 )
-from opd.methods.loop import StepEnd
+from opd.methods.loop import StepEnd, begin_process
 from opd.models import load_model
 from opd.precision import compute_context
 from opd.rollout import RolloutBackend, make_backend, prompt_seed
@@ -118,26 +114,18 @@ class GRPOConfig(RunConfig, OptimConfig, RolloutConfig, DataConfig, ModelsConfig
             errs.append(
                 f"loss_aggregation={self.loss_aggregation!r}: choose one of {', '.join(obj.AGGREGATIONS)}"
             )
-        for key in ("ppo_epochs", "score_chunk_size"):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        errs += below(self, ("ppo_epochs", "score_chunk_size"), 1)
         if not 0 < self.clip_eps < 1:
             errs.append(f"clip_eps={self.clip_eps}: must be in (0, 1); the usual value is 0.2")
         if self.kl_coef < 0:
             errs.append(f"kl_coef={self.kl_coef}: must be >= 0 (0 = no KL-to-reference penalty)")
         if self.adv_eps <= 0:
             errs.append(f"adv_eps={self.adv_eps}: must be > 0 (e.g. 1e-4)")
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
-        missing = [k for k in ("student", "prompts") if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as "
-                "key=value, e.g. student=lab:student prompts=lab:train"
-            )
+        require_keys(self, ("student", "prompts"), "student=lab:student prompts=lab:train")
 
 
 # --------------------------------------------------------------------------- rewards and update
@@ -254,12 +242,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
 
 
 def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    if runtime.is_main:
-        log.info("%s", runtime.describe())
+    out_dir = begin_process(cfg, runtime)
 
     models = load_models(cfg, runtime)  # no teacher: the student alone
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
@@ -306,29 +289,12 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     cost = CostMeter(count_parameters(student), teacher_params=0)
     metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
-    start_step, skipped_total = 0, 0
-    if cfg.resume:
-        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
-        if found is None:
-            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
-        else:
-            ckpt, state = found
-            start_step = state["step"]
-            skipped_total = state.get("skipped_steps", 0)
-            sampler.load_state_dict(state["sampler"])
-            cost.load_state_dict(state["cost"])
-            log.info("resumed from %s (step %d)", ckpt, start_step)
-    if runtime.world_size > 1:  # each process its own sampling stream (after any restored RNG state)
-        seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
-    if run is not None:  # rank 0
-        run.clear_previous_run()  # overwrite=true: only now that the model and data have loaded
-        metrics_log.truncate_after(start_step)
-        write_config(out_dir, cfg)
-
-    ends = StepEnd(
+    ends = StepEnd.open(
+        "grpo",
         cfg,
         runtime,
-        "grpo",
+        run,
+        stop,
         out_dir,
         student,
         tokenizer,
@@ -337,14 +303,11 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         eval_set,
         metrics_log,
         cost,
-        stop,
-        start_step,
-        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
+        sampler,
         postfix=lambda row: dict(loss=f"{row['loss/pg']:.4f}", reward=f"{row['reward/mean']:.3f}"),
     )
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
-    for step in range(start_step + 1, cfg.steps + 1):
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
+    for step in range(ends.start_step + 1, cfg.steps + 1):
         row = grpo_step(
             student_scorer,
             reference,
@@ -360,11 +323,10 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             step,
             cost,
         )
-        skipped_total += row.pop("_skipped")
-        row["skipped_steps"] = skipped_total
+        row["skipped_steps"] = ends.count_skipped(row.pop("_skipped"))
         if ends.end_of_step(step, row):
             break
-    return ends.finish(skipped_steps=skipped_total, lora=models.lora)
+    return ends.finish(lora=models.lora)
 
 
 def grpo_step(

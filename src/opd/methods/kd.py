@@ -34,15 +34,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from opd import objectives as obj
-from opd.checkpoint import load_newest_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
-from opd.config_io import _coerce_types
+from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.errors import ConfigError
 from opd.methods.common import (
@@ -52,10 +50,8 @@ from opd.methods.common import (
     make_optimizer,
     make_scheduler,
     run_processes,
-    seed_everything,
-    write_config,
 )
-from opd.methods.loop import StepEnd
+from opd.methods.loop import StepEnd, begin_process
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
@@ -81,7 +77,7 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
 
     # --- the sequences ---
     response_field: str = ""
-    """Field of the prompt rows holding a gold solution to distil on (e.g. solution_a for lab prompts); or use sft_data."""
+    """Field of the prompt rows holding a gold solution to distil on (dotted paths allowed; e.g. solution_a for lab prompts); or use sft_data."""
     sft_data: str = ""
     """Distil on the cached teacher outputs of an SFT run (its teacher_data.jsonl) instead; then leave prompts empty."""
     max_new_tokens: int = 256
@@ -105,9 +101,7 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 "stop_on_alert=true: the alerts watch OPD's failure signatures (overlap, entropy gap), which "
                 "KD does not measure; leave stop_on_alert=false"
             )
-        for key in ("max_new_tokens", "batch_size", "score_chunk_size"):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        errs += below(self, ("max_new_tokens", "batch_size", "score_chunk_size"), 1)
         if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
             errs.append(f"kd_temperature={self.kd_temperature}: must be a finite number > 0 (1.0 = plain KL)")
         if self.response_field and self.sft_data:
@@ -120,8 +114,7 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 f"sft_data={self.sft_data!r} with prompts={self.prompts!r}: the sequences come from the file; "
                 "leave prompts empty"
             )
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
@@ -131,12 +124,11 @@ class KDConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 "e.g. response_field=solution_a prompts=lab:train) or sft_data=RUN/teacher_data.jsonl"
             )
         need = ("student", "teacher") + (() if self.sft_data else ("prompts",))
-        missing = [k for k in need if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as key=value, "
-                "e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train response_field=solution_a"
-            )
+        require_keys(
+            self,
+            need,
+            "student=lab:student teacher=lab:teacher-a-plus prompts=lab:train response_field=solution_a",
+        )
 
 
 # --------------------------------------------------------------------------- the loss
@@ -223,12 +215,7 @@ def train(cfg: KDConfig) -> dict[str, Any]:
 
 
 def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    if runtime.is_main:
-        log.info("%s", runtime.describe())
+    out_dir = begin_process(cfg, runtime)
 
     models = load_models(cfg, runtime)
     student, teacher, tokenizer = models.student, models.teacher, models.tokenizer
@@ -261,27 +248,12 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     cost = CostMeter(count_parameters(student), count_parameters(teacher))
     metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
-    start_step, skipped_total = 0, 0
-    if cfg.resume:
-        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
-        if found is None:
-            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
-        else:
-            ckpt, state = found
-            start_step = state["step"]
-            skipped_total = state.get("skipped_steps", 0)
-            sampler.load_state_dict(state["sampler"])
-            cost.load_state_dict(state["cost"])
-            log.info("resumed from %s (step %d)", ckpt, start_step)
-    if run is not None:  # rank 0
-        run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
-        metrics_log.truncate_after(start_step)
-        write_config(out_dir, cfg)
-
-    ends = StepEnd(
+    ends = StepEnd.open(
+        "kd",
         cfg,
         runtime,
-        "kd",
+        run,
+        stop,
         out_dir,
         student,
         tokenizer,
@@ -290,14 +262,12 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         eval_set,
         metrics_log,
         cost,
-        stop,
-        start_step,
-        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
+        sampler,
         postfix=lambda row: dict(kl=f"{row['kl/forward']:.4f}"),
+        reseed=False,  # KD samples nothing
     )
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
-    for step in range(start_step + 1, cfg.steps + 1):
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
+    for step in range(ends.start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
         batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]  # the same on every process
         lr = scheduler.get_last_lr()[0]
@@ -314,7 +284,6 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             runtime=runtime,
         )
         scheduler.step()
-        skipped_total += out["skipped"]
         seq_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch)
         cost.add(
             teacher_forward_tokens=seq_tokens,
@@ -329,7 +298,7 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             "grad_norm": out["grad_norm"],
             "lr": lr,
             "response/length_mean": out["tokens"] / len(batch),
-            "skipped_steps": skipped_total,
+            "skipped_steps": ends.count_skipped(out["skipped"]),
             "epoch": sampler.epoch + sampler.position / sampler.size,
             "time/step": step_time,
             "throughput/tokens_per_s": out["tokens"] / step_time if step_time > 0 else 0.0,
@@ -343,7 +312,6 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         if ends.end_of_step(step, row):
             break
     return ends.finish(
-        skipped_steps=skipped_total,
         lora=models.lora,
         extra={
             "sequences": {

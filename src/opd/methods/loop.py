@@ -1,7 +1,11 @@
-"""The end of each training step and of the run, the same for every method's loop (:class:`StepEnd`)."""
+"""What every method's loop shares: the start of a run on each process (:func:`begin_process`), resuming
+from the newest checkpoint (:func:`resume_checkpoint`), the per-process sampling seeds
+(:func:`seed_processes`), rank 0's claim on the run directory (:func:`claim_run_dir`), and the end of each
+training step and of the run (:class:`StepEnd`; :meth:`StepEnd.open` does the middle three first)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,15 +15,99 @@ from typing import Any
 import torch
 
 from opd.alerts import AlertMonitor
-from opd.checkpoint import save_checkpoint
+from opd.checkpoint import load_newest_checkpoint, save_checkpoint
 from opd.cost import CostMeter
 from opd.data import PromptSet
-from opd.methods.common import budget_spent, evaluate_during_training, finish_completed, finish_interrupted
-from opd.rundir import RunInterrupted, StopSignals
+from opd.methods.common import (
+    budget_spent,
+    evaluate_during_training,
+    finish_completed,
+    finish_interrupted,
+    seed_everything,
+    write_config,
+)
+from opd.rundir import RunDir, RunInterrupted, StopSignals
 from opd.runtime import Runtime
+from opd.sampler import PromptSampler
 from opd.tracking import progress
 
-__all__ = ["StepEnd"]
+__all__ = ["Resumed", "StepEnd", "begin_process", "claim_run_dir", "resume_checkpoint", "seed_processes"]
+
+log = logging.getLogger("opd")
+
+
+def begin_process(cfg: Any, runtime: Runtime) -> Path:
+    """The first lines of a method's run on every process: torch's thread count (``threads``, when set),
+    the global seed (the same on every process, so any random initialisation, LoRA's included, agrees)
+    and rank 0's log line on the runtime. Returns ``output_dir``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    if runtime.is_main:
+        log.info("%s", runtime.describe())
+    return Path(cfg.output_dir)
+
+
+@dataclass
+class Resumed:
+    """Where a run starts: after ``start_step`` (0 for a fresh run) with ``skipped_steps`` skipped so far;
+    ``state`` is the checkpoint's state (None for a fresh run)."""
+
+    start_step: int = 0
+    skipped_steps: int = 0
+    state: dict[str, Any] | None = None
+
+
+def resume_checkpoint(
+    cfg: Any,
+    out_dir: Path,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cost: CostMeter,
+    *,
+    sampler: PromptSampler | None = None,
+    monitor: AlertMonitor | None = None,
+    loaders: Any = None,
+) -> Resumed:
+    """With ``resume=true``, load the newest complete checkpoint of ``out_dir`` into the student, the
+    optimizer and the scheduler (and the RNG states it saved), and restore the cost meter, the sampler and
+    the alert monitor when given; without one, warn and start from scratch. ``loaders``: how a sharded
+    student takes the full state (``opd.fsdp.loaders``)."""
+    if not cfg.resume:
+        return Resumed()
+    found = load_newest_checkpoint(
+        out_dir, model=student, optimizer=optimizer, scheduler=scheduler, loaders=loaders
+    )
+    if found is None:
+        log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
+        return Resumed()
+    ckpt, state = found
+    if sampler is not None:
+        sampler.load_state_dict(state["sampler"])
+    if monitor is not None and "alerts" in state:
+        monitor.load_state_dict(state["alerts"])
+    if state.get("cost"):
+        cost.load_state_dict(state["cost"])
+    log.info("resumed from %s (step %d)", ckpt, state["step"])
+    return Resumed(state["step"], state.get("skipped_steps", 0), state)
+
+
+def seed_processes(cfg: Any, runtime: Runtime, start_step: int) -> None:
+    """With several processes, give each its own sampling stream (after any restored RNG state), a
+    function of the seed, the start step and the rank."""
+    if runtime.world_size > 1:
+        seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
+
+
+def claim_run_dir(run: RunDir | None, out_dir: Path, cfg: Any, metrics_log: Any, start_step: int) -> None:
+    """Rank 0 (``run`` set): with ``overwrite=true`` clear the previous run (only now that models and data
+    have loaded), drop the metrics rows after ``start_step`` and write ``config.json``."""
+    if run is None:
+        return
+    run.clear_previous_run()
+    metrics_log.truncate_after(start_step)
+    write_config(out_dir, cfg)
 
 
 @dataclass
@@ -49,14 +137,17 @@ class StepEnd:
     metrics_log: Any
     cost: CostMeter
     stop: StopSignals
-    start_step: int
-    """The step the loop starts after (0, or the resumed checkpoint's)."""
-    checkpoint_state: Callable[[], dict[str, Any]]
-    """The method's own state for a checkpoint (sampler, skipped steps, ...); the cost meter's and the
-    alert monitor's are added here."""
+    sampler: PromptSampler
+    """The loop's sampler (its state goes into every checkpoint)."""
+    resumed: Resumed
+    """Where the loop starts (:func:`resume_checkpoint`)."""
     postfix: Callable[[dict[str, Any]], dict[str, str]]
     """The progress bar's postfix of a row."""
     monitor: AlertMonitor | None = None
+    skipped_steps: int = field(init=False)
+    """Steps skipped so far (a non-finite gradient norm); :meth:`count_skipped` adds a step's."""
+    start_step: int = field(init=False)
+    """The step the loop starts after (0, or the resumed checkpoint's)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: dict[str, Any] | None = None
     stopped_by_alert: int | None = None
@@ -71,6 +162,7 @@ class StepEnd:
 
     def __post_init__(self) -> None:
         cfg = self.cfg
+        self.start_step, self.skipped_steps = self.resumed.start_step, self.resumed.skipped_steps
         self.bar = progress(
             total=cfg.steps,
             initial=self.start_step,
@@ -79,11 +171,85 @@ class StepEnd:
             unit="step",
         )
 
-    def log_start(self) -> None:
-        """Step 0 of the accuracy curve (a fresh run with an evaluation set; rank 0)."""
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        cfg: Any,
+        runtime: Runtime,
+        run: RunDir | None,
+        stop: StopSignals,
+        out_dir: Path,
+        student: torch.nn.Module,
+        tokenizer: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        eval_set: PromptSet | None,
+        metrics_log: Any,
+        cost: CostMeter,
+        sampler: PromptSampler,
+        *,
+        postfix: Callable[[dict[str, Any]], dict[str, str]],
+        monitor: AlertMonitor | None = None,
+        reseed: bool = True,
+        sharded: bool = False,
+    ) -> StepEnd:
+        """A loop's start, the same for every method that has its sampler before the run directory is
+        claimed: :func:`resume_checkpoint`, :func:`seed_processes` (``reseed``: the method samples), then
+        :func:`claim_run_dir`; returns the loop's :class:`StepEnd`. ``sharded``: the student is sharded
+        (``opd.fsdp``): it loads and saves the full state on every process."""
+        loaders = None
+        if sharded:
+            from opd.fsdp import loaders as fsdp_loaders
+
+            loaders = fsdp_loaders(student, optimizer)
+        resumed = resume_checkpoint(
+            cfg,
+            out_dir,
+            student,
+            optimizer,
+            scheduler,
+            cost,
+            sampler=sampler,
+            monitor=monitor,
+            loaders=loaders,
+        )
+        if reseed:
+            seed_processes(cfg, runtime, resumed.start_step)
+        claim_run_dir(run, out_dir, cfg, metrics_log, resumed.start_step)
+        return cls(
+            cfg,
+            runtime,
+            name,
+            out_dir,
+            student,
+            tokenizer,
+            optimizer,
+            scheduler,
+            eval_set,
+            metrics_log,
+            cost,
+            stop,
+            sampler,
+            resumed,
+            postfix,
+            monitor,
+            sharded=sharded,
+        )
+
+    def count_skipped(self, skipped: int) -> int:
+        """Add a step's skipped count (0 or 1); returns the run's total (the row's ``skipped_steps``)."""
+        self.skipped_steps += int(skipped)
+        return self.skipped_steps
+
+    def start(self) -> None:
+        """Start the loop: step 0 of the accuracy curve (a fresh run with an evaluation set; rank 0),
+        then arm the stop signals (from here a first SIGINT/SIGTERM stops at the step boundary with a
+        checkpoint)."""
         if self.eval_set is not None and self.start_step == 0 and self.runtime.is_main:
             self.metrics_log.log({"step": 0, **self._evaluate()})
         self.run_t0 = time.perf_counter()  # the loop's time starts after it
+        self.stop.arm()
 
     def checkpoint(self, step: int) -> Path:
         """Rank 0 writes the checkpoint of ``step``; the others wait until it is complete."""
@@ -103,7 +269,8 @@ class StepEnd:
             scheduler=self.scheduler,
             keep=self.cfg.keep_checkpoints,
             state={
-                **self.checkpoint_state(),
+                "sampler": self.sampler.state_dict(),
+                "skipped_steps": self.skipped_steps,
                 "alerts": self.monitor.state_dict() if self.monitor is not None else None,
                 "cost": self.cost.state_dict(),
             },
@@ -149,9 +316,7 @@ class StepEnd:
             return True
         return False
 
-    def finish(
-        self, *, skipped_steps: int, lora: Any = None, extra: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+    def finish(self, *, lora: Any = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Close the bar and the log; rank 0 writes ``summary.json`` and ``final/`` (or, after a signal,
         the interrupt's summary and raises :class:`RunInterrupted` on every process)."""
         self.bar.close()
@@ -173,7 +338,7 @@ class StepEnd:
                 self.interrupted["signal"],
                 self.interrupted["checkpoint"],
                 steps_done=self.last_step,
-                skipped_steps=skipped_steps,
+                skipped_steps=self.skipped_steps,
                 loop_time=loop_time,
                 history=self.history,
             )
@@ -182,7 +347,7 @@ class StepEnd:
             model,
             self.tokenizer,
             steps_done=steps_done,
-            skipped_steps=skipped_steps,
+            skipped_steps=self.skipped_steps,
             loop_time=loop_time,
             run_t0=self.run_t0,
             stopped_by_alert=self.stopped_by_alert,

@@ -35,7 +35,6 @@ import contextlib
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,6 @@ import torch
 
 from opd import fsdp
 from opd import objectives as obj
-from opd.checkpoint import load_newest_checkpoint
 from opd.config import OPDConfig, tracking_backends
 from opd.config_io import to_dict
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
@@ -55,10 +53,8 @@ from opd.methods.common import (
     make_scheduler,
     masked_mean,
     run_processes,
-    seed_everything,
-    write_config,
 )
-from opd.methods.loop import StepEnd
+from opd.methods.loop import StepEnd, begin_process
 from opd.methods.opd_scoring import (
     ScoredBatch,
     apply_gradients,
@@ -196,12 +192,7 @@ def train(cfg: OPDConfig) -> dict[str, Any]:
 
 
 def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)  # the same on every process: any random init (LoRA) must agree
-    if runtime.is_main:
-        log.info("%s", runtime.describe())
+    out_dir = begin_process(cfg, runtime)  # one seed on every process: any random init (LoRA) must agree
 
     models = load_models(cfg, runtime, served_teacher=True)
     student, tokenizer, vocab_limit = models.student, models.tokenizer, models.compat.vocab_limit
@@ -255,39 +246,12 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     )
     monitor = make_alert_monitor(cfg)
 
-    start_step, skipped_total = 0, 0
-    if cfg.resume:
-        found = load_newest_checkpoint(
-            out_dir,
-            model=student,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loaders=fsdp.loaders(student, optimizer) if cfg.fsdp else None,
-        )
-        if found is None:
-            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
-        else:
-            ckpt, state = found
-            start_step = state["step"]
-            skipped_total = state.get("skipped_steps", 0)
-            sampler.load_state_dict(state["sampler"])
-            if monitor is not None and "alerts" in state:
-                monitor.load_state_dict(state["alerts"])
-            if state.get("cost"):
-                cost.load_state_dict(state["cost"])
-            log.info("resumed from %s (step %d)", ckpt, start_step)
-            backend.sync_weights(student)  # an engine with its own copy (vLLM) started on the old weights
-    if runtime.world_size > 1:  # each process its own sampling stream (after any restored RNG state)
-        seed_everything(cfg.seed + 7919 * start_step + runtime.rank)
-    if runtime.is_main:
-        run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
-        metrics_log.truncate_after(start_step)
-        write_config(out_dir, cfg)
-
-    ends = StepEnd(
+    ends = StepEnd.open(
+        "opd",
         cfg,
         runtime,
-        "opd",
+        run,
+        stop,
         out_dir,
         student,
         tokenizer,
@@ -296,9 +260,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         eval_set,
         metrics_log,
         cost,
-        stop,
-        start_step,
-        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
+        sampler,
         postfix=lambda row: dict(
             loss=f"{row['loss/pg']:.4f}",
             kl=f"{row['kl/sampled']:.3f}",
@@ -307,9 +269,10 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         monitor=monitor,
         sharded=cfg.fsdp,
     )
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
-    for step in range(start_step + 1, cfg.steps + 1):
+    if ends.resumed.state is not None:
+        backend.sync_weights(student)  # an engine with its own copy (vLLM) started on the old weights
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
+    for step in range(ends.start_step + 1, cfg.steps + 1):
         row = opd_step(
             student_scorer,
             teacher_scorer,
@@ -323,13 +286,12 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             step,
             cost=cost,
         )
-        skipped_total += row.pop("_skipped")
-        row["skipped_steps"] = skipped_total
+        row["skipped_steps"] = ends.count_skipped(row.pop("_skipped"))
         if ends.end_of_step(step, row):
             break
     if hasattr(backend, "close"):  # an engine process of its own (vLLM): shut it down now, not at exit
         backend.close()
-    return ends.finish(skipped_steps=skipped_total, lora=models.lora)
+    return ends.finish(lora=models.lora)
 
 
 def opd_step(

@@ -46,9 +46,8 @@ from typing import Any
 
 import torch
 
-from opd.checkpoint import load_newest_checkpoint
 from opd.config import DataConfig, ModelsConfig, OptimConfig, RunConfig, part_errors
-from opd.config_io import _coerce_types
+from opd.config_io import _coerce_types, below, raise_errors, require_keys
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.data import PromptSet
 from opd.errors import ConfigError
@@ -59,10 +58,9 @@ from opd.methods.common import (
     make_optimizer,
     make_scheduler,
     run_processes,
-    seed_everything,
     write_config,
 )
-from opd.methods.loop import StepEnd
+from opd.methods.loop import StepEnd, begin_process, resume_checkpoint
 from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
 from opd.rollout import RolloutBatch, make_backend
 from opd.runtime import Runtime
@@ -144,19 +142,19 @@ class SFTConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 "stop_on_alert=true: the alerts watch OPD's failure signatures (overlap, entropy gap), which "
                 "SFT does not measure; leave stop_on_alert=false"
             )
-        for key in ("num_prompts",):
-            if getattr(self, key) < 0:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 0 (0 = all)")
-        for key in (
-            "teacher_samples_per_prompt",
-            "max_new_tokens",
-            "generation_batch_size",
-            "repetition_ngram",
-            "batch_size",
-            "score_chunk_size",
-        ):
-            if getattr(self, key) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
+        errs += below(self, ("num_prompts",), 0, " (0 = all)")
+        errs += below(
+            self,
+            (
+                "teacher_samples_per_prompt",
+                "max_new_tokens",
+                "generation_batch_size",
+                "repetition_ngram",
+                "batch_size",
+                "score_chunk_size",
+            ),
+            1,
+        )
         if self.teacher_temperature < 0:
             errs.append(f"teacher_temperature={self.teacher_temperature}: must be >= 0 (the study: 0.7)")
         if self.teacher_temperature == 0 and self.teacher_samples_per_prompt > 1:
@@ -178,19 +176,17 @@ class SFTConfig(RunConfig, OptimConfig, DataConfig, ModelsConfig):
                 f"sft_data={self.sft_data!r} with {given} set: a run trains either on an existing file or on "
                 f"data it generates; leave {given} empty, or drop sft_data to generate"
             )
-        if errs:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
+        raise_errors(errs)
 
     def check_runnable(self) -> None:
         """Rules that only matter when actually training (not when printing help or defaults)."""
         need = ("student",) if self.sft_data else ("student", "teacher", "prompts")
-        missing = [k for k in need if not getattr(self, k)]
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as key=value, "
-                "e.g. student=lab:student teacher=lab:teacher-a-plus prompts=lab:train "
-                "(or student=... sft_data=RUN/teacher_data.jsonl)"
-            )
+        require_keys(
+            self,
+            need,
+            "student=lab:student teacher=lab:teacher-a-plus prompts=lab:train "
+            "(or student=... sft_data=RUN/teacher_data.jsonl)",
+        )
 
 
 # --------------------------------------------------------------------------- stage 1: teacher data
@@ -467,12 +463,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
 
 
 def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    if runtime.is_main:
-        log.info("%s", runtime.describe())
+    out_dir = begin_process(cfg, runtime)
 
     models = load_models(cfg, runtime)  # the student only, with sft_data
     student, tokenizer = models.student, models.tokenizer
@@ -489,30 +480,20 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
     metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
 
-    start_step, skipped_total, state = 0, 0, None
-    if cfg.resume:
-        found = load_newest_checkpoint(out_dir, model=student, optimizer=optimizer, scheduler=scheduler)
-        if found is None:
-            log.warning("resume=true but no complete checkpoint in %s: starting from scratch", out_dir)
-        else:
-            ckpt, state = found
-            start_step = state["step"]
-            skipped_total = state.get("skipped_steps", 0)
-            cost.load_state_dict(state["cost"])
-            log.info("resumed from %s (step %d)", ckpt, start_step)
+    resumed = resume_checkpoint(cfg, out_dir, student, optimizer, scheduler, cost)  # the sampler: below
     if run is not None:  # rank 0
         run.clear_previous_run()  # overwrite=true: only now that models and data have loaded
     runtime.barrier()  # no process looks for the teacher data before a cleared directory is cleared
     # before config.json: a run refused here (reused data with other settings) leaves the directory as it was
     sequences, data_info = _teacher_data(
-        cfg, models, prompts, out_dir, cost, fresh=state is None, runtime=runtime
+        cfg, models, prompts, out_dir, cost, fresh=resumed.state is None, runtime=runtime
     )
-    metrics_log.truncate_after(start_step)
+    metrics_log.truncate_after(resumed.start_step)
     if runtime.is_main:
         write_config(out_dir, cfg)
     sampler = PromptSampler(sequences, seed=cfg.seed)
-    if state is not None:
-        sampler.load_state_dict(state["sampler"])
+    if resumed.state is not None:
+        sampler.load_state_dict(resumed.state["sampler"])
 
     ends = StepEnd(
         cfg,
@@ -527,13 +508,12 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         metrics_log,
         cost,
         stop,
-        start_step,
-        checkpoint_state=lambda: {"sampler": sampler.state_dict(), "skipped_steps": skipped_total},
+        sampler,
+        resumed,
         postfix=lambda row: dict(nll=f"{row['loss/nll']:.4f}"),
     )
-    ends.log_start()  # the starting point of the accuracy curve
-    stop.arm()  # from here a first SIGINT/SIGTERM stops at the step boundary with a checkpoint
-    for step in range(start_step + 1, cfg.steps + 1):
+    ends.start()  # step 0 of the accuracy curve; from here a signal stops at a step boundary
+    for step in range(ends.start_step + 1, cfg.steps + 1):
         t_step = time.perf_counter()
         batch = [sequences[i] for i in sampler.next_batch(cfg.batch_size)]  # the same on every process
         lr = scheduler.get_last_lr()[0]
@@ -549,7 +529,6 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             runtime=runtime,
         )
         scheduler.step()
-        skipped_total += out["skipped"]
         seq_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in batch)
         cost.add(student_train_tokens=seq_tokens, student_loss_tokens=out["tokens"])
         step_time = time.perf_counter() - t_step
@@ -559,7 +538,7 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             "grad_norm": out["grad_norm"],
             "lr": lr,
             "response/length_mean": out["tokens"] / len(batch),
-            "skipped_steps": skipped_total,
+            "skipped_steps": ends.count_skipped(out["skipped"]),
             "epoch": sampler.epoch + sampler.position / sampler.size,
             "time/step": step_time,
             "throughput/tokens_per_s": out["tokens"] / step_time if step_time > 0 else 0.0,
@@ -572,7 +551,6 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         if ends.end_of_step(step, row):
             break
     return ends.finish(
-        skipped_steps=skipped_total,
         lora=models.lora,
         extra={"teacher_data": {**data_info, "sequences": len(sequences)}},
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.config import DataConfig, ModelsConfig, TeacherPromptConfig
-from opd.config_io import _coerce_types, load_yaml_text
+from opd.config_io import _coerce_types, below, dtype_errors, load_yaml_text, raise_errors, require_keys
 from opd.diagnose.config import DiagnoseConfig
 from opd.errors import ConfigError
 from opd.textfiles import read_utf8
@@ -103,12 +103,12 @@ class PromptsConfig(TeacherPromptConfig, DataConfig, ModelsConfig):
             isinstance(k, str) and isinstance(v, str) and v for k, v in self.pools.items()
         ):
             errs.append(f"pools={self.pools!r}: expected a mapping of pool names to prompt sources")
-        for key in ("rollouts_per_prompt", "max_new_tokens", "metrics_top_k", "batch_size", "chunk_prompts"):
-            if int(getattr(self, key)) < 1:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 1")
-        for key in ("num_prompts", "select_n", "threads", "max_prompt_tokens", "score_chunk_size"):
-            if int(getattr(self, key)) < 0:
-                errs.append(f"{key}={getattr(self, key)}: must be >= 0")
+        errs += below(
+            self, ("rollouts_per_prompt", "max_new_tokens", "metrics_top_k", "batch_size", "chunk_prompts"), 1
+        )
+        errs += below(
+            self, ("num_prompts", "select_n", "threads", "max_prompt_tokens", "score_chunk_size"), 0
+        )
         if self.select_n == 0 and not 0.0 < self.select_fraction <= 1.0:
             errs.append(f"select_fraction={self.select_fraction}: must be in (0, 1] (or set select_n)")
         if not 0.0 <= self.ood_share < 1.0:
@@ -119,22 +119,17 @@ class PromptsConfig(TeacherPromptConfig, DataConfig, ModelsConfig):
             errs.append(f"dedup_threshold={self.dedup_threshold}: must be in (0, 1]")
         if self.temperature <= 0 or self.teacher_temperature <= 0:
             errs.append("temperature and teacher_temperature must be > 0 (rollouts are sampled); use 1.0")
-        for dt_key in ("student_dtype", "teacher_dtype"):
-            if getattr(self, dt_key) not in ("float32", "bfloat16", "float16"):
-                errs.append(f"{dt_key}={getattr(self, dt_key)!r}: choose float32, bfloat16 or float16")
-        if errs:
-            raise ConfigError("invalid prompts config:\n  - " + "\n  - ".join(errs))
+        errs += dtype_errors(self, ("student_dtype", "teacher_dtype"))
+        raise_errors(errs, "prompts config")
 
     def check_runnable(self) -> None:
         """The keys that must be set before running."""
-        missing = [k for k in ("student", "teacher") if not getattr(self, k)]
-        if not self.prompts and not self.pools:
-            missing.append("prompts (or pools)")
-        if missing:
-            raise ConfigError(
-                f"missing required key(s): {', '.join(missing)}; set them in the YAML file or as key=value, "
-                "e.g. opd prompts select student=lab:student teacher=lab:teacher-a-plus prompts=lab:train"
-            )
+        require_keys(
+            self,
+            ("student", "teacher"),
+            "opd prompts select student=lab:student teacher=lab:teacher-a-plus prompts=lab:train",
+            () if self.prompts or self.pools else ("prompts (or pools)",),
+        )
 
 
 def prompt_limit(cfg: Any) -> int | None:

@@ -1,7 +1,8 @@
 """Prompt dedup: exact (normalised text) and near-duplicate (embedding cosine) removal.
 
 Exact: a row is a duplicate when its :func:`normalize_text` equals an earlier row's. The text is the
-prompt field's value (``prompt_field="auto"``: the first of :data:`opd.data.PROMPT_FIELDS` present), or,
+prompt field's value (found as ``opd.data`` finds it: ``prompt_field="auto"`` takes the first of
+:data:`opd.data.PROMPT_FIELDS` with a value, and a dotted name walks nested dicts), or,
 for chat messages, the contents of the messages joined by newlines; normalisation is Unicode NFKC,
 ``\\boxed{{}}`` → ``\\boxed{}``, case folding, and every run of whitespace collapsed to one space, stripped.
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from opd.data import PROMPT_FIELDS
+from opd.data import _MISSING, PROMPT_FIELDS, _get_field, _resolve_field
 from opd.tracking import progress
 
 __all__ = ["DedupResult", "dedup", "embed_texts", "normalize_text", "prompt_text"]
@@ -31,21 +32,16 @@ _WS = re.compile(r"\s+")
 
 
 def prompt_text(row: dict, prompt_field: str = "auto") -> str:
-    """The prompt text of a row (see the module docstring)."""
-    if prompt_field == "auto":
-        name = next((f for f in PROMPT_FIELDS if f in row), None)
-        if name is None:
-            raise ValueError(
-                f"dedup: a row has none of the prompt fields {list(PROMPT_FIELDS)} (fields: {sorted(row)}); "
-                "pass prompt_field=<name>"
-            )
-    else:
-        name = prompt_field
-        if name not in row:
-            raise ValueError(
-                f"dedup: a row has no field {name!r} (fields: {sorted(row)}); check prompt_field"
-            )
-    value = row[name]
+    """The prompt text of a row (see the module docstring); the field is found as :func:`opd.data.load_prompts`
+    finds it (``"auto"``: the first of :data:`opd.data.PROMPT_FIELDS` with a value; dotted names walk
+    nested dicts)."""
+    name = _resolve_field(row, prompt_field, PROMPT_FIELDS)
+    value = _MISSING if name is None else _get_field(row, name)
+    if value is _MISSING:
+        raise ValueError(
+            f"dedup: a row has no prompt field {prompt_field!r} (auto tries {list(PROMPT_FIELDS)}; fields: "
+            f"{sorted(row)}); pass prompt_field=<name>"
+        )
     if isinstance(value, list):
         return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in value)
     return str(value)

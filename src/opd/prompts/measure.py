@@ -16,10 +16,9 @@ import torch
 
 from opd.diagnose import measure
 from opd.diagnose.config import DiagnoseConfig
-from opd.diagnose.run import TINY_MODEL_PARAMS
-from opd.metrics import mechanism_metrics, mechanism_tensors
-from opd.models import check_compatibility, load_model, load_tokenizer
-from opd.runtime import Runtime
+from opd.diagnose.run import load_pair
+from opd.metrics import mechanism_means, mechanism_tensors
+from opd.models import check_compatibility
 
 __all__ = ["METRICS", "Pair", "batch_metrics", "mean_rank", "per_prompt"]
 
@@ -49,31 +48,13 @@ class Pair:
 
     @classmethod
     def load(cls, cfg: DiagnoseConfig) -> Pair:
-        tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
-        teacher_tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-        runtime = Runtime.from_config(cfg)
-        student = load_model(
-            cfg.student,
-            dtype=cfg.student_dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            device=runtime.device,
-        )
-        teacher = load_model(
-            cfg.teacher,
-            dtype=cfg.teacher_dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            device=runtime.teacher_device,
-        )
-        student.eval()
-        teacher.eval()
-        # a different vocabulary is fatal (TokenizerMismatchError, a ValueError: one line in the CLI)
-        compat = check_compatibility(tok, teacher_tok, student, teacher)
         before = torch.get_num_threads()
-        n_params = max(sum(p.numel() for p in m.parameters()) for m in (student, teacher))
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        elif n_params < TINY_MODEL_PARAMS and next(student.parameters()).device.type == "cpu":
-            torch.set_num_threads(1)
+        tok, teacher_tok, student, teacher = load_pair(cfg)
+        try:  # a different vocabulary is fatal (TokenizerMismatchError, a ValueError: one line in the CLI)
+            compat = check_compatibility(tok, teacher_tok, student, teacher)
+        except Exception:
+            torch.set_num_threads(before)
+            raise
         return cls(student, teacher, tok, compat.vocab_limit, before)
 
     def close(self) -> None:
@@ -82,15 +63,7 @@ class Pair:
 
 def _tensors(s_out, t_out, batch):
     mask_B_T = batch.response_mask_B_T > 0
-    mt = mechanism_tensors(
-        s_out.topk_ids_B_T_K,
-        s_out.topk_logp_B_T_K,
-        t_out.topk_ids_B_T_K,
-        t_out.given_logp_B_T_K,
-        s_out.entropy_B_T,
-        t_out.entropy_B_T,
-        mask_B_T,
-    )
+    mt = mechanism_tensors(*measure.mechanism_inputs(s_out, t_out, mask_B_T))
     r_B_T, _ = measure.token_rewards(s_out, t_out, mask_B_T)
     return mask_B_T, mt, r_B_T
 
@@ -98,16 +71,7 @@ def _tensors(s_out, t_out, batch):
 def batch_metrics(s_out, t_out, batch) -> dict[str, float | None]:
     """Token means over the whole batch (``opd.metrics.mechanism_metrics``, as ``opd diagnose`` reports)."""
     mask_B_T, mt, r_B_T = _tensors(s_out, t_out, batch)
-    mech = mechanism_metrics(
-        s_out.topk_ids_B_T_K,
-        s_out.topk_logp_B_T_K,
-        t_out.topk_ids_B_T_K,
-        t_out.given_logp_B_T_K,
-        s_out.entropy_B_T,
-        t_out.entropy_B_T,
-        mask_B_T,
-        position_chunk=None,
-    )
+    mech = mechanism_means(mt, position_chunk=None)
     n = int(mask_B_T.sum())
     return {
         "overlap_ratio": mech.get("overlap/ratio"),

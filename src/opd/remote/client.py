@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from opd.models import TokenizerMismatchError
+from opd.models import TokenizerMismatchError, tokenizer_traits, trait_warnings
 from opd.remote.protocol import (
     FINGERPRINT_HEADER,
     MEDIA_TYPE,
@@ -62,8 +62,8 @@ class RemoteTeacher:
     ``tokenizer``: the student's (its fingerprint goes with every request and is checked against the
     server's on construction). ``temperature`` / ``chunk_size`` / ``vocab_limit``: as the local teacher
     scorer's. ``timeout``: seconds per HTTP request; ``retries``: further tries after a failed one.
-    Construction calls ``/info`` (with the same retries), so a wrong URL, token, protocol or tokenizer
-    fails before any training work. ``info`` holds the server's answer; ``config`` its context length
+    Construction calls ``/info`` (with the same retries), so a wrong URL, token, protocol or vocabulary
+    fails before any training work; a different EOS / PAD / BOS or chat template is in ``warnings``. ``info`` holds the server's answer; ``config`` its context length
     (as a model config would, for :func:`opd.models.prompt_token_cap`).
     """
 
@@ -110,6 +110,9 @@ class RemoteTeacher:
                 f"the student's is {self.fingerprint}: the teacher would score the student's ids as other strings. "
                 "Fix: serve a teacher of the student's tokenizer (same vocabulary)"
             )
+        self.warnings = trait_warnings(tokenizer_traits(tokenizer), self.info["tokenizer_traits"])
+        """What differs between the student's tokenizer and the teacher's beyond the vocabulary (EOS / PAD /
+        BOS, chat template): warnings, as with a local teacher (:func:`opd.models.check_compatibility`)."""
         self.vocab_limit = int(vocab_limit) if vocab_limit is not None else int(self.info["vocab_size"])
         self.config = SimpleNamespace(max_position_embeddings=self.info.get("context_length"))
         self.num_parameters = int(self.info.get("parameters", 0))

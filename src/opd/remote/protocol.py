@@ -7,8 +7,6 @@ tensors, read without executing anything (no pickle). Scalars travel as 0-d tens
 
 - ``input_ids`` int32 (B, T), ``attention_mask`` uint8 (B, T), ``response_mask`` uint8 (B, T) — the
   :class:`opd.rollout.RolloutBatch` layout (left-padded prompts, responses from column ``prompt_len``);
-- ``prompt_len`` int64 (): the first response column (the server checks that no response position lies
-  before it);
 - ``given_ids`` int32 (N, K), optional: the ids to score at each response position (the student's top-K),
   N = ``response_mask.sum()`` positions in row-major order — response positions only;
 - ``temperature`` float64 (), ``top_k`` int64 () (0 = no top-k), ``entropy`` uint8 (),
@@ -41,7 +39,9 @@ from safetensors.torch import save as st_save
 
 from opd.scoring import ScoreOutput
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: the tokenizer fingerprint is of the vocabulary only (special tokens travel in ``/info``), and the
+request has no ``prompt_len`` (the response mask says where responses are)."""
 FINGERPRINT_HEADER = "X-OPD-Tokenizer"
 PROTOCOL_HEADER = "X-OPD-Protocol"
 SECONDS_HEADER = "X-OPD-Score-Seconds"
@@ -55,16 +55,13 @@ class ProtocolError(ValueError):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """``sha256:<hex>`` of the tokenizer's vocabulary (every token string and id, added tokens included)
-    and its special tokens (name → token, id). Two tokenizers with the same fingerprint map every id to
-    the same string, so a teacher can score the other's token ids; chat templates are not part of it."""
+    """``sha256:<hex>`` of the tokenizer's vocabulary (every token string and id, added tokens included).
+    Two tokenizers with the same fingerprint map every id to the same string, so a teacher can score the
+    other's token ids. Special tokens and chat templates are not part of it: as with a local teacher
+    (:func:`opd.models.check_compatibility`), a different EOS / PAD / BOS or template is a warning, which
+    the client gives from the server's ``/info`` (:func:`opd.models.tokenizer_traits`)."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    special = {
-        name: [str(tok), tokenizer.convert_tokens_to_ids(tok)]
-        for name, tok in sorted(tokenizer.special_tokens_map.items())
-        if isinstance(tok, str)
-    }
-    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    blob = json.dumps({"vocab": vocab}, ensure_ascii=False, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -97,13 +94,10 @@ def encode_request(
 ) -> bytes:
     """The request body for one micro-batch (module docstring); ``given_ids`` only at response positions."""
     resp = response_mask_B_T.bool().cpu()
-    cols = resp.any(0).nonzero()
-    prompt_len = int(cols[0]) if cols.numel() else resp.shape[1]
     tensors = {
         "input_ids": input_ids_B_T.detach().cpu().to(torch.int32).contiguous(),
         "attention_mask": attention_mask_B_T.detach().cpu().to(torch.uint8).contiguous(),
         "response_mask": resp.to(torch.uint8).contiguous(),
-        "prompt_len": torch.tensor(prompt_len, dtype=torch.int64),
         "temperature": torch.tensor(float(temperature), dtype=torch.float64),
         "top_k": torch.tensor(int(top_k), dtype=torch.int64),
         "entropy": torch.tensor(int(bool(entropy)), dtype=torch.uint8),
@@ -130,7 +124,6 @@ def decode_request(body: bytes, *, vocab_size: int, max_tokens: int) -> ScoreReq
         "input_ids": (2, (torch.int32, torch.int64)),
         "attention_mask": (2, (torch.uint8, torch.bool)),
         "response_mask": (2, (torch.uint8, torch.bool)),
-        "prompt_len": (0, (torch.int64,)),
         "temperature": (0, (torch.float64,)),
         "top_k": (0, (torch.int64,)),
         "entropy": (0, (torch.uint8,)),
@@ -172,11 +165,6 @@ def decode_request(body: bytes, *, vocab_size: int, max_tokens: int) -> ScoreReq
     resp_b = resp.bool()
     if bool((resp_b & ~attn.bool()).any()):
         raise ProtocolError("request: response_mask is 1 where attention_mask is 0")
-    P = int(t["prompt_len"])
-    if not 0 <= P <= T or bool(resp_b[:, :P].any()):
-        raise ProtocolError(
-            f"request: prompt_len={P}, but response positions lie before it (or it is > T={T})"
-        )
     given = None
     if "given_ids" in t:
         g = t["given_ids"]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from opd.models import context_length, load_model, load_tokenizer
+from opd.models import context_length, load_model, load_tokenizer, tokenizer_traits
 from opd.remote.protocol import (
     FINGERPRINT_HEADER,
     MEDIA_TYPE,
@@ -46,7 +46,7 @@ from opd.remote.protocol import (
     encode_response,
     tokenizer_fingerprint,
 )
-from opd.rollout import tokenizer_vocab_size
+from opd.rollout import model_vocab_limit
 from opd.scoring import score
 
 log = logging.getLogger("opd")
@@ -75,9 +75,7 @@ class TeacherService:
         self.max_request_bytes = int(max_request_bytes)
         self.max_tokens = int(max_tokens)
         self.fingerprint = tokenizer_fingerprint(tokenizer)
-        head = model.get_output_embeddings()
-        rows = int(head.weight.shape[0]) if head is not None else tokenizer_vocab_size(tokenizer)
-        self.vocab_size = min(tokenizer_vocab_size(tokenizer), rows)
+        self.vocab_size = model_vocab_limit(model, tokenizer)
         self._lock = threading.Lock()
 
     @classmethod
@@ -95,6 +93,7 @@ class TeacherService:
             "model": self.name,
             "vocab_size": self.vocab_size,
             "tokenizer_fingerprint": self.fingerprint,
+            "tokenizer_traits": tokenizer_traits(self.tokenizer),
             "protocol_version": PROTOCOL_VERSION,
             "dtype": str(param.dtype).removeprefix("torch."),
             "device": str(param.device),
