@@ -42,7 +42,7 @@ def _args(tiny_pair, out, *extra):
     ]
 
 
-def _run(cmd, timeout=180):
+def _run(cmd, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -106,8 +106,8 @@ def test_fsdp_two_pass_update_equal_one_process(tiny_pair, tmp_path):
 
 
 def test_fsdp_resume_equals_an_uninterrupted_run(tiny_pair, fsdp_run, tmp_path):
-    """Stopped after step 2 (checkpoint of step 1: full model, the full optimiser state), resumed by
-    the same two processes to step 3: the weights of the uninterrupted run."""
+    """A run of 2 steps (a checkpoint every step: the full model and the full optimiser state), resumed by
+    the same two processes to step 3: the weights of the uninterrupted 3-step run."""
     full, part = fsdp_run[0], tmp_path / "part"
     _run([*TORCHRUN, "-m", "opd.cli", *_args(tiny_pair, part, "fsdp=true", "save_every=1"), "steps=2"])
     proc = _run(
@@ -122,7 +122,7 @@ def test_unequal_work_per_process_does_not_hang():
     """Different response lengths (one process stops generating at once) and a micro-batch with nothing
     to score on one process: tests/fsdp_worker.py finishes (no deadlock) with one-process gradients."""
     worker = Path(__file__).with_name("fsdp_worker.py")
-    proc = _run([*TORCHRUN, str(worker)], timeout=120)
+    proc = _run([*TORCHRUN, str(worker)], timeout=300)
     assert "FSDP-LOCKSTEP-OK" in proc.stdout
 
 
