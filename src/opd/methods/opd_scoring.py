@@ -11,9 +11,13 @@ Two paths, the same update to float tolerance (tests/test_train.py):
   rewards and metrics need and, detached, the old log-probs (on-policy, they equal the new ones); the
   teacher is scored at those ids, the micro-batch's advantages are built and its loss is backpropagated
   at once. The student runs once per step instead of twice, holding one micro-batch's graph at a time.
-  Supports built from the teacher's top-K (teacher, union, symmetric_difference) score the teacher first
-  (its ids are the student pass's given ids) and take the teacher's log-probs at the student's top-K from
-  its kept hidden rows afterwards (``scoring.score_teacher_first``). ``objective=full`` runs both models
+  With a teacher in this process the teacher goes first for every support (``scoring.score_teacher_first``:
+  its top-K, which supports built from it need as the student pass's given ids, and its kept hidden rows)
+  and the student's pass (``scoring.score_backward``) builds each chunk's rewards and loss from the
+  chunk's own scores, the teacher's log-probs at the chunk's student top-K coming from K weight rows per
+  position; the loss's gradient at the chunk's log-probs gives its logits' gradient in closed form, so
+  the student's head runs once (no checkpoint recompute in backward). A served teacher (no kept rows) is
+  asked after the student's checkpointed pass instead. ``objective=full`` runs both models
   once per micro-batch (``scoring.full_vocab_fused``): the exact KL's backward is taken chunk by chunk
   from the same logits that give both models' scores, so neither the no-grad scoring passes nor the
   teacher re-run nor the checkpoint recompute of the two-pass path remain.
@@ -33,7 +37,16 @@ from opd.config import OPDConfig
 from opd.models import check_finite_logp
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
-from opd.scoring import PolicyScorer, ScoreOutput, cat_scores, score_pair, score_teacher, score_teacher_first
+from opd.scoring import (
+    ChunkGrads,
+    ChunkScores,
+    PolicyScorer,
+    ScoreOutput,
+    cat_scores,
+    score_pair,
+    score_teacher,
+    score_teacher_first,
+)
 
 log = logging.getLogger("opd")
 
@@ -220,6 +233,26 @@ def fused_update(
             parts_t.append(t)
             rewards.append(t.token_logp_B_T - s_det.token_logp_B_T)
             continue
+        if hasattr(teacher, "score_rescorable"):
+            # a teacher in this process: it goes first and keeps its hidden rows; the student's one pass
+            # takes each chunk's loss gradient from the logits that scored it (no head recompute)
+            t0 = time.perf_counter()
+            t_first, t_given = score_teacher_first(teacher, mb, width, teacher_mb=tmb)
+            t_teacher += time.perf_counter() - t0
+            check_finite_logp("teacher", cfg.teacher, t_first.token_logp_B_T, mask)
+            s_det, t, reward, mb_loss, mb_clip, t_rescore = _one_pass(
+                student, mb, mask, _loss_coefficients(mask, mask_all, cfg, total), t_first, t_given, cfg
+            )
+            t_teacher += t_rescore
+            total_loss += mb_loss
+            if mask.sum() > 0:
+                clip_fracs.append(mb_clip)
+            parts_s.append(s_det)
+            parts_t.append(t)
+            rewards.append(reward)
+            continue
+        # a served teacher (no kept hidden rows): the student's pass is checkpointed per chunk and the
+        # loss backpropagated after the teacher's scoring (the head is recomputed in backward)
         t_given = None
         if teacher_first:
             # the teacher's top-K ids are needed by the student's pass: the teacher goes first, and gives
@@ -303,6 +336,116 @@ def fused_update(
     timings = {"time/score_student": 0.0, "time/score_teacher": t_teacher}
     stats = {"clip_frac": sum(clip_fracs) / len(clip_fracs) if clip_fracs else 0.0}
     return scored, timings, total_loss, norm, skipped, stats
+
+
+def _one_pass(
+    student: PolicyScorer,
+    mb: RolloutBatch,
+    mask: torch.Tensor,
+    coeff_B_T: torch.Tensor,
+    t_first: ScoreOutput,
+    t_given,
+    cfg: OPDConfig,
+) -> tuple[ScoreOutput, ScoreOutput, torch.Tensor, float, float, float]:
+    """One micro-batch of the sampled-token or top-K fused step with the teacher already scored
+    (``score_teacher_first``): the student's single pass (``scoring.score_backward``) builds each chunk's
+    rewards, advantages and policy-gradient loss from that chunk's scores and hands back the loss's
+    gradient at its log-probs. The loss is ``Σ_{b,t} coeff_B_T · per_token_loss`` (``_loss_coefficients``:
+    the micro-batch's aggregated loss × its weight), so a chunk's share is ``policy_gradient_loss`` of its
+    positions with ``seq-mean-token-sum`` over one row and the coefficients as token weights (times the
+    importance weights with ``tis_cap``): the same function, value and gradient as the two-pass update.
+
+    Returns ``(student scores, teacher scores, reward_B_T, loss, clip_frac, seconds rescoring the teacher)``
+    with both scores detached and in ``score_pair``'s form."""
+    K = cfg.support_size if cfg.objective == "topk" else 0
+    width = max(cfg.metrics_top_k, K)
+    teacher_first = cfg.objective == "topk" and cfg.support not in ("student", "intersection")
+    B, T = mask.shape
+    t_at_s_B_T_W = torch.zeros((B, T, width), device=mask.device) if width else None
+    reward_B_T = torch.zeros((B, T), device=mask.device)
+    tis = cfg.tis_cap and mb.sampler_logprobs_B_T is not None
+    acc = {"loss": 0.0, "clipped": 0.0, "kept": 0.0, "rescore": 0.0}
+
+    def chunk_loss(c: ChunkScores) -> ChunkGrads:
+        at = (c.rows_n, c.tgt_n)
+        ones_1_n = torch.ones((1, c.rows_n.numel()), device=mask.device)
+        s_tok_1_n = c.token_logp_n[None]
+        check_finite_logp("student", cfg.student, s_tok_1_n, ones_1_n)  # before this chunk's backward
+        t_tok_1_n = t_first.token_logp_B_T[at][None]
+        t0 = time.perf_counter()
+        t_at_s_n_W = t_given(c.topk_ids_n_K, at=at) if width else None
+        acc["rescore"] += time.perf_counter() - t0
+        if width:
+            t_at_s_B_T_W[at] = t_at_s_n_W
+        weight_1_n = coeff_B_T[at][None]
+        if tis:
+            sampler_1_n = mb.sampler_logprobs_B_T[at][None]
+            weight_1_n = weight_1_n * obj.truncated_is_weights(s_tok_1_n, sampler_1_n, ones_1_n, cfg.tis_cap)
+        leaf_top = leaf_given = leaf_tok = None
+        with torch.enable_grad():
+            if cfg.objective == "sampled":
+                reward = obj.sampled_token_rewards(s_tok_1_n, t_tok_1_n, ones_1_n, estimator=cfg.estimator)
+                adv = obj.sampled_token_rewards(s_tok_1_n, t_tok_1_n, ones_1_n, "k1")
+                leaf_tok = s_tok_1_n.clone().requires_grad_()
+                new, old, valid = leaf_tok, s_tok_1_n, None
+            else:
+                topk = obj.topk_advantages(
+                    c.topk_ids_n_K[None, :, :K],
+                    c.topk_logp_n_K[None, :, :K],
+                    t_first.topk_ids_B_T_K[at][None, :, :K],
+                    t_first.topk_logp_B_T_K[at][None, :, :K],
+                    teacher_logp_at_student_B_T_K=t_at_s_n_W[None, :, :K],
+                    student_logp_at_teacher_B_T_K=c.given_logp_n_K[None] if teacher_first else None,
+                    mask_B_T=ones_1_n,
+                    support=cfg.support,
+                    weighting=cfg.weighting,
+                    renormalize=cfg.renormalize,
+                )
+                reward, adv, valid, old = topk.rewards.sum(-1), topk.advantages, topk.valid, topk.student_logp
+                # the support's slots as in fused_update's served-teacher branch
+                if cfg.support != "teacher":
+                    leaf_top = c.topk_logp_n_K[None, :, :K].clone().requires_grad_()
+                if teacher_first:
+                    leaf_given = c.given_logp_n_K[None].clone().requires_grad_()
+                new = torch.cat([x for x in (leaf_top, leaf_given) if x is not None], -1)
+            loss, stats = obj.policy_gradient_loss(
+                new,
+                old,
+                adv,
+                ones_1_n,
+                valid_B_T_S=valid,
+                clip_eps=cfg.clip_eps,
+                dual_clip=cfg.dual_clip,
+                aggregation="seq-mean-token-sum",
+                token_weight_B_T=weight_1_n,
+            )
+            leaves = [x for x in (leaf_tok, leaf_top, leaf_given) if x is not None]
+            grads = iter(torch.autograd.grad(loss, leaves))
+        reward_B_T[at] = reward[0].detach()
+        kept = float(c.rows_n.numel() if valid is None else valid.sum())
+        acc["loss"] += float(loss.detach())
+        acc["clipped"] += stats["clip_frac"] * kept
+        acc["kept"] += kept
+        g_tok, g_top, g_given = (
+            None if x is None else next(grads)[0] for x in (leaf_tok, leaf_top, leaf_given)
+        )
+        return g_tok, g_top, g_given
+
+    given = t_first.topk_ids_B_T_K[..., :K] if teacher_first else None
+    s_det = student(
+        mb.input_ids_B_T,
+        mb.attention_mask_B_T,
+        mb.response_mask_B_T,
+        given,
+        top_k=width,
+        entropy=True,
+        chunk_loss=chunk_loss,
+    )
+    s_det.given_logp_B_T_K = None  # as score_pair's student output
+    t = ScoreOutput(**{f.name: getattr(t_first, f.name) for f in fields(ScoreOutput)})
+    t.given_logp_B_T_K = t_at_s_B_T_W
+    clip = acc["clipped"] / acc["kept"] if acc["kept"] else 0.0
+    return s_det, t, reward_B_T, acc["loss"], clip, acc["rescore"]
 
 
 def tis_weights(

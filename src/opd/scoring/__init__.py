@@ -41,6 +41,12 @@ ScoreOutput, teacher ScoreOutput)`` is the on-policy single pass of both models:
 ``Σ loss_weight_B_T · div_B_T`` into the student itself (chunk by chunk, each head once, no recompute) and
 returns both models' scores from the same logits (the fused full-vocabulary step of the training loop).
 
+``score_backward(model, ..., chunk_loss, *, top_k, given_ids_B_T_K, ...) -> ScoreOutput`` is ``score`` plus
+the backward of a loss that is a sum of per-position terms in the scored log-probs: ``chunk_loss`` gives
+each chunk's ∂L/∂(token, top-k, given log-probs), the chunk's logit gradient follows in closed form
+(scatter(g) − Σg·p) from the forward's own logits, so the head is never recomputed (the fused top-K and
+sampled-token steps of the training loop).
+
 ``score_rescorable(model, ...) -> (ScoreOutput, Rescorer)`` is a no-grad ``score`` that keeps the N
 scored hidden rows and log-normalisers, so ``Rescorer.given(ids_B_T_K)`` gives log-probs at ids known only
 later from K weight rows per position (a teacher scored before the student's pass).
@@ -68,11 +74,14 @@ What this package deliberately leaves out:
 """
 
 from opd.scoring.chunked import (
+    ChunkGrads,
+    ChunkScores,
     Rescorer,
     ScoreOutput,
     full_vocab_fused,
     full_vocab_pair,
     score,
+    score_backward,
     score_full_logits,
     score_rescorable,
 )
@@ -80,6 +89,8 @@ from opd.scoring.head import aligned_positions, check_head_path, left_pad_positi
 from opd.scoring.scorer import PolicyScorer, cat_scores, score_pair, score_teacher, score_teacher_first
 
 __all__ = [
+    "ChunkGrads",
+    "ChunkScores",
     "PolicyScorer",
     "Rescorer",
     "ScoreOutput",
@@ -89,6 +100,7 @@ __all__ = [
     "full_vocab_pair",
     "left_pad_position_ids",
     "score",
+    "score_backward",
     "score_full_logits",
     "cat_scores",
     "score_pair",

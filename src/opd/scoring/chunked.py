@@ -26,7 +26,7 @@ differentiable; top-k ids are integers. ``grad=False`` runs everything under ``t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -61,6 +61,13 @@ def _chunk_stats(
     lse_N = torch.logsumexp(z_N_V, dim=-1) if lse else None
     logp_N_V = torch.log_softmax(z_N_V, dim=-1)
     del z_N_V
+    return (*_logp_stats(logp_N_V, target_N, given_N_K, top_k, entropy), lse_N)
+
+
+def _logp_stats(
+    logp_N_V: torch.Tensor, target_N: torch.Tensor, given_N_K: torch.Tensor | None, top_k: int, entropy: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """(token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N) of one chunk's log-probs."""
     token_logp_N = logp_N_V.gather(-1, target_N.to(logp_N_V.device)[:, None]).squeeze(-1)
     given_logp_N_K = None if given_N_K is None else logp_N_V.gather(-1, given_N_K.to(logp_N_V.device))
     topk_logp_N_K = topk_ids_N_K = None
@@ -71,7 +78,7 @@ def _chunk_stats(
         # H = −Σ_v p(v) log p(v) as a batched dot product: no third chunk×V temporary. Logits are finite
         # (lm_head output), so log p > −inf and 0·log 0 does not arise.
         entropy_N = -torch.matmul(logp_N_V.exp()[:, None, :], logp_N_V[:, :, None]).reshape(-1)
-    return token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N, lse_N
+    return token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N
 
 
 def _slices(N: int, chunk_size: int) -> list[slice]:
@@ -103,6 +110,7 @@ class Rescorer:
     width: int
     chunk_size: int
     device: torch.device
+    _entry_B_T: torch.Tensor | None = field(default=None, repr=False)
 
     def given(self, ids_B_T_K: torch.Tensor) -> torch.Tensor:
         B, T = self.shape
@@ -121,6 +129,25 @@ class Rescorer:
             for sl in _slices(N, self.chunk_size):
                 out_N_K[sl] = self.head.logits_at(self.hidden_N_H[sl], ids_N_K[sl]) - self.lse_N[sl, None]
         return _scatter(out_N_K, self.rows_N, self.tgt_N, B, T).to(self.device)
+
+    def given_at(self, rows_n: torch.Tensor, cols_n: torch.Tensor, ids_n_K: torch.Tensor) -> torch.Tensor:
+        """``given(ids)[rows_n, cols_n]`` for n scored entries only: (n, K) float32, on the hidden rows'
+        device (a caller working chunk by chunk asks for its chunk's entries, not the whole batch)."""
+        B, T = self.shape
+        if self._entry_B_T is None:  # (b, t) -> index of that entry among the N kept rows, −1 if none
+            self._entry_B_T = torch.full((B, T), -1, dtype=torch.long)
+            self._entry_B_T[self.rows_N.cpu(), self.tgt_N.cpu()] = torch.arange(self.rows_N.numel())
+        entry_n = self._entry_B_T[rows_n.cpu(), cols_n.cpu()]
+        if bool((entry_n < 0).any()):
+            raise ValueError(
+                f"rows_n/cols_n: {int((entry_n < 0).sum())} of {entry_n.numel()} positions were not scored by "
+                "this rescorer's pass. Fix: ask only for response positions of the batch it scored."
+            )
+        check_ids_in_range("ids_n_K", ids_n_K, self.width)
+        entry_n = entry_n.to(self.hidden_N_H.device)
+        with torch.no_grad():
+            z_n_K = self.head.logits_at(self.hidden_N_H[entry_n], ids_n_K.long().to(self.hidden_N_H.device))
+            return z_n_K - self.lse_N[entry_n, None]
 
 
 def score(
@@ -182,11 +209,32 @@ def score_rescorable(
     return out, rescorer
 
 
-def _score(
+@dataclass
+class ChunkScores:
+    """One chunk of :func:`score_backward`: ``n`` scored entries at ``(rows_n, tgt_n)`` of the batch (the
+    alignment of :func:`aligned_positions`) and their detached float32 scores, as ``score`` defines them."""
+
+    rows_n: torch.Tensor
+    tgt_n: torch.Tensor
+    token_logp_n: torch.Tensor
+    topk_ids_n_K: torch.Tensor | None
+    topk_logp_n_K: torch.Tensor | None
+    given_ids_n_K: torch.Tensor | None
+    given_logp_n_K: torch.Tensor | None
+    entropy_n: torch.Tensor | None
+
+
+# ∂L/∂ of a chunk's (token_logp_n, topk_logp_n_K, given_logp_n_K); None = 0. The top-k gradient may have
+# fewer columns than top_k: it is then about the first ones.
+ChunkGrads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def score_backward(
     model: torch.nn.Module,
     input_ids_B_T: torch.Tensor,
     attention_mask_B_T: torch.Tensor,
     response_mask_B_T: torch.Tensor,
+    chunk_loss: Callable[[ChunkScores], ChunkGrads],
     *,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -194,10 +242,117 @@ def _score(
     entropy: bool = True,
     chunk_size: int = 256,
     vocab_limit: int | None = None,
-    grad: bool = False,
     compute_dtype: str | torch.dtype | None = None,
-    keep: bool = False,
-) -> tuple[ScoreOutput, Rescorer | None]:
+) -> ScoreOutput:
+    """``score(...)`` and the backward of a loss of its log-probs in one pass, each head row projected once.
+
+    For a loss L that is a sum over scored positions of terms in that position's token, top-k and given
+    log-probs (the policy-gradient losses: their aggregation is linear, with coefficients that depend on
+    the mask only), ``chunk_loss(ChunkScores) -> (g_token_n, g_topk_n_K, g_given_n_K)`` returns the
+    chunk's ∂L/∂ of those log-probs. With log p(v) = z(v) − log Σ_u exp z(u),
+
+        ∂L/∂z = Σ_e g_e (onehot(v_e) − p) = scatter_add(g at the ids v_e) − (Σ_e g_e) · p
+
+    (e runs over the position's token, top-k and given entries), so each chunk's logits get their
+    gradient from the same forward that scored them; it goes through the head (into its weights and the
+    chunk's hidden-row gradient) at once, and the chunk's vocabulary-sized tensors are freed. At the end
+    the hidden-row gradients go through the backbone in one ``backward``. The parameters' ``.grad`` are
+    accumulated here; the caller does not call ``backward``. Unlike ``score(grad=True)`` (a checkpoint
+    per chunk, which recomputes the head, log-softmax, top-k and entropy in backward) nothing is
+    recomputed; the peak extra is about three chunk×V float32 tensors (logits, log-probs, gradient).
+
+    Returns the detached ``ScoreOutput`` (same values as ``score`` with these arguments). ``chunk_loss``
+    is called once per chunk in order, with grad enabled as the caller has it.
+    """
+    head, V, rows_N, tgt_N, src_N, target_N, given_N_K = _prepare(
+        model,
+        input_ids_B_T,
+        attention_mask_B_T,
+        response_mask_B_T,
+        temperature,
+        top_k,
+        given_ids_B_T_K,
+        chunk_size,
+        vocab_limit,
+    )
+    B, T = input_ids_B_T.shape
+    device = input_ids_B_T.device
+    K_given = 0 if given_N_K is None else given_N_K.shape[-1]
+    specs = (
+        (torch.float32, ()),
+        (torch.long, (top_k,)) if top_k else None,
+        (torch.float32, (top_k,)) if top_k else None,
+        (torch.float32, (K_given,)) if given_N_K is not None else None,
+        (torch.float32, ()) if entropy else None,
+    )
+    N = rows_N.numel()
+    if N == 0:
+        zeros = [
+            None if sp is None else torch.zeros((B, T, *sp[1]), dtype=sp[0], device=device) for sp in specs
+        ]
+        return ScoreOutput(*zeros)
+    with compute_context(model, compute_dtype):
+        hidden_B_T_H = final_hidden(model, input_ids_B_T, attention_mask_B_T)
+    dev = hidden_B_T_H.device
+    hidden_N_H = hidden_B_T_H[rows_N.to(dev), src_N.to(dev)]
+    del hidden_B_T_H
+    target_N = target_N.to(dev)
+    given_N_K = None if given_N_K is None else given_N_K.to(dev)
+    fields_N = [None if sp is None else torch.empty((N, *sp[1]), dtype=sp[0], device=dev) for sp in specs]
+    grad_N_H = torch.zeros_like(hidden_N_H) if hidden_N_H.requires_grad else None
+    for sl in _slices(N, chunk_size):
+        h_c_H = hidden_N_H[sl].detach().requires_grad_(hidden_N_H.requires_grad)
+        with torch.enable_grad():
+            z_c_V = head.logits(h_c_H)
+        given_c_K = None if given_N_K is None else given_N_K[sl]
+        with torch.no_grad():
+            logp_c_V = torch.log_softmax(z_c_V.detach(), dim=-1)
+            stats = _logp_stats(logp_c_V, target_N[sl], given_c_K, top_k, entropy)
+            for buf_N, values in zip(fields_N, stats):
+                if buf_N is not None:
+                    buf_N[sl] = values
+        g_token, g_topk, g_given = chunk_loss(
+            ChunkScores(rows_N[sl], tgt_N[sl], stats[0], stats[1], stats[2], given_c_K, stats[3], stats[4])
+        )
+        with torch.no_grad():
+            parts = [
+                (g, ids)
+                for g, ids in ((g_token, target_N[sl, None]), (g_topk, stats[1]), (g_given, given_c_K))
+                if g is not None
+            ]
+            if not parts or not z_c_V.requires_grad:
+                continue
+            dz_c_V = logp_c_V.exp_()  # p, in place: the log-probs are no longer needed
+            del logp_c_V
+            g_n_E = [g.reshape(g.shape[0], -1).float().to(dev) for g, _ in parts]
+            dz_c_V.mul_(-sum(g.sum(-1) for g in g_n_E)[:, None])
+            for g, (_, ids) in zip(g_n_E, parts):
+                dz_c_V.scatter_add_(-1, ids[:, : g.shape[-1]], g)
+        z_c_V.backward(dz_c_V)
+        del z_c_V, dz_c_V
+        if grad_N_H is not None and h_c_H.grad is not None:
+            grad_N_H[sl] = h_c_H.grad
+    if grad_N_H is not None:
+        hidden_N_H.backward(grad_N_H)
+    return ScoreOutput(
+        *[None if f is None else _scatter(f, rows_N, tgt_N, B, T).to(device) for f in fields_N]
+    )
+
+
+def _prepare(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    given_ids_B_T_K: torch.Tensor | None,
+    chunk_size: int,
+    vocab_limit: int | None,
+) -> tuple:
+    """The checks every ``score`` variant runs, and what they share: ``(head, V, rows_N, tgt_N, src_N,
+    target_N, given_N_K)`` (the scored entries as :func:`aligned_positions` gives them, their token ids
+    and given ids)."""
     check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
     B, T = input_ids_B_T.shape
     head, V = make_head(model, temperature, vocab_limit)
@@ -215,7 +370,37 @@ def _score(
             raise ValueError(f"given_ids_B_T_K: must be integer ids, got dtype {given_ids_B_T_K.dtype}.")
         given_N_K = given_ids_B_T_K[rows_N, tgt_N].long()
         check_ids_in_range("given_ids_B_T_K", given_N_K, V)
+    return head, V, rows_N, tgt_N, src_N, target_N, given_N_K
 
+
+def _score(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    given_ids_B_T_K: torch.Tensor | None = None,
+    entropy: bool = True,
+    chunk_size: int = 256,
+    vocab_limit: int | None = None,
+    grad: bool = False,
+    compute_dtype: str | torch.dtype | None = None,
+    keep: bool = False,
+) -> tuple[ScoreOutput, Rescorer | None]:
+    head, V, rows_N, tgt_N, src_N, target_N, given_N_K = _prepare(
+        model,
+        input_ids_B_T,
+        attention_mask_B_T,
+        response_mask_B_T,
+        temperature,
+        top_k,
+        given_ids_B_T_K,
+        chunk_size,
+        vocab_limit,
+    )
+    B, T = input_ids_B_T.shape
     K_given = 0 if given_N_K is None else given_N_K.shape[-1]
     specs = (  # (dtype, per-entry shape) of each _chunk_stats field, None when not requested
         (torch.float32, ()),
