@@ -172,12 +172,9 @@ def reverse_kl(s_logits_N_V: torch.Tensor, t_logits_N_V: torch.Tensor) -> torch.
 
 def _loss_coefficients(mask: torch.Tensor, mask_all: torch.Tensor, cfg: OPDConfig, total) -> torch.Tensor:
     """d(micro-batch loss × its weight)/d(per-token value): constants, since ``obj.aggregate`` is linear in
-    the values (its weights depend on the mask only)."""
+    the values (``obj.aggregation_weights``, its weights, depend on the mask only)."""
     w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
-    with torch.enable_grad():
-        x = torch.zeros_like(mask, requires_grad=True)
-        (coeff,) = torch.autograd.grad(obj.aggregate(x, mask, cfg.loss_aggregation) * w, x)
-    return coeff
+    return obj.aggregation_weights(mask, cfg.loss_aggregation) * w
 
 
 def fused_update(
@@ -220,7 +217,7 @@ def fused_update(
                 mb.response_mask_B_T,
                 top_k=width,
                 teacher=teacher.model,
-                divergence=reverse_kl,
+                divergence=obj.reverse_kl_from_logp,
                 teacher_temperature=teacher.temperature,
                 loss_weight_B_T=_loss_coefficients(mask, mask_all, cfg, total),
             )

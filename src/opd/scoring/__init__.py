@@ -38,7 +38,8 @@ per chunk, checkpointed), so the exact-KL objective never holds an N×V tensor e
 
 ``full_vocab_fused(student, teacher, ..., divergence, loss_weight_B_T, *, top_k, ...) -> (div_B_T, student
 ScoreOutput, teacher ScoreOutput)`` is the on-policy single pass of both models: it backpropagates
-``Σ loss_weight_B_T · div_B_T`` into the student itself (chunk by chunk, each head once, no recompute) and
+``Σ loss_weight_B_T · div_B_T`` into the student itself (chunk by chunk, each head and log-softmax once, no
+recompute; its ``divergence`` takes the two chunks' log-probs) and
 returns both models' scores from the same logits (the fused full-vocabulary step of the training loop).
 
 ``score_backward(model, ..., chunk_loss, *, top_k, given_ids_B_T_K, ...) -> ScoreOutput`` is ``score`` plus

@@ -81,6 +81,13 @@ def _logp_stats(
     return token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N
 
 
+def _fill(fields_N: list, sl: slice, values: tuple) -> None:
+    """Write one chunk's ``_logp_stats`` into the N-entry buffers (None = not requested)."""
+    for buf_N, v in zip(fields_N, values):
+        if buf_N is not None and v is not None:
+            buf_N[sl] = v
+
+
 def _slices(N: int, chunk_size: int) -> list[slice]:
     """Consecutive slices of at most ``chunk_size`` entries covering range(N)."""
     return [slice(start, min(start + chunk_size, N)) for start in range(0, N, chunk_size)]
@@ -308,9 +315,7 @@ def score_backward(
         with torch.no_grad():
             logp_c_V = torch.log_softmax(z_c_V.detach(), dim=-1)
             stats = _logp_stats(logp_c_V, target_N[sl], given_c_K, top_k, entropy)
-            for buf_N, values in zip(fields_N, stats):
-                if buf_N is not None:
-                    buf_N[sl] = values
+            _fill(fields_N, sl, stats)
         g_token, g_topk, g_given = chunk_loss(
             ChunkScores(rows_N[sl], tgt_N[sl], stats[0], stats[1], stats[2], given_c_K, stats[3], stats[4])
         )
@@ -445,9 +450,7 @@ def _score(
                     for sp in specs
                 ]
                 for sl in _slices(N, chunk_size):
-                    for buf_N, values in zip(fields_N, _chunk_stats(*chunk_args(sl))):
-                        if buf_N is not None:
-                            buf_N[sl] = values
+                    _fill(fields_N, sl, _chunk_stats(*chunk_args(sl)))
         fields = [None if f is None else _scatter(f, rows_N, tgt_N, B, T).to(device) for f in fields_N[:5]]
     out = ScoreOutput(
         token_logp_B_T=fields[0],
@@ -600,7 +603,9 @@ def full_vocab_fused(
 ) -> tuple[torch.Tensor, ScoreOutput, ScoreOutput]:
     """One pass of both models that scores them *and* backpropagates ``Σ_{b,t} loss_weight_B_T · div_B_T``.
 
-    ``div_B_T`` is :func:`full_vocab_pair`'s divergence; the weights are the loss's constant per-token
+    ``divergence(student_logp_N_V, teacher_logp_N_V) -> div_N`` takes the chunk's *log-probs* (each model's
+    log-softmax runs once per chunk and serves both its scores and the divergence; e.g.
+    ``opd.objectives.reverse_kl_from_logp``), unlike :func:`full_vocab_pair`'s, which takes logits. The weights are the loss's constant per-token
     coefficients (an aggregation of per-token values is linear in them). The student's parameters get
     their ``.grad`` accumulated here, so the caller does not call ``backward``. Also returns the two
     models' no-grad ``score``-style outputs from the same logits: token log-probs, top-``top_k`` ids and
@@ -609,8 +614,8 @@ def full_vocab_fused(
     Returns ``(div_B_T detached, student ScoreOutput, teacher ScoreOutput)``.
 
     How: the teacher's backbone runs once without grad, the student's once with grad; only their N
-    response rows are kept. Per chunk of ``chunk_size`` positions the student's head runs on a detached
-    copy of its hidden rows with grad, the divergence's backward is taken at once (into the head's weights
+    response rows are kept. Per chunk of ``chunk_size`` positions the student's head and log-softmax run on
+    a detached copy of its hidden rows with grad, the divergence's backward is taken at once (into the head's weights
     and that chunk's hidden-row gradient), and the chunk's vocabulary-sized tensors are freed. At the end
     the hidden-row gradients go through the backbone in one ``backward``. Each head thus runs once
     forward (no checkpoint recompute) and no N×V tensor exists; the peak extra is a few chunk×V float32
@@ -665,21 +670,16 @@ def full_vocab_fused(
     grad_N_H = torch.empty_like(s_hidden_N_H)
     for sl in _slices(N, chunk_size):
         h_c_H = s_hidden_N_H[sl].detach().requires_grad_(s_hidden_N_H.requires_grad)
-        with torch.enable_grad():
-            z_c_V = s_head.logits(h_c_H)
+        with torch.enable_grad():  # each model's log-softmax once: the divergence takes log-probs
+            s_logp_c_V = torch.log_softmax(s_head.logits(h_c_H), dim=-1)
         with torch.no_grad():
-            s_logp_c_V = torch.log_softmax(z_c_V.detach(), dim=-1)
-            _stats_into(s_f, sl, s_logp_c_V, target_N[sl], top_k)
-            del s_logp_c_V
-            t_z_c_V = t_head.logits(t_hidden_N_H[sl].to(dev))
-            t_logp_c_V = torch.log_softmax(t_z_c_V, dim=-1)
-            _stats_into(t_f, sl, t_logp_c_V, target_N[sl], top_k)
-            if top_k:
-                t_f[3][sl] = t_logp_c_V.gather(-1, s_f[1][sl])
-            del t_logp_c_V
+            _fill(s_f, sl, _logp_stats(s_logp_c_V.detach(), target_N[sl], None, top_k, True))
+            t_logp_c_V = torch.log_softmax(t_head.logits(t_hidden_N_H[sl].to(dev)), dim=-1)
+            given_c_K = s_f[1][sl] if top_k else None  # the teacher at the student's top-k
+            _fill(t_f, sl, _logp_stats(t_logp_c_V, target_N[sl], given_c_K, top_k, True))
         with torch.enable_grad():
-            div_c = divergence(z_c_V, t_z_c_V).float()
-            del z_c_V, t_z_c_V
+            div_c = divergence(s_logp_c_V, t_logp_c_V).float()
+            del s_logp_c_V, t_logp_c_V
             div_N[sl] = div_c.detach()
             if div_c.requires_grad:
                 (div_c * weight_N[sl]).sum().backward()
@@ -695,13 +695,3 @@ def full_vocab_fused(
         return [None if x is None else _scatter(x, rows_N, tgt_N, B, T).to(device) for x in f]
 
     return _scatter(div_N, rows_N, tgt_N, B, T).to(device), ScoreOutput(*out(s_f)), ScoreOutput(*out(t_f))
-
-
-def _stats_into(
-    fields_N: list, sl: slice, logp_c_V: torch.Tensor, target_c: torch.Tensor, top_k: int
-) -> None:
-    """``_chunk_stats``' token log-prob, top-k and entropy of one chunk's log-probs, into the buffers."""
-    fields_N[0][sl] = logp_c_V.gather(-1, target_c[:, None]).squeeze(-1)
-    if top_k:
-        fields_N[2][sl], fields_N[1][sl] = logp_c_V.topk(top_k, dim=-1)
-    fields_N[4][sl] = -torch.matmul(logp_c_V.exp()[:, None, :], logp_c_V[:, :, None]).reshape(-1)

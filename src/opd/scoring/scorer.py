@@ -69,8 +69,9 @@ class PolicyScorer(torch.nn.Module):
         """``score(self.model, ...)`` → ScoreOutput; with ``teacher`` and ``divergence``: the streamed
         full-vocabulary ``divergence(student_logits, teacher_logits)`` per position (``div_B_T``, the
         teacher at ``teacher_temperature``, no grad to it) as :func:`full_vocab_pair` computes it; with
-        ``loss_weight_B_T`` as well: :func:`full_vocab_fused` (backpropagates the weighted divergence
-        itself and returns ``(div_B_T, student ScoreOutput, teacher ScoreOutput)`` with top-``top_k``); with
+        ``loss_weight_B_T`` as well: :func:`full_vocab_fused` (``divergence`` then takes log-probs;
+        backpropagates the weighted divergence itself and returns ``(div_B_T, student ScoreOutput,
+        teacher ScoreOutput)`` with top-``top_k``); with
         ``chunk_loss``: :func:`score_backward` (scores, and backpropagates the loss whose per-chunk
         gradients ``chunk_loss`` returns; detached ``ScoreOutput``)."""
         grad = torch.is_grad_enabled()
