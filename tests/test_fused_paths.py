@@ -19,6 +19,7 @@ from opd.scoring import (
     ScoreOutput,
     full_vocab_fused,
     full_vocab_pair,
+    keep_rows,
     score,
     score_backward,
     score_rescorable,
@@ -157,6 +158,18 @@ def test_rescorer_gives_the_log_probs_score_would(tiny_pair):
     )
     with pytest.raises(ValueError, match="rows_n/cols_n: 1 of 1 positions were not scored"):
         rescorer.given_at(torch.tensor([0]), torch.tensor([0]), later_B_T_K[0, :1])
+    # kept rows without a head pass: score's values at any chunk of positions (to float rounding)
+    rows = keep_rows(teacher, ids, am, rm, temperature=0.8, chunk_size=4)
+    full = score(teacher, ids, am, rm, top_k=5, given_ids_B_T_K=later_B_T_K, temperature=0.8, chunk_size=4)
+    tok_n, ids_n_K, lp_n_K, given_n_K, ent_n = rows.scores_at(*at, ids[at], later_B_T_K[at], 5)
+    assert torch.equal(ids_n_K, full.topk_ids_B_T_K[at])
+    for got, want in (
+        (tok_n, full.token_logp_B_T),
+        (lp_n_K, full.topk_logp_B_T_K),
+        (given_n_K, full.given_logp_B_T_K),
+        (ent_n, full.entropy_B_T),
+    ):
+        torch.testing.assert_close(got, want[at], atol=1e-6, rtol=0)
 
 
 def test_full_vocab_fused_gradient_equals_autograd_through_the_pair(tiny_pair):

@@ -79,12 +79,13 @@ def test_scoring_projects_only_response_positions(pair_and_batch, monkeypatch):
     "kw, student_heads, teacher_heads, teacher_rescored",
     [
         # top-K, student support: each head once (no recompute in backward: scoring.score_backward); the
-        # teacher goes first and gives its log-probs at the student's top-K from K rows per position
-        (dict(objective="topk", support_size=4), 1, 1, 1),
-        # teacher-first support: the same
+        # teacher's head runs on each chunk's kept rows during the student's pass (scoring.teacher_rows)
+        (dict(objective="topk", support_size=4), 1, 1, 0),
+        # teacher-first support: the teacher's head once before; its log-probs at the student's top-K
+        # from K weight rows per position
         (dict(objective="topk", support_size=4, support="union"), 1, 1, 1),
-        # sampled token: the same (the teacher's log-probs at the student's top-k are metrics)
-        (dict(objective="sampled"), 1, 1, 1),
+        # sampled token: as the student support
+        (dict(objective="sampled"), 1, 1, 0),
         # full vocabulary: both heads once, no recompute
         (dict(objective="full"), 1, 1, 0),
     ],

@@ -48,6 +48,11 @@ each chunk's ∂L/∂(token, top-k, given log-probs), the chunk's logit gradient
 (scatter(g) − Σg·p) from the forward's own logits, so the head is never recomputed (the fused top-K and
 sampled-token steps of the training loop).
 
+``keep_rows(model, ...) -> Rescorer`` runs the backbone alone and keeps the N response rows;
+``Rescorer.scores_at(rows_n, cols_n, ...)`` gives ``score``'s values at any n of those positions later (the
+teacher scored chunk by chunk inside the student's ``score_backward`` pass; ``teacher_rows`` in a rollout
+batch's layout).
+
 ``score_rescorable(model, ...) -> (ScoreOutput, Rescorer)`` is a no-grad ``score`` that keeps the N
 scored hidden rows and log-normalisers, so ``Rescorer.given(ids_B_T_K)`` gives log-probs at ids known only
 later from K weight rows per position (a teacher scored before the student's pass).
@@ -81,13 +86,21 @@ from opd.scoring.chunked import (
     ScoreOutput,
     full_vocab_fused,
     full_vocab_pair,
+    keep_rows,
     score,
     score_backward,
     score_full_logits,
     score_rescorable,
 )
 from opd.scoring.head import aligned_positions, check_head_path, left_pad_position_ids
-from opd.scoring.scorer import PolicyScorer, cat_scores, score_pair, score_teacher, score_teacher_first
+from opd.scoring.scorer import (
+    PolicyScorer,
+    cat_scores,
+    score_pair,
+    score_teacher,
+    score_teacher_first,
+    teacher_rows,
+)
 
 __all__ = [
     "ChunkGrads",
@@ -99,6 +112,7 @@ __all__ = [
     "check_head_path",
     "full_vocab_fused",
     "full_vocab_pair",
+    "keep_rows",
     "left_pad_position_ids",
     "score",
     "score_backward",
@@ -108,4 +122,5 @@ __all__ = [
     "score_rescorable",
     "score_teacher",
     "score_teacher_first",
+    "teacher_rows",
 ]

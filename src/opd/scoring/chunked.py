@@ -1,5 +1,7 @@
-"""Chunked scoring: ``score`` (per-position log-probs, top-k, entropy), ``score_full_logits`` (full
-logits chunk by chunk) and ``full_vocab_pair`` (a streamed full-vocabulary divergence of two models).
+"""Chunked scoring: ``score`` (per-position log-probs, top-k, entropy), ``score_backward`` (the same and
+the backward of a loss of them, without recomputing the head), ``score_full_logits`` (full logits chunk
+by chunk), ``full_vocab_pair`` (a streamed full-vocabulary divergence of two models) and
+``full_vocab_fused`` (that divergence's backward taken in the scoring pass).
 
 The maths. With final hidden state h_s at position s, head W and temperature τ,
 
@@ -110,7 +112,7 @@ class Rescorer:
 
     head: Head
     hidden_N_H: torch.Tensor
-    lse_N: torch.Tensor
+    lse_N: torch.Tensor | None  # None: kept by :func:`keep_rows` (no head run yet): ``scores_at`` only
     rows_N: torch.Tensor
     tgt_N: torch.Tensor
     shape: tuple[int, int]
@@ -140,6 +142,34 @@ class Rescorer:
     def given_at(self, rows_n: torch.Tensor, cols_n: torch.Tensor, ids_n_K: torch.Tensor) -> torch.Tensor:
         """``given(ids)[rows_n, cols_n]`` for n scored entries only: (n, K) float32, on the hidden rows'
         device (a caller working chunk by chunk asks for its chunk's entries, not the whole batch)."""
+        entry_n = self._entries(rows_n, cols_n)
+        check_ids_in_range("ids_n_K", ids_n_K, self.width)
+        with torch.no_grad():
+            z_n_K = self.head.logits_at(self.hidden_N_H[entry_n], ids_n_K.long().to(self.hidden_N_H.device))
+            return z_n_K - self.lse_N[entry_n, None]
+
+    def scores_at(
+        self,
+        rows_n: torch.Tensor,
+        cols_n: torch.Tensor,
+        target_n: torch.Tensor,
+        given_n_K: torch.Tensor | None,
+        top_k: int,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """``score``'s values at n kept entries, from the full head on their kept rows: (token_logp_n,
+        topk_ids_n_K, topk_logp_n_K, given_logp_n_K, entropy_n) of the tokens ``target_n`` and ids
+        ``given_n_K``, computed exactly as ``score`` computes them (head, log-softmax, gather, top-k)."""
+        entry_n = self._entries(rows_n, cols_n)
+        dev = self.hidden_N_H.device
+        check_ids_in_range("target_n", target_n, self.width)
+        if given_n_K is not None:
+            check_ids_in_range("given_n_K", given_n_K, self.width)
+            given_n_K = given_n_K.long().to(dev)
+        with torch.no_grad():
+            logp_n_V = torch.log_softmax(self.head.logits(self.hidden_N_H[entry_n]), dim=-1)
+            return _logp_stats(logp_n_V, target_n.long().to(dev), given_n_K, top_k, True)
+
+    def _entries(self, rows_n: torch.Tensor, cols_n: torch.Tensor) -> torch.Tensor:
         B, T = self.shape
         if self._entry_B_T is None:  # (b, t) -> index of that entry among the N kept rows, −1 if none
             self._entry_B_T = torch.full((B, T), -1, dtype=torch.long)
@@ -150,11 +180,7 @@ class Rescorer:
                 f"rows_n/cols_n: {int((entry_n < 0).sum())} of {entry_n.numel()} positions were not scored by "
                 "this rescorer's pass. Fix: ask only for response positions of the batch it scored."
             )
-        check_ids_in_range("ids_n_K", ids_n_K, self.width)
-        entry_n = entry_n.to(self.hidden_N_H.device)
-        with torch.no_grad():
-            z_n_K = self.head.logits_at(self.hidden_N_H[entry_n], ids_n_K.long().to(self.hidden_N_H.device))
-            return z_n_K - self.lse_N[entry_n, None]
+        return entry_n.to(self.hidden_N_H.device)
 
 
 def score(
@@ -195,6 +221,40 @@ def score(
         grad=grad,
         compute_dtype=compute_dtype,
     )[0]
+
+
+def keep_rows(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    vocab_limit: int | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+) -> Rescorer:
+    """The no-grad backbone pass of ``score`` alone: a :class:`Rescorer` holding the N response rows of the
+    final hidden state (no head run yet), whose ``scores_at`` gives chunks of ``score``'s values later (a
+    teacher scored chunk by chunk inside the student's pass, its head once per position)."""
+    head, V, rows_N, tgt_N, src_N, _, _ = _prepare(
+        model,
+        input_ids_B_T,
+        attention_mask_B_T,
+        response_mask_B_T,
+        temperature,
+        0,
+        None,
+        chunk_size,
+        vocab_limit,
+    )
+    B, T = input_ids_B_T.shape
+    hidden_N_H = torch.zeros((0, 1), device=input_ids_B_T.device)
+    if rows_N.numel():
+        with torch.no_grad(), compute_context(model, compute_dtype):
+            hidden_B_T_H = final_hidden(model, input_ids_B_T, attention_mask_B_T)
+            hidden_N_H = hidden_B_T_H[rows_N.to(hidden_B_T_H.device), src_N.to(hidden_B_T_H.device)]
+    return Rescorer(head, hidden_N_H, None, rows_N, tgt_N, (B, T), V, chunk_size, input_ids_B_T.device)
 
 
 def score_rescorable(
@@ -605,9 +665,10 @@ def full_vocab_fused(
 
     ``divergence(student_logp_N_V, teacher_logp_N_V) -> div_N`` takes the chunk's *log-probs* (each model's
     log-softmax runs once per chunk and serves both its scores and the divergence; e.g.
-    ``opd.objectives.reverse_kl_from_logp``), unlike :func:`full_vocab_pair`'s, which takes logits. The weights are the loss's constant per-token
-    coefficients (an aggregation of per-token values is linear in them). The student's parameters get
-    their ``.grad`` accumulated here, so the caller does not call ``backward``. Also returns the two
+    ``opd.objectives.reverse_kl_from_logp``), unlike :func:`full_vocab_pair`'s, which takes logits. The
+    weights are the loss's constant per-token coefficients (an aggregation of per-token values is linear
+    in them). The student's parameters get their ``.grad`` accumulated here, so the caller does not call
+    ``backward``. Also returns the two
     models' no-grad ``score``-style outputs from the same logits: token log-probs, top-``top_k`` ids and
     log-probs, entropy, and the teacher's log-probs at the student's top-``top_k`` ids
     (``given_logp_B_T_K``), i.e. what ``score_pair`` gives, without running either model again.
@@ -615,8 +676,9 @@ def full_vocab_fused(
 
     How: the teacher's backbone runs once without grad, the student's once with grad; only their N
     response rows are kept. Per chunk of ``chunk_size`` positions the student's head and log-softmax run on
-    a detached copy of its hidden rows with grad, the divergence's backward is taken at once (into the head's weights
-    and that chunk's hidden-row gradient), and the chunk's vocabulary-sized tensors are freed. At the end
+    a detached copy of its hidden rows with grad, the divergence's backward is taken at once (into the
+    head's weights and that chunk's hidden-row gradient), and the chunk's vocabulary-sized tensors are
+    freed. At the end
     the hidden-row gradients go through the backbone in one ``backward``. Each head thus runs once
     forward (no checkpoint recompute) and no N×V tensor exists; the peak extra is a few chunk×V float32
     tensors (logits, log-probs and the divergence's saved tensors of one chunk).

@@ -16,6 +16,7 @@ from opd.scoring.chunked import (
     ScoreOutput,
     full_vocab_fused,
     full_vocab_pair,
+    keep_rows,
     score,
     score_backward,
     score_rescorable,
@@ -151,6 +152,21 @@ class PolicyScorer(torch.nn.Module):
             compute_dtype=self.compute_dtype,
         )
 
+    def keep_rows(
+        self, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor, response_mask_B_T: torch.Tensor
+    ) -> Rescorer:
+        """No-grad :func:`keep_rows` of the model with this scorer's settings."""
+        return keep_rows(
+            self.model,
+            input_ids_B_T,
+            attention_mask_B_T,
+            response_mask_B_T,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            vocab_limit=self.vocab_limit,
+            compute_dtype=self.compute_dtype,
+        )
+
     def score_rescorable(
         self,
         input_ids_B_T: torch.Tensor,
@@ -173,6 +189,27 @@ class PolicyScorer(torch.nn.Module):
             vocab_limit=self.vocab_limit,
             compute_dtype=self.compute_dtype,
         )
+
+
+def teacher_rows(
+    teacher: PolicyScorer, mb: RolloutBatch, *, teacher_mb: RolloutBatch | None = None
+) -> Callable[..., tuple[torch.Tensor | None, ...]]:
+    """The teacher's backbone over micro-batch ``mb`` now (its response rows kept, no head), and a function
+    ``scores_at(rows_n, cols_n, target_n, given_n_K, top_k)`` that gives :func:`score_teacher`'s values at n
+    positions of ``mb``'s layout later (``Rescorer.scores_at``: the head on those rows only), so a
+    student pass working chunk by chunk has the teacher's scores of each chunk with the teacher's head run
+    once per position, computed as ``score`` computes them. ``teacher_mb`` as in :func:`score_teacher`."""
+    if teacher_mb is None:
+        teacher_mb = mb
+    P, P2 = mb.prompt_len, teacher_mb.prompt_len
+    rows = teacher.keep_rows(
+        teacher_mb.input_ids_B_T, teacher_mb.attention_mask_B_T, teacher_mb.response_mask_B_T
+    )
+
+    def scores_at(rows_n, cols_n, target_n, given_n_K, top_k):
+        return rows.scores_at(rows_n, cols_n + (P2 - P), target_n, given_n_K, top_k)
+
+    return scores_at
 
 
 def score_pair(
