@@ -170,6 +170,8 @@ def test_rescorer_gives_the_log_probs_score_would(tiny_pair):
         (ent_n, full.entropy_B_T),
     ):
         torch.testing.assert_close(got, want[at], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="kept by keep_rows"):
+        rows.given_at(*at, later_B_T_K[at])
 
 
 def test_full_vocab_fused_gradient_equals_autograd_through_the_pair(tiny_pair):

@@ -122,6 +122,7 @@ class Rescorer:
     _entry_B_T: torch.Tensor | None = field(default=None, repr=False)
 
     def given(self, ids_B_T_K: torch.Tensor) -> torch.Tensor:
+        self._need_lse()
         B, T = self.shape
         assert ids_B_T_K.dim() == 3 and ids_B_T_K.shape[:2] == (B, T), (
             f"ids_B_T_K must be (B, T, K) = ({B}, {T}, K), got {tuple(ids_B_T_K.shape)}"
@@ -142,6 +143,7 @@ class Rescorer:
     def given_at(self, rows_n: torch.Tensor, cols_n: torch.Tensor, ids_n_K: torch.Tensor) -> torch.Tensor:
         """``given(ids)[rows_n, cols_n]`` for n scored entries only: (n, K) float32, on the hidden rows'
         device (a caller working chunk by chunk asks for its chunk's entries, not the whole batch)."""
+        self._need_lse()
         entry_n = self._entries(rows_n, cols_n)
         check_ids_in_range("ids_n_K", ids_n_K, self.width)
         with torch.no_grad():
@@ -168,6 +170,13 @@ class Rescorer:
         with torch.no_grad():
             logp_n_V = torch.log_softmax(self.head.logits(self.hidden_N_H[entry_n]), dim=-1)
             return _logp_stats(logp_n_V, target_n.long().to(dev), given_n_K, top_k, True)
+
+    def _need_lse(self) -> None:
+        if self.lse_N is None:
+            raise ValueError(
+                "Rescorer: kept by keep_rows (no head pass), so it has no log-normalisers for given()/given_at(). "
+                "Fix: use scores_at(), or score_rescorable() for a rescorer that gives log-probs at K ids."
+            )
 
     def _entries(self, rows_n: torch.Tensor, cols_n: torch.Tensor) -> torch.Tensor:
         B, T = self.shape
