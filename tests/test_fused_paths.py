@@ -14,12 +14,27 @@ from opd.data import load_prompts
 from opd.methods import opd as opd_method
 from opd.methods.opd_scoring import can_fuse, fused_update, score_batch
 from opd.rollout import make_backend, relay_responses
-from opd.scoring import PolicyScorer, ScoreOutput, full_vocab_fused, full_vocab_pair, score, score_rescorable
+from opd.scoring import (
+    PolicyScorer,
+    ScoreOutput,
+    full_vocab_fused,
+    full_vocab_pair,
+    keep_rows,
+    score,
+    score_backward,
+    score_rescorable,
+)
 
 SETTINGS = {
     "sampled": dict(objective="sampled"),
     "topk-student": dict(objective="topk", support_size=4),
     "topk-teacher": dict(objective="topk", support_size=4, support="teacher"),
+    "topk-intersection": dict(
+        objective="topk", support_size=4, support="intersection", weighting="teacher_p"
+    ),
+    "topk-renorm-seqmean": dict(
+        objective="topk", support_size=4, renormalize=True, loss_aggregation="seq-mean-token-mean"
+    ),
     "topk-union": dict(objective="topk", support_size=4, support="union", weighting="teacher_p"),
     "topk-symdiff": dict(objective="topk", support_size=4, support="symmetric_difference"),
     "topk-teacher-renorm-seqmean": dict(
@@ -135,6 +150,28 @@ def test_rescorer_gives_the_log_probs_score_would(tiny_pair):
     torch.testing.assert_close(rescorer.given(later_B_T_K), ref.given_logp_B_T_K, atol=2e-6, rtol=0)
     with pytest.raises(ValueError, match="ids_B_T_K"):
         rescorer.given(later_B_T_K + V)
+    rows, cols = rm.nonzero(as_tuple=True)
+    pick = torch.arange(0, rows.numel(), 3)  # some entries, out of order of the full pass
+    at = (rows[pick].flip(0), cols[pick].flip(0))
+    torch.testing.assert_close(
+        rescorer.given_at(*at, later_B_T_K[at]), ref.given_logp_B_T_K[at], atol=2e-6, rtol=0
+    )
+    with pytest.raises(ValueError, match="rows_n/cols_n: 1 of 1 positions were not scored"):
+        rescorer.given_at(torch.tensor([0]), torch.tensor([0]), later_B_T_K[0, :1])
+    # kept rows without a head pass: score's values at any chunk of positions (to float rounding)
+    rows = keep_rows(teacher, ids, am, rm, temperature=0.8, chunk_size=4)
+    full = score(teacher, ids, am, rm, top_k=5, given_ids_B_T_K=later_B_T_K, temperature=0.8, chunk_size=4)
+    tok_n, ids_n_K, lp_n_K, given_n_K, ent_n = rows.scores_at(*at, ids[at], later_B_T_K[at], 5)
+    assert torch.equal(ids_n_K, full.topk_ids_B_T_K[at])
+    for got, want in (
+        (tok_n, full.token_logp_B_T),
+        (lp_n_K, full.topk_logp_B_T_K),
+        (given_n_K, full.given_logp_B_T_K),
+        (ent_n, full.entropy_B_T),
+    ):
+        torch.testing.assert_close(got, want[at], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="kept by keep_rows"):
+        rows.given_at(*at, later_B_T_K[at])
 
 
 def test_full_vocab_fused_gradient_equals_autograd_through_the_pair(tiny_pair):
@@ -171,3 +208,59 @@ def test_full_vocab_fused_gradient_equals_autograd_through_the_pair(tiny_pair):
     assert set(grads[0]) == set(grads[1])
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("temperature, vocab_limit", [(1.0, None), (0.7, 200)])
+def test_score_backward_gradient_equals_autograd_through_score(tiny_pair, temperature, vocab_limit):
+    """score_backward's closed-form chunk gradient (scatter(g) − Σg·p through the head, then the hidden rows
+    through the backbone) is autograd's gradient of the same loss through score(grad=True), with token,
+    top-k (fewer gradient columns than top_k) and given log-probs in it and ids shared between them."""
+    student_dir, _, _ = tiny_pair
+    batch, _ = _batch(tiny_pair)
+    ids, am, rm = batch.input_ids_B_T, batch.attention_mask_B_T, batch.response_mask_B_T
+    if vocab_limit:
+        ids = ids.clamp(max=vocab_limit - 1)  # every scored token inside the limited vocabulary
+    g = torch.Generator().manual_seed(3)
+    V = (
+        vocab_limit
+        or AutoModelForCausalLM.from_pretrained(student_dir).get_output_embeddings().weight.shape[0]
+    )
+    given_B_T_K = torch.randint(0, V, (*ids.shape, 3), generator=g) * rm[..., None].long()
+    given_B_T_K[..., 0] = ids * rm.long()  # a given id equal to the scored token
+    a_B_T, b_B_T_K, c_B_T_K = (
+        torch.randn(shape, generator=g) for shape in (ids.shape, (*ids.shape, 2), (*ids.shape, 3))
+    )
+    kw = dict(
+        temperature=temperature, vocab_limit=vocab_limit, top_k=4, given_ids_B_T_K=given_B_T_K, chunk_size=5
+    )
+
+    ref_model = AutoModelForCausalLM.from_pretrained(student_dir)
+    ref = score(ref_model, ids, am, rm, grad=True, **kw)
+    loss = (a_B_T * ref.token_logp_B_T).sum() + (b_B_T_K * ref.topk_logp_B_T_K[..., :2]).sum()
+    loss = loss + (c_B_T_K * ref.given_logp_B_T_K).sum()
+    loss.backward()
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    seen = []
+
+    def chunk_loss(c):
+        seen.append(c.rows_n.numel())
+        at = (c.rows_n, c.tgt_n)
+        assert torch.equal(c.topk_ids_n_K, ref.topk_ids_B_T_K[at])
+        return a_B_T[at], b_B_T_K[at], c_B_T_K[at]
+
+    out = score_backward(model, ids, am, rm, chunk_loss, **kw)
+    assert seen and max(seen) <= 5 and sum(seen) == int(rm.sum())
+    _assert_scores(
+        out, ScoreOutput(**{f: _detach(getattr(ref, f)) for f in ScoreOutput.__dataclass_fields__})
+    )
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ref_grads) and grads
+    scale = max(float(x.abs().max()) for x in ref_grads.values())
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5 * scale, rtol=0, msg=n)
+
+
+def _detach(x):
+    return None if x is None else x.detach()

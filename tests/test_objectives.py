@@ -308,6 +308,41 @@ def test_full_vocab_divergence_properties(kind):
     assert s.grad.abs().max() == 0
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_aggregation_weights_are_the_gradient_of_aggregate(mode):
+    """The closed-form per-token weights equal autograd's d aggregate / d values, and weight the values to
+    the aggregate itself; an empty row and an all-masked batch included."""
+    mask = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]])
+    for m in (mask, torch.zeros_like(mask)):
+        v = torch.randn(m.shape, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
+        agg = obj.aggregate(v, m, mode)
+        (g,) = torch.autograd.grad(agg, v)
+        agg = agg.detach()
+        w = obj.aggregation_weights(m, mode)
+        torch.testing.assert_close(w, g, atol=1e-7, rtol=0)
+        assert float((w * v.detach()).sum()) == pytest.approx(float(agg), abs=1e-6)
+    want = {"token-mean": 1 / 4, "seq-mean-token-sum": 1 / 2, "seq-mean-token-mean": 1 / 6}[mode]
+    assert float(obj.aggregation_weights(mask, mode)[0, 0]) == pytest.approx(want, rel=1e-6)
+
+
+def test_reverse_kl_from_logp_equals_the_definition_and_its_gradient():
+    """The fused step's KL from log-probs: value against the probability-space definition, gradient (through
+    the log-softmax that made the log-probs) equal to full_vocab_divergence's on the logits; 0 at p = q."""
+    s = _logits(24, 1, 4, V)[0].requires_grad_(True)
+    t = _logits(25, 1, 4, V)[0]
+    div = obj.reverse_kl_from_logp(torch.log_softmax(s, -1), torch.log_softmax(t, -1))
+    for i in range(4):
+        want = _ref_divergence(s[i].tolist(), t[i].tolist(), "reverse_kl", 0.5, 1.0)
+        assert _close(float(div[i].detach()), want, 1e-4), (i, float(div[i].detach()), want)
+    (g,) = torch.autograd.grad((div * torch.arange(1.0, 5.0)).sum(), s)
+    s_ref = s.detach().clone().requires_grad_(True)
+    ref = obj.full_vocab_divergence(s_ref[None], t[None], torch.ones(1, 4), "reverse_kl")[0]
+    (g_ref,) = torch.autograd.grad((ref * torch.arange(1.0, 5.0)).sum(), s_ref)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+    same = torch.log_softmax(s.detach(), -1)
+    assert obj.reverse_kl_from_logp(same, same).abs().max() == 0
+
+
 def test_full_vocab_divergence_padded_vocab_column_is_nan_free():
     """A −inf logit in both models (padded embedding rows) gives 0·log 0 = 0, not NaN."""
     s = _logits(20, 1, 2, V).requires_grad_(True)

@@ -316,3 +316,14 @@ def test_shared_prefill_runs_each_prompt_once(tok, model, prompts):
     width = max(len(p) for p in prompts)
     assert seen[0] == (3, width - 1)  # the shared prefill: 3 prompts, all but the last column
     assert all(shape[0] == 12 and shape[1] == 1 for shape in seen[1:])  # then 12 rows, one column each
+
+
+def test_group_size_of_a_call_follows_the_prompt_major_layout():
+    """Rows [start, start + count) of prompts repeated n times: the per-prompt count when it is uniform."""
+    from opd.rollout import _group_size
+
+    assert _group_size(0, 6, 3) == 3  # two whole prompts
+    assert _group_size(0, 4, 3) == 1  # 3 + 1: not uniform, no sharing
+    assert _group_size(4, 4, 3) == 2  # the tail of prompt 1 and the head of prompt 2, 2 rows each
+    assert _group_size(8, 1, 3) == 1
+    assert _group_size(0, 5, 1) == 1

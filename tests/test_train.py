@@ -211,15 +211,19 @@ def test_fused_update_equals_the_two_pass_update(tiny_pair, tmp_path, kw):
     wa, wb = weights(two["final_model"]), weights(one["final_model"])
     start = weights(tiny_pair[0])
     assert changed(start, wa)  # the runs learn something
-    # union: Adam's first step (g / (|g| + eps)) turns rounding in one gradient entry of ~1e-8 into a 5e-6
-    # weight difference (measured: the same after 1, 2 and 3 steps); test_fused_paths holds the two paths'
-    # gradients themselves to 1e-5 of their scale for every support
-    atol = 1e-5 if kw.get("support") == "union" else 1e-6
+    # top-K: Adam's first step (g / (|g| + eps)) turns rounding in a gradient entry of ~1e-8 into a few
+    # 1e-6 of weight difference (measured: the same after 1, 2 and 3 steps; the fused top-K gradient is
+    # summed in another order, scoring.score_backward's closed form, and differs from autograd's by
+    # 1e-8–3e-8 at a scale of 1e-2); test_fused_paths holds the two paths' gradients themselves to 1e-5
+    # of their scale for every support
+    atol = 1e-5 if kw.get("objective") == "topk" else 1e-6
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol)
     ra = read_metrics(tmp_path / "two" / "run" / "metrics.jsonl")
     rb = read_metrics(tmp_path / "one" / "run" / "metrics.jsonl")
-    for x, y in zip(ra, rb):
+    for step, (x, y) in enumerate(zip(ra, rb)):
+        # after the first step the weights differ by the Adam rounding above, and so do the metrics a little
+        rel = 1e-5 if step == 0 or kw.get("objective") != "topk" else 1e-4
         for key in ("loss/pg", "reward/mean", "kl/sampled", "overlap/ratio", "entropy/student", "grad_norm"):
-            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+            assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-7), (step, key)
         assert y["cost/student_forward_tokens"] == 0 < x["cost/student_forward_tokens"]

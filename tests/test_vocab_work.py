@@ -78,14 +78,18 @@ def test_scoring_projects_only_response_positions(pair_and_batch, monkeypatch):
 @pytest.mark.parametrize(
     "kw, student_heads, teacher_heads, teacher_rescored",
     [
-        # top-K student support: the student's head once forward, once recomputed in backward (checkpoint)
-        (dict(objective="topk", support_size=4), 2, 1, 0),
-        # teacher first: its head once; its log-probs at the student's top-K from K rows per position
-        (dict(objective="topk", support_size=4, support="union"), 2, 1, 1),
+        # top-K, student support: each head once (no recompute in backward: scoring.score_backward); the
+        # teacher's head runs on each chunk's kept rows during the student's pass (scoring.teacher_rows)
+        (dict(objective="topk", support_size=4), 1, 1, 0),
+        # teacher-first support: the teacher's head once before; its log-probs at the student's top-K
+        # from K weight rows per position
+        (dict(objective="topk", support_size=4, support="union"), 1, 1, 1),
+        # sampled token: as the student support
+        (dict(objective="sampled"), 1, 1, 0),
         # full vocabulary: both heads once, no recompute
         (dict(objective="full"), 1, 1, 0),
     ],
-    ids=["topk-student", "topk-union", "full"],
+    ids=["topk-student", "topk-union", "sampled", "full"],
 )
 def test_fused_step_head_work(
     pair_and_batch, monkeypatch, tiny_pair, tmp_path, kw, student_heads, teacher_heads, teacher_rescored

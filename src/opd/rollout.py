@@ -32,6 +32,7 @@ Left out on purpose: beam search, and stop *strings* (stopping is on token ids o
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -256,13 +257,21 @@ class HFGenerateBackend:
                 for p, prompt_seed in enumerate(prompt_seeds):
                     with torch.random.fork_rng(devices=fork_devices):
                         torch.manual_seed(prompt_seed)
-                        responses.append(self._generate_rows(rows[p * n : (p + 1) * n], gen_config, device))
+                        responses.append(
+                            self._generate_rows(rows[p * n : (p + 1) * n], gen_config, device, group=n)
+                        )
             else:
                 with torch.random.fork_rng(devices=fork_devices, enabled=seed is not None):
                     if seed is not None:
                         torch.manual_seed(seed)
+                    group = 1 if greedy else n  # greedy: each prompt once
                     responses = [
-                        self._generate_rows(rows[i : i + step], gen_config, device)
+                        self._generate_rows(
+                            rows[i : i + step],
+                            gen_config,
+                            device,
+                            _group_size(i, len(rows[i : i + step]), group),
+                        )
                         for i in range(0, len(rows), step)
                     ]
         finally:
@@ -299,8 +308,9 @@ class HFGenerateBackend:
             kwargs.update(suppress_tokens=list(range(self.vocab_limit, rows)))
         return GenerationConfig(**kwargs)
 
-    def _generate_rows(self, rows: Sequence[list[int]], gen_config, device) -> torch.Tensor:
-        """One ``generate`` call on left-padded rows -> new tokens ``[len(rows), R]`` (R <= max_new)."""
+    def _generate_rows(self, rows: Sequence[list[int]], gen_config, device, group: int = 1) -> torch.Tensor:
+        """One ``generate`` call on left-padded rows -> new tokens ``[len(rows), R]`` (R <= max_new).
+        ``group``: the rows are their prompts ``group`` times each in a row (for the shared prefill)."""
         width = max(len(r) for r in rows)
         ids_B_L = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask_B_L = torch.zeros((len(rows), width), dtype=torch.long)
@@ -309,7 +319,7 @@ class HFGenerateBackend:
             mask_B_L[b, width - len(r) :] = 1
         ids_B_L, mask_B_L = ids_B_L.to(device), mask_B_L.to(device)
         extra = {}
-        n = _repeats(rows) if self.share_prefill and gen_config.do_sample else 1
+        n = group if self.share_prefill and gen_config.do_sample else 1
         if n > 1 and width >= 2 and min(len(r) for r in rows) >= 2 and _dynamic_cache_ok(self.model):
             extra = {_cache_kwarg(self.model): self._shared_prefill(ids_B_L[::n], mask_B_L[::n], n)}
         out = self.model.generate(
@@ -323,19 +333,15 @@ class HFGenerateBackend:
         follows the cache)."""
         from transformers import DynamicCache
 
-        from opd.scoring import left_pad_position_ids
+        from opd.scoring.head import backbone, left_pad_position_ids
 
         cache = DynamicCache(config=self.model.config)
         mask = mask_P_L[:, :-1]
-        # the decoder alone: these columns' logits are never used, so the V-wide head is not run
-        decoder = self.model.get_decoder() if callable(getattr(self.model, "get_decoder", None)) else None
-        kwargs = (
-            {}
-            if isinstance(decoder, torch.nn.Module) and decoder is not self.model
-            else {"logits_to_keep": 1}
-        )
-        if kwargs:
-            decoder = self.model
+        # the decoder alone (scoring's): these columns' logits are never used, so the V-wide head is not run
+        try:
+            decoder, kwargs = backbone(self.model), {}
+        except TypeError:  # no separate decoder: the whole model, its head on one position
+            decoder, kwargs = self.model, {"logits_to_keep": 1}
         decoder(
             input_ids=ids_P_L[:, :-1],
             attention_mask=mask,
@@ -348,15 +354,12 @@ class HFGenerateBackend:
         return cache
 
 
-def _repeats(rows: Sequence[list[int]]) -> int:
-    """n if ``rows`` is each of its distinct prompts ``n`` times in a row (n ≥ 1), else 1."""
-    n = 1
-    while n < len(rows) and rows[n] == rows[0]:
-        n += 1
-    if n == 1 or len(rows) % n:
-        return 1
-    groups = [rows[i : i + n] for i in range(0, len(rows), n)]
-    return n if all(all(r == g[0] for r in g) for g in groups) else 1
+def _group_size(start: int, count: int, n: int) -> int:
+    """Rows ``[start, start + count)`` of a prompt-major list holding every prompt ``n`` times in a row: how
+    many rows each of their prompts has there, if that is the same for all of them (a call may cut a
+    prompt's rows, ``batch_size``), else 1."""
+    sizes = set(Counter((start + k) // n for k in range(count)).values())
+    return sizes.pop() if len(sizes) == 1 else 1
 
 
 def _dynamic_cache_ok(model) -> bool:

@@ -11,9 +11,13 @@ Two paths, the same update to float tolerance (tests/test_train.py):
   rewards and metrics need and, detached, the old log-probs (on-policy, they equal the new ones); the
   teacher is scored at those ids, the micro-batch's advantages are built and its loss is backpropagated
   at once. The student runs once per step instead of twice, holding one micro-batch's graph at a time.
-  Supports built from the teacher's top-K (teacher, union, symmetric_difference) score the teacher first
-  (its ids are the student pass's given ids) and take the teacher's log-probs at the student's top-K from
-  its kept hidden rows afterwards (``scoring.score_teacher_first``). ``objective=full`` runs both models
+  With a teacher in this process its backbone goes first and keeps its response rows, and the student's
+  pass (``scoring.score_backward``) builds each chunk's rewards and loss from the chunk's own scores and
+  the teacher's (its head on the chunk's rows, ``scoring.teacher_rows``; the supports built from the
+  teacher's top-K need those ids first: ``scoring.score_teacher_first``, then K weight rows per position
+  for its log-probs at the chunk's student top-K); the loss's gradient at the chunk's log-probs gives
+  its logits' gradient in closed form, so the student's head runs once (no checkpoint recompute in
+  backward). A served teacher (no kept rows) is asked after the student's checkpointed pass instead. ``objective=full`` runs both models
   once per micro-batch (``scoring.full_vocab_fused``): the exact KL's backward is taken chunk by chunk
   from the same logits that give both models' scores, so neither the no-grad scoring passes nor the
   teacher re-run nor the checkpoint recompute of the two-pass path remain.
@@ -33,7 +37,17 @@ from opd.config import OPDConfig
 from opd.models import check_finite_logp
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
-from opd.scoring import PolicyScorer, ScoreOutput, cat_scores, score_pair, score_teacher, score_teacher_first
+from opd.scoring import (
+    ChunkGrads,
+    ChunkScores,
+    PolicyScorer,
+    ScoreOutput,
+    cat_scores,
+    score_pair,
+    score_teacher,
+    score_teacher_first,
+    teacher_rows,
+)
 
 log = logging.getLogger("opd")
 
@@ -159,12 +173,9 @@ def reverse_kl(s_logits_N_V: torch.Tensor, t_logits_N_V: torch.Tensor) -> torch.
 
 def _loss_coefficients(mask: torch.Tensor, mask_all: torch.Tensor, cfg: OPDConfig, total) -> torch.Tensor:
     """d(micro-batch loss × its weight)/d(per-token value): constants, since ``obj.aggregate`` is linear in
-    the values (its weights depend on the mask only)."""
+    the values (``obj.aggregation_weights``, its weights, depend on the mask only)."""
     w = obj.micro_batch_weight(mask, mask_all, cfg.loss_aggregation, total)
-    with torch.enable_grad():
-        x = torch.zeros_like(mask, requires_grad=True)
-        (coeff,) = torch.autograd.grad(obj.aggregate(x, mask, cfg.loss_aggregation) * w, x)
-    return coeff
+    return obj.aggregation_weights(mask, cfg.loss_aggregation) * w
 
 
 def fused_update(
@@ -207,7 +218,7 @@ def fused_update(
                 mb.response_mask_B_T,
                 top_k=width,
                 teacher=teacher.model,
-                divergence=reverse_kl,
+                divergence=obj.reverse_kl_from_logp,
                 teacher_temperature=teacher.temperature,
                 loss_weight_B_T=_loss_coefficients(mask, mask_all, cfg, total),
             )
@@ -220,6 +231,42 @@ def fused_update(
             parts_t.append(t)
             rewards.append(t.token_logp_B_T - s_det.token_logp_B_T)
             continue
+        if hasattr(teacher, "score_rescorable"):
+            # a teacher in this process keeps its hidden rows and gives each chunk's scores during the
+            # student's single pass, which takes the chunk's loss gradient from the logits that scored it
+            t0 = time.perf_counter()
+            if teacher_first:  # its top-K ids are the student pass's given ids: scored first, rescored later
+                t_first, t_given = score_teacher_first(teacher, mb, width, teacher_mb=tmb)
+                given = t_first.topk_ids_B_T_K[..., :K]
+
+                def teacher_chunk(at, target_n, s_ids_n_W, t_first=t_first, t_given=t_given):
+                    return (
+                        t_first.token_logp_B_T[at],
+                        t_first.topk_ids_B_T_K[at],
+                        t_first.topk_logp_B_T_K[at],
+                        t_given(s_ids_n_W, at=at),
+                        t_first.entropy_B_T[at],
+                    )
+            else:  # its head on each chunk's rows, as score_teacher would (identical models: exact zeros)
+                given, scores_at = None, teacher_rows(teacher, mb, teacher_mb=tmb)
+
+                def teacher_chunk(at, target_n, s_ids_n_W, scores_at=scores_at):
+                    return scores_at(at[0], at[1], target_n, s_ids_n_W, width)
+
+            t_teacher += time.perf_counter() - t0
+            s_det, t, reward, mb_loss, mb_clip, t_chunks = _one_pass(
+                student, mb, mask, _loss_coefficients(mask, mask_all, cfg, total), given, teacher_chunk, cfg
+            )
+            t_teacher += t_chunks
+            total_loss += mb_loss
+            if mask.sum() > 0:
+                clip_fracs.append(mb_clip)
+            parts_s.append(s_det)
+            parts_t.append(t)
+            rewards.append(reward)
+            continue
+        # a served teacher (no kept hidden rows): the student's pass is checkpointed per chunk and the
+        # loss backpropagated after the teacher's scoring (the head is recomputed in backward)
         t_given = None
         if teacher_first:
             # the teacher's top-K ids are needed by the student's pass: the teacher goes first, and gives
@@ -303,6 +350,133 @@ def fused_update(
     timings = {"time/score_student": 0.0, "time/score_teacher": t_teacher}
     stats = {"clip_frac": sum(clip_fracs) / len(clip_fracs) if clip_fracs else 0.0}
     return scored, timings, total_loss, norm, skipped, stats
+
+
+def _one_pass(
+    student: PolicyScorer,
+    mb: RolloutBatch,
+    mask: torch.Tensor,
+    coeff_B_T: torch.Tensor,
+    given: torch.Tensor | None,
+    teacher_chunk,
+    cfg: OPDConfig,
+) -> tuple[ScoreOutput, ScoreOutput, torch.Tensor, float, float, float]:
+    """One micro-batch of the sampled-token or top-K fused step with a teacher in this process: the
+    student's single pass (``scoring.score_backward``, ``given`` = the teacher's top-K ids for the
+    teacher-first supports) builds each chunk's rewards, advantages and policy-gradient loss from that
+    chunk's scores and the teacher's (``teacher_chunk(at, token_ids_n, student_topk_ids_n_W)`` -> the
+    teacher's token log-probs, top-W ids and log-probs, log-probs at the student's top-W and entropy at
+    the positions ``at``) and hands back the loss's gradient at its log-probs. The loss is
+    ``Σ_{b,t} coeff_B_T · per_token_loss`` (``_loss_coefficients``: the micro-batch's aggregated loss × its
+    weight), so a chunk's share is ``policy_gradient_loss`` of its positions with ``seq-mean-token-sum``
+    over one row and the coefficients as token weights (times the importance weights with ``tis_cap``):
+    the same function, value and gradient as the two-pass update.
+
+    Returns ``(student scores, teacher scores, reward_B_T, loss, clip_frac, seconds in teacher_chunk)``
+    with both scores detached and in ``score_pair``'s form."""
+    K = cfg.support_size if cfg.objective == "topk" else 0
+    width = max(cfg.metrics_top_k, K)
+    teacher_first = given is not None
+    B, T = mask.shape
+    dev = mask.device
+    w_shape = (B, T, width)
+    t_bufs = [
+        torch.zeros((B, T), device=dev),
+        torch.zeros(w_shape, dtype=torch.long, device=dev) if width else None,
+        torch.zeros(w_shape, device=dev) if width else None,
+        torch.zeros(w_shape, device=dev) if width else None,
+        torch.zeros((B, T), device=dev),
+    ]
+    reward_B_T = torch.zeros((B, T), device=dev)
+    tis = cfg.tis_cap and mb.sampler_logprobs_B_T is not None
+    acc = {"loss": 0.0, "clipped": 0.0, "kept": 0.0, "teacher": 0.0}
+
+    def chunk_loss(c: ChunkScores) -> ChunkGrads:
+        at = (c.rows_n, c.tgt_n)
+        ones_1_n = torch.ones((1, c.rows_n.numel()), device=dev)
+        s_tok_1_n = c.token_logp_n[None]
+        t0 = time.perf_counter()
+        t_n = teacher_chunk(at, mb.input_ids_B_T[at], c.topk_ids_n_K)
+        acc["teacher"] += time.perf_counter() - t0
+        for buf, values in zip(t_bufs, t_n):
+            if buf is not None:
+                buf[at] = values.to(dev)
+        t_tok_1_n = t_bufs[0][at][None]
+        check_finite_logp("student", cfg.student, s_tok_1_n, ones_1_n)  # before this chunk's backward
+        check_finite_logp("teacher", cfg.teacher, t_tok_1_n, ones_1_n)
+        weight_1_n = coeff_B_T[at][None]
+        if tis:
+            sampler_1_n = mb.sampler_logprobs_B_T[at][None]
+            weight_1_n = weight_1_n * obj.truncated_is_weights(s_tok_1_n, sampler_1_n, ones_1_n, cfg.tis_cap)
+        leaf_top = leaf_given = leaf_tok = None
+        with torch.enable_grad():
+            if cfg.objective == "sampled":
+                reward = obj.sampled_token_rewards(s_tok_1_n, t_tok_1_n, ones_1_n, estimator=cfg.estimator)
+                adv = obj.sampled_token_rewards(s_tok_1_n, t_tok_1_n, ones_1_n, "k1")
+                leaf_tok = s_tok_1_n.clone().requires_grad_()
+                new, old, valid = leaf_tok, s_tok_1_n, None
+            else:
+                topk = obj.topk_advantages(
+                    c.topk_ids_n_K[None, :, :K],
+                    c.topk_logp_n_K[None, :, :K],
+                    t_bufs[1][at][None, :, :K],
+                    t_bufs[2][at][None, :, :K],
+                    teacher_logp_at_student_B_T_K=t_bufs[3][at][None, :, :K],
+                    student_logp_at_teacher_B_T_K=c.given_logp_n_K[None] if teacher_first else None,
+                    mask_B_T=ones_1_n,
+                    support=cfg.support,
+                    weighting=cfg.weighting,
+                    renormalize=cfg.renormalize,
+                )
+                reward, adv, valid, old = topk.rewards.sum(-1), topk.advantages, topk.valid, topk.student_logp
+                # the support's slots as in fused_update's served-teacher branch
+                if cfg.support != "teacher":
+                    leaf_top = c.topk_logp_n_K[None, :, :K].clone().requires_grad_()
+                if teacher_first:
+                    leaf_given = c.given_logp_n_K[None].clone().requires_grad_()
+                new = torch.cat([x for x in (leaf_top, leaf_given) if x is not None], -1)
+            loss, stats = obj.policy_gradient_loss(
+                new,
+                old,
+                adv,
+                ones_1_n,
+                valid_B_T_S=valid,
+                clip_eps=cfg.clip_eps,
+                dual_clip=cfg.dual_clip,
+                aggregation="seq-mean-token-sum",
+                token_weight_B_T=weight_1_n,
+            )
+            leaves = [x for x in (leaf_tok, leaf_top, leaf_given) if x is not None]
+            grads = iter(torch.autograd.grad(loss, leaves))
+        reward_B_T[at] = reward[0].detach()
+        kept = float(c.rows_n.numel() if valid is None else valid.sum())
+        acc["loss"] += float(loss.detach())
+        acc["clipped"] += stats["clip_frac"] * kept
+        acc["kept"] += kept
+        g_tok, g_top, g_given = (
+            None if x is None else next(grads)[0] for x in (leaf_tok, leaf_top, leaf_given)
+        )
+        return g_tok, g_top, g_given
+
+    s_det = student(
+        mb.input_ids_B_T,
+        mb.attention_mask_B_T,
+        mb.response_mask_B_T,
+        given,
+        top_k=width,
+        entropy=True,
+        chunk_loss=chunk_loss,
+    )
+    s_det.given_logp_B_T_K = None  # as score_pair's student output
+    t = ScoreOutput(
+        token_logp_B_T=t_bufs[0],
+        topk_ids_B_T_K=t_bufs[1],
+        topk_logp_B_T_K=t_bufs[2],
+        given_logp_B_T_K=t_bufs[3],
+        entropy_B_T=t_bufs[4],
+    )
+    clip = acc["clipped"] / acc["kept"] if acc["kept"] else 0.0
+    return s_det, t, reward_B_T, acc["loss"], clip, acc["teacher"]
 
 
 def tis_weights(

@@ -31,9 +31,10 @@ and cross-process reduction (``aggregate`` normalises by the local token count o
 """
 
 from opd.objectives.checks import AGGREGATIONS, DIVERGENCES, ESTIMATORS, SUPPORTS, WEIGHTINGS
-from opd.objectives.full_vocab import full_vocab_divergence
+from opd.objectives.full_vocab import full_vocab_divergence, reverse_kl_from_logp
 from opd.objectives.policy_loss import (
     aggregate,
+    aggregation_weights,
     group_advantages,
     loss_denominator,
     micro_batch_weight,
@@ -58,10 +59,12 @@ __all__ = [
     "SUPPORTS",
     "WEIGHTINGS",
     "aggregate",
+    "aggregation_weights",
     "sampler_mismatch",
     "truncated_is_weights",
     "build_support",
     "full_vocab_divergence",
+    "reverse_kl_from_logp",
     "group_advantages",
     "loss_denominator",
     "micro_batch_weight",

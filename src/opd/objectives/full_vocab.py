@@ -36,6 +36,16 @@ def _kl_V(loga_B_T_V: torch.Tensor, logb_B_T_V: torch.Tensor, detach_log_ratio: 
     return (a_B_T_V * diff_B_T_V).sum(dim=-1)
 
 
+def reverse_kl_from_logp(student_logp_N_V: torch.Tensor, teacher_logp_N_V: torch.Tensor) -> torch.Tensor:
+    """``KL(p‖q) = Σ_v p(v)(log p(v) − log q(v))`` per row from log-probs already normalised (the last axis
+    is the vocabulary): ``full_vocab_divergence(kind="reverse_kl")`` of the logits they came from, without
+    a second log-softmax. Gradients reach only the student (the teacher is detached; the log-ratio is
+    stop-gradient as in ``_kl_V``). Returns float32 ``div_N``."""
+    check_floating("student_logp_N_V", student_logp_N_V)
+    check_shape("teacher_logp_N_V", teacher_logp_N_V, student_logp_N_V.shape, "student_logp_N_V")
+    return _kl_V(student_logp_N_V.float(), teacher_logp_N_V.detach().float(), detach_log_ratio=True)
+
+
 def full_vocab_divergence(
     student_logits_B_T_V: torch.Tensor,
     teacher_logits_B_T_V: torch.Tensor,

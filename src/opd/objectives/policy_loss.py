@@ -44,6 +44,24 @@ def aggregate(values_B_T: torch.Tensor, mask_B_T: torch.Tensor, mode: str = "tok
     return (seq_sum_B / count_B.clamp_min(1)).sum() / num_seqs
 
 
+def aggregation_weights(mask_B_T: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """The constant per-token weights of :func:`aggregate`: ``aggregate(v, m, mode) = Σ_{b,t} w[b,t]·v[b,t]``
+    for finite ``v`` (aggregation is linear in the values; the weights depend on the mask only), i.e. its
+    gradient with respect to ``v``. With ``n_b = Σ_t m[b,t]`` and ``|B'|`` the rows with ``n_b ≥ 1``:
+    ``m / max(Σ n_b, 1)`` (token-mean), ``m / max(|B'|, 1)`` (seq-mean-token-sum),
+    ``m / (max(n_b, 1)·max(|B'|, 1))`` (seq-mean-token-mean). Float32 ``w_B_T``."""
+    check_rank("mask_B_T", mask_B_T, "B_T")
+    check_choice("mode", mode, AGGREGATIONS)
+    m_B_T = (mask_B_T != 0).float()
+    count_B = m_B_T.sum(-1)
+    if mode == "token-mean":
+        return m_B_T / count_B.sum().clamp_min(1)
+    num_seqs = (count_B > 0).sum().clamp_min(1).float()
+    if mode == "seq-mean-token-sum":
+        return m_B_T / num_seqs
+    return m_B_T / (count_B.clamp_min(1)[:, None] * num_seqs)
+
+
 def policy_gradient_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

@@ -38,8 +38,20 @@ per chunk, checkpointed), so the exact-KL objective never holds an N×V tensor e
 
 ``full_vocab_fused(student, teacher, ..., divergence, loss_weight_B_T, *, top_k, ...) -> (div_B_T, student
 ScoreOutput, teacher ScoreOutput)`` is the on-policy single pass of both models: it backpropagates
-``Σ loss_weight_B_T · div_B_T`` into the student itself (chunk by chunk, each head once, no recompute) and
+``Σ loss_weight_B_T · div_B_T`` into the student itself (chunk by chunk, each head and log-softmax once, no
+recompute; its ``divergence`` takes the two chunks' log-probs) and
 returns both models' scores from the same logits (the fused full-vocabulary step of the training loop).
+
+``score_backward(model, ..., chunk_loss, *, top_k, given_ids_B_T_K, ...) -> ScoreOutput`` is ``score`` plus
+the backward of a loss that is a sum of per-position terms in the scored log-probs: ``chunk_loss`` gives
+each chunk's ∂L/∂(token, top-k, given log-probs), the chunk's logit gradient follows in closed form
+(scatter(g) − Σg·p) from the forward's own logits, so the head is never recomputed (the fused top-K and
+sampled-token steps of the training loop).
+
+``keep_rows(model, ...) -> Rescorer`` runs the backbone alone and keeps the N response rows;
+``Rescorer.scores_at(rows_n, cols_n, ...)`` gives ``score``'s values at any n of those positions later (the
+teacher scored chunk by chunk inside the student's ``score_backward`` pass; ``teacher_rows`` in a rollout
+batch's layout).
 
 ``score_rescorable(model, ...) -> (ScoreOutput, Rescorer)`` is a no-grad ``score`` that keeps the N
 scored hidden rows and log-normalisers, so ``Rescorer.given(ids_B_T_K)`` gives log-probs at ids known only
@@ -68,18 +80,31 @@ What this package deliberately leaves out:
 """
 
 from opd.scoring.chunked import (
+    ChunkGrads,
+    ChunkScores,
     Rescorer,
     ScoreOutput,
     full_vocab_fused,
     full_vocab_pair,
+    keep_rows,
     score,
+    score_backward,
     score_full_logits,
     score_rescorable,
 )
 from opd.scoring.head import aligned_positions, check_head_path, left_pad_position_ids
-from opd.scoring.scorer import PolicyScorer, cat_scores, score_pair, score_teacher, score_teacher_first
+from opd.scoring.scorer import (
+    PolicyScorer,
+    cat_scores,
+    score_pair,
+    score_teacher,
+    score_teacher_first,
+    teacher_rows,
+)
 
 __all__ = [
+    "ChunkGrads",
+    "ChunkScores",
     "PolicyScorer",
     "Rescorer",
     "ScoreOutput",
@@ -87,12 +112,15 @@ __all__ = [
     "check_head_path",
     "full_vocab_fused",
     "full_vocab_pair",
+    "keep_rows",
     "left_pad_position_ids",
     "score",
+    "score_backward",
     "score_full_logits",
     "cat_scores",
     "score_pair",
     "score_rescorable",
     "score_teacher",
     "score_teacher_first",
+    "teacher_rows",
 ]

@@ -1,5 +1,7 @@
-"""Chunked scoring: ``score`` (per-position log-probs, top-k, entropy), ``score_full_logits`` (full
-logits chunk by chunk) and ``full_vocab_pair`` (a streamed full-vocabulary divergence of two models).
+"""Chunked scoring: ``score`` (per-position log-probs, top-k, entropy), ``score_backward`` (the same and
+the backward of a loss of them, without recomputing the head), ``score_full_logits`` (full logits chunk
+by chunk), ``full_vocab_pair`` (a streamed full-vocabulary divergence of two models) and
+``full_vocab_fused`` (that divergence's backward taken in the scoring pass).
 
 The maths. With final hidden state h_s at position s, head W and temperature τ,
 
@@ -26,7 +28,7 @@ differentiable; top-k ids are integers. ``grad=False`` runs everything under ``t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -61,6 +63,13 @@ def _chunk_stats(
     lse_N = torch.logsumexp(z_N_V, dim=-1) if lse else None
     logp_N_V = torch.log_softmax(z_N_V, dim=-1)
     del z_N_V
+    return (*_logp_stats(logp_N_V, target_N, given_N_K, top_k, entropy), lse_N)
+
+
+def _logp_stats(
+    logp_N_V: torch.Tensor, target_N: torch.Tensor, given_N_K: torch.Tensor | None, top_k: int, entropy: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """(token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N) of one chunk's log-probs."""
     token_logp_N = logp_N_V.gather(-1, target_N.to(logp_N_V.device)[:, None]).squeeze(-1)
     given_logp_N_K = None if given_N_K is None else logp_N_V.gather(-1, given_N_K.to(logp_N_V.device))
     topk_logp_N_K = topk_ids_N_K = None
@@ -71,7 +80,14 @@ def _chunk_stats(
         # H = −Σ_v p(v) log p(v) as a batched dot product: no third chunk×V temporary. Logits are finite
         # (lm_head output), so log p > −inf and 0·log 0 does not arise.
         entropy_N = -torch.matmul(logp_N_V.exp()[:, None, :], logp_N_V[:, :, None]).reshape(-1)
-    return token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N, lse_N
+    return token_logp_N, topk_ids_N_K, topk_logp_N_K, given_logp_N_K, entropy_N
+
+
+def _fill(fields_N: list, sl: slice, values: tuple) -> None:
+    """Write one chunk's ``_logp_stats`` into the N-entry buffers (None = not requested)."""
+    for buf_N, v in zip(fields_N, values):
+        if buf_N is not None and v is not None:
+            buf_N[sl] = v
 
 
 def _slices(N: int, chunk_size: int) -> list[slice]:
@@ -96,15 +112,17 @@ class Rescorer:
 
     head: Head
     hidden_N_H: torch.Tensor
-    lse_N: torch.Tensor
+    lse_N: torch.Tensor | None  # None: kept by :func:`keep_rows` (no head run yet): ``scores_at`` only
     rows_N: torch.Tensor
     tgt_N: torch.Tensor
     shape: tuple[int, int]
     width: int
     chunk_size: int
     device: torch.device
+    _entry_B_T: torch.Tensor | None = field(default=None, repr=False)
 
     def given(self, ids_B_T_K: torch.Tensor) -> torch.Tensor:
+        self._need_lse()
         B, T = self.shape
         assert ids_B_T_K.dim() == 3 and ids_B_T_K.shape[:2] == (B, T), (
             f"ids_B_T_K must be (B, T, K) = ({B}, {T}, K), got {tuple(ids_B_T_K.shape)}"
@@ -121,6 +139,57 @@ class Rescorer:
             for sl in _slices(N, self.chunk_size):
                 out_N_K[sl] = self.head.logits_at(self.hidden_N_H[sl], ids_N_K[sl]) - self.lse_N[sl, None]
         return _scatter(out_N_K, self.rows_N, self.tgt_N, B, T).to(self.device)
+
+    def given_at(self, rows_n: torch.Tensor, cols_n: torch.Tensor, ids_n_K: torch.Tensor) -> torch.Tensor:
+        """``given(ids)[rows_n, cols_n]`` for n scored entries only: (n, K) float32, on the hidden rows'
+        device (a caller working chunk by chunk asks for its chunk's entries, not the whole batch)."""
+        self._need_lse()
+        entry_n = self._entries(rows_n, cols_n)
+        check_ids_in_range("ids_n_K", ids_n_K, self.width)
+        with torch.no_grad():
+            z_n_K = self.head.logits_at(self.hidden_N_H[entry_n], ids_n_K.long().to(self.hidden_N_H.device))
+            return z_n_K - self.lse_N[entry_n, None]
+
+    def scores_at(
+        self,
+        rows_n: torch.Tensor,
+        cols_n: torch.Tensor,
+        target_n: torch.Tensor,
+        given_n_K: torch.Tensor | None,
+        top_k: int,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """``score``'s values at n kept entries, from the full head on their kept rows: (token_logp_n,
+        topk_ids_n_K, topk_logp_n_K, given_logp_n_K, entropy_n) of the tokens ``target_n`` and ids
+        ``given_n_K``, computed exactly as ``score`` computes them (head, log-softmax, gather, top-k)."""
+        entry_n = self._entries(rows_n, cols_n)
+        dev = self.hidden_N_H.device
+        check_ids_in_range("target_n", target_n, self.width)
+        if given_n_K is not None:
+            check_ids_in_range("given_n_K", given_n_K, self.width)
+            given_n_K = given_n_K.long().to(dev)
+        with torch.no_grad():
+            logp_n_V = torch.log_softmax(self.head.logits(self.hidden_N_H[entry_n]), dim=-1)
+            return _logp_stats(logp_n_V, target_n.long().to(dev), given_n_K, top_k, True)
+
+    def _need_lse(self) -> None:
+        if self.lse_N is None:
+            raise ValueError(
+                "Rescorer: kept by keep_rows (no head pass), so it has no log-normalisers for given()/given_at(). "
+                "Fix: use scores_at(), or score_rescorable() for a rescorer that gives log-probs at K ids."
+            )
+
+    def _entries(self, rows_n: torch.Tensor, cols_n: torch.Tensor) -> torch.Tensor:
+        B, T = self.shape
+        if self._entry_B_T is None:  # (b, t) -> index of that entry among the N kept rows, −1 if none
+            self._entry_B_T = torch.full((B, T), -1, dtype=torch.long)
+            self._entry_B_T[self.rows_N.cpu(), self.tgt_N.cpu()] = torch.arange(self.rows_N.numel())
+        entry_n = self._entry_B_T[rows_n.cpu(), cols_n.cpu()]
+        if bool((entry_n < 0).any()):
+            raise ValueError(
+                f"rows_n/cols_n: {int((entry_n < 0).sum())} of {entry_n.numel()} positions were not scored by "
+                "this rescorer's pass. Fix: ask only for response positions of the batch it scored."
+            )
+        return entry_n.to(self.hidden_N_H.device)
 
 
 def score(
@@ -163,6 +232,40 @@ def score(
     )[0]
 
 
+def keep_rows(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    vocab_limit: int | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+) -> Rescorer:
+    """The no-grad backbone pass of ``score`` alone: a :class:`Rescorer` holding the N response rows of the
+    final hidden state (no head run yet), whose ``scores_at`` gives chunks of ``score``'s values later (a
+    teacher scored chunk by chunk inside the student's pass, its head once per position)."""
+    head, V, rows_N, tgt_N, src_N, _, _ = _prepare(
+        model,
+        input_ids_B_T,
+        attention_mask_B_T,
+        response_mask_B_T,
+        temperature,
+        0,
+        None,
+        chunk_size,
+        vocab_limit,
+    )
+    B, T = input_ids_B_T.shape
+    hidden_N_H = torch.zeros((0, 1), device=input_ids_B_T.device)
+    if rows_N.numel():
+        with torch.no_grad(), compute_context(model, compute_dtype):
+            hidden_B_T_H = final_hidden(model, input_ids_B_T, attention_mask_B_T)
+            hidden_N_H = hidden_B_T_H[rows_N.to(hidden_B_T_H.device), src_N.to(hidden_B_T_H.device)]
+    return Rescorer(head, hidden_N_H, None, rows_N, tgt_N, (B, T), V, chunk_size, input_ids_B_T.device)
+
+
 def score_rescorable(
     model: torch.nn.Module,
     input_ids_B_T: torch.Tensor,
@@ -182,11 +285,32 @@ def score_rescorable(
     return out, rescorer
 
 
-def _score(
+@dataclass
+class ChunkScores:
+    """One chunk of :func:`score_backward`: ``n`` scored entries at ``(rows_n, tgt_n)`` of the batch (the
+    alignment of :func:`aligned_positions`) and their detached float32 scores, as ``score`` defines them."""
+
+    rows_n: torch.Tensor
+    tgt_n: torch.Tensor
+    token_logp_n: torch.Tensor
+    topk_ids_n_K: torch.Tensor | None
+    topk_logp_n_K: torch.Tensor | None
+    given_ids_n_K: torch.Tensor | None
+    given_logp_n_K: torch.Tensor | None
+    entropy_n: torch.Tensor | None
+
+
+# ∂L/∂ of a chunk's (token_logp_n, topk_logp_n_K, given_logp_n_K); None = 0. The top-k gradient may have
+# fewer columns than top_k: it is then about the first ones.
+ChunkGrads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def score_backward(
     model: torch.nn.Module,
     input_ids_B_T: torch.Tensor,
     attention_mask_B_T: torch.Tensor,
     response_mask_B_T: torch.Tensor,
+    chunk_loss: Callable[[ChunkScores], ChunkGrads],
     *,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -194,10 +318,115 @@ def _score(
     entropy: bool = True,
     chunk_size: int = 256,
     vocab_limit: int | None = None,
-    grad: bool = False,
     compute_dtype: str | torch.dtype | None = None,
-    keep: bool = False,
-) -> tuple[ScoreOutput, Rescorer | None]:
+) -> ScoreOutput:
+    """``score(...)`` and the backward of a loss of its log-probs in one pass, each head row projected once.
+
+    For a loss L that is a sum over scored positions of terms in that position's token, top-k and given
+    log-probs (the policy-gradient losses: their aggregation is linear, with coefficients that depend on
+    the mask only), ``chunk_loss(ChunkScores) -> (g_token_n, g_topk_n_K, g_given_n_K)`` returns the
+    chunk's ∂L/∂ of those log-probs. With log p(v) = z(v) − log Σ_u exp z(u),
+
+        ∂L/∂z = Σ_e g_e (onehot(v_e) − p) = scatter_add(g at the ids v_e) − (Σ_e g_e) · p
+
+    (e runs over the position's token, top-k and given entries), so each chunk's logits get their
+    gradient from the same forward that scored them; it goes through the head (into its weights and the
+    chunk's hidden-row gradient) at once, and the chunk's vocabulary-sized tensors are freed. At the end
+    the hidden-row gradients go through the backbone in one ``backward``. The parameters' ``.grad`` are
+    accumulated here; the caller does not call ``backward``. Unlike ``score(grad=True)`` (a checkpoint
+    per chunk, which recomputes the head, log-softmax, top-k and entropy in backward) nothing is
+    recomputed; the peak extra is about three chunk×V float32 tensors (logits, log-probs, gradient).
+
+    Returns the detached ``ScoreOutput`` (same values as ``score`` with these arguments). ``chunk_loss``
+    is called once per chunk in order, with grad enabled as the caller has it.
+    """
+    head, V, rows_N, tgt_N, src_N, target_N, given_N_K = _prepare(
+        model,
+        input_ids_B_T,
+        attention_mask_B_T,
+        response_mask_B_T,
+        temperature,
+        top_k,
+        given_ids_B_T_K,
+        chunk_size,
+        vocab_limit,
+    )
+    B, T = input_ids_B_T.shape
+    device = input_ids_B_T.device
+    K_given = 0 if given_N_K is None else given_N_K.shape[-1]
+    specs = (
+        (torch.float32, ()),
+        (torch.long, (top_k,)) if top_k else None,
+        (torch.float32, (top_k,)) if top_k else None,
+        (torch.float32, (K_given,)) if given_N_K is not None else None,
+        (torch.float32, ()) if entropy else None,
+    )
+    N = rows_N.numel()
+    if N == 0:
+        zeros = [
+            None if sp is None else torch.zeros((B, T, *sp[1]), dtype=sp[0], device=device) for sp in specs
+        ]
+        return ScoreOutput(*zeros)
+    with compute_context(model, compute_dtype):
+        hidden_B_T_H = final_hidden(model, input_ids_B_T, attention_mask_B_T)
+    dev = hidden_B_T_H.device
+    hidden_N_H = hidden_B_T_H[rows_N.to(dev), src_N.to(dev)]
+    del hidden_B_T_H
+    target_N = target_N.to(dev)
+    given_N_K = None if given_N_K is None else given_N_K.to(dev)
+    fields_N = [None if sp is None else torch.empty((N, *sp[1]), dtype=sp[0], device=dev) for sp in specs]
+    grad_N_H = torch.zeros_like(hidden_N_H) if hidden_N_H.requires_grad else None
+    for sl in _slices(N, chunk_size):
+        h_c_H = hidden_N_H[sl].detach().requires_grad_(hidden_N_H.requires_grad)
+        with torch.enable_grad():
+            z_c_V = head.logits(h_c_H)
+        given_c_K = None if given_N_K is None else given_N_K[sl]
+        with torch.no_grad():
+            logp_c_V = torch.log_softmax(z_c_V.detach(), dim=-1)
+            stats = _logp_stats(logp_c_V, target_N[sl], given_c_K, top_k, entropy)
+            _fill(fields_N, sl, stats)
+        g_token, g_topk, g_given = chunk_loss(
+            ChunkScores(rows_N[sl], tgt_N[sl], stats[0], stats[1], stats[2], given_c_K, stats[3], stats[4])
+        )
+        with torch.no_grad():
+            parts = [
+                (g, ids)
+                for g, ids in ((g_token, target_N[sl, None]), (g_topk, stats[1]), (g_given, given_c_K))
+                if g is not None
+            ]
+            if not parts or not z_c_V.requires_grad:
+                continue
+            dz_c_V = logp_c_V.exp_()  # p, in place: the log-probs are no longer needed
+            del logp_c_V
+            g_n_E = [g.reshape(g.shape[0], -1).float().to(dev) for g, _ in parts]
+            dz_c_V.mul_(-sum(g.sum(-1) for g in g_n_E)[:, None])
+            for g, (_, ids) in zip(g_n_E, parts):
+                dz_c_V.scatter_add_(-1, ids[:, : g.shape[-1]], g)
+        z_c_V.backward(dz_c_V)
+        del z_c_V, dz_c_V
+        if grad_N_H is not None and h_c_H.grad is not None:
+            grad_N_H[sl] = h_c_H.grad
+    if grad_N_H is not None:
+        hidden_N_H.backward(grad_N_H)
+    return ScoreOutput(
+        *[None if f is None else _scatter(f, rows_N, tgt_N, B, T).to(device) for f in fields_N]
+    )
+
+
+def _prepare(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    given_ids_B_T_K: torch.Tensor | None,
+    chunk_size: int,
+    vocab_limit: int | None,
+) -> tuple:
+    """The checks every ``score`` variant runs, and what they share: ``(head, V, rows_N, tgt_N, src_N,
+    target_N, given_N_K)`` (the scored entries as :func:`aligned_positions` gives them, their token ids
+    and given ids)."""
     check_batch(input_ids_B_T, attention_mask_B_T, response_mask_B_T, chunk_size)
     B, T = input_ids_B_T.shape
     head, V = make_head(model, temperature, vocab_limit)
@@ -215,7 +444,37 @@ def _score(
             raise ValueError(f"given_ids_B_T_K: must be integer ids, got dtype {given_ids_B_T_K.dtype}.")
         given_N_K = given_ids_B_T_K[rows_N, tgt_N].long()
         check_ids_in_range("given_ids_B_T_K", given_N_K, V)
+    return head, V, rows_N, tgt_N, src_N, target_N, given_N_K
 
+
+def _score(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    response_mask_B_T: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    given_ids_B_T_K: torch.Tensor | None = None,
+    entropy: bool = True,
+    chunk_size: int = 256,
+    vocab_limit: int | None = None,
+    grad: bool = False,
+    compute_dtype: str | torch.dtype | None = None,
+    keep: bool = False,
+) -> tuple[ScoreOutput, Rescorer | None]:
+    head, V, rows_N, tgt_N, src_N, target_N, given_N_K = _prepare(
+        model,
+        input_ids_B_T,
+        attention_mask_B_T,
+        response_mask_B_T,
+        temperature,
+        top_k,
+        given_ids_B_T_K,
+        chunk_size,
+        vocab_limit,
+    )
+    B, T = input_ids_B_T.shape
     K_given = 0 if given_N_K is None else given_N_K.shape[-1]
     specs = (  # (dtype, per-entry shape) of each _chunk_stats field, None when not requested
         (torch.float32, ()),
@@ -260,9 +519,7 @@ def _score(
                     for sp in specs
                 ]
                 for sl in _slices(N, chunk_size):
-                    for buf_N, values in zip(fields_N, _chunk_stats(*chunk_args(sl))):
-                        if buf_N is not None:
-                            buf_N[sl] = values
+                    _fill(fields_N, sl, _chunk_stats(*chunk_args(sl)))
         fields = [None if f is None else _scatter(f, rows_N, tgt_N, B, T).to(device) for f in fields_N[:5]]
     out = ScoreOutput(
         token_logp_B_T=fields[0],
@@ -415,18 +672,22 @@ def full_vocab_fused(
 ) -> tuple[torch.Tensor, ScoreOutput, ScoreOutput]:
     """One pass of both models that scores them *and* backpropagates ``Σ_{b,t} loss_weight_B_T · div_B_T``.
 
-    ``div_B_T`` is :func:`full_vocab_pair`'s divergence; the weights are the loss's constant per-token
-    coefficients (an aggregation of per-token values is linear in them). The student's parameters get
-    their ``.grad`` accumulated here, so the caller does not call ``backward``. Also returns the two
+    ``divergence(student_logp_N_V, teacher_logp_N_V) -> div_N`` takes the chunk's *log-probs* (each model's
+    log-softmax runs once per chunk and serves both its scores and the divergence; e.g.
+    ``opd.objectives.reverse_kl_from_logp``), unlike :func:`full_vocab_pair`'s, which takes logits. The
+    weights are the loss's constant per-token coefficients (an aggregation of per-token values is linear
+    in them). The student's parameters get their ``.grad`` accumulated here, so the caller does not call
+    ``backward``. Also returns the two
     models' no-grad ``score``-style outputs from the same logits: token log-probs, top-``top_k`` ids and
     log-probs, entropy, and the teacher's log-probs at the student's top-``top_k`` ids
     (``given_logp_B_T_K``), i.e. what ``score_pair`` gives, without running either model again.
     Returns ``(div_B_T detached, student ScoreOutput, teacher ScoreOutput)``.
 
     How: the teacher's backbone runs once without grad, the student's once with grad; only their N
-    response rows are kept. Per chunk of ``chunk_size`` positions the student's head runs on a detached
-    copy of its hidden rows with grad, the divergence's backward is taken at once (into the head's weights
-    and that chunk's hidden-row gradient), and the chunk's vocabulary-sized tensors are freed. At the end
+    response rows are kept. Per chunk of ``chunk_size`` positions the student's head and log-softmax run on
+    a detached copy of its hidden rows with grad, the divergence's backward is taken at once (into the
+    head's weights and that chunk's hidden-row gradient), and the chunk's vocabulary-sized tensors are
+    freed. At the end
     the hidden-row gradients go through the backbone in one ``backward``. Each head thus runs once
     forward (no checkpoint recompute) and no N×V tensor exists; the peak extra is a few chunk×V float32
     tensors (logits, log-probs and the divergence's saved tensors of one chunk).
@@ -480,21 +741,16 @@ def full_vocab_fused(
     grad_N_H = torch.empty_like(s_hidden_N_H)
     for sl in _slices(N, chunk_size):
         h_c_H = s_hidden_N_H[sl].detach().requires_grad_(s_hidden_N_H.requires_grad)
-        with torch.enable_grad():
-            z_c_V = s_head.logits(h_c_H)
+        with torch.enable_grad():  # each model's log-softmax once: the divergence takes log-probs
+            s_logp_c_V = torch.log_softmax(s_head.logits(h_c_H), dim=-1)
         with torch.no_grad():
-            s_logp_c_V = torch.log_softmax(z_c_V.detach(), dim=-1)
-            _stats_into(s_f, sl, s_logp_c_V, target_N[sl], top_k)
-            del s_logp_c_V
-            t_z_c_V = t_head.logits(t_hidden_N_H[sl].to(dev))
-            t_logp_c_V = torch.log_softmax(t_z_c_V, dim=-1)
-            _stats_into(t_f, sl, t_logp_c_V, target_N[sl], top_k)
-            if top_k:
-                t_f[3][sl] = t_logp_c_V.gather(-1, s_f[1][sl])
-            del t_logp_c_V
+            _fill(s_f, sl, _logp_stats(s_logp_c_V.detach(), target_N[sl], None, top_k, True))
+            t_logp_c_V = torch.log_softmax(t_head.logits(t_hidden_N_H[sl].to(dev)), dim=-1)
+            given_c_K = s_f[1][sl] if top_k else None  # the teacher at the student's top-k
+            _fill(t_f, sl, _logp_stats(t_logp_c_V, target_N[sl], given_c_K, top_k, True))
         with torch.enable_grad():
-            div_c = divergence(z_c_V, t_z_c_V).float()
-            del z_c_V, t_z_c_V
+            div_c = divergence(s_logp_c_V, t_logp_c_V).float()
+            del s_logp_c_V, t_logp_c_V
             div_N[sl] = div_c.detach()
             if div_c.requires_grad:
                 (div_c * weight_N[sl]).sum().backward()
@@ -510,13 +766,3 @@ def full_vocab_fused(
         return [None if x is None else _scatter(x, rows_N, tgt_N, B, T).to(device) for x in f]
 
     return _scatter(div_N, rows_N, tgt_N, B, T).to(device), ScoreOutput(*out(s_f)), ScoreOutput(*out(t_f))
-
-
-def _stats_into(
-    fields_N: list, sl: slice, logp_c_V: torch.Tensor, target_c: torch.Tensor, top_k: int
-) -> None:
-    """``_chunk_stats``' token log-prob, top-k and entropy of one chunk's log-probs, into the buffers."""
-    fields_N[0][sl] = logp_c_V.gather(-1, target_c[:, None]).squeeze(-1)
-    if top_k:
-        fields_N[2][sl], fields_N[1][sl] = logp_c_V.topk(top_k, dim=-1)
-    fields_N[4][sl] = -torch.matmul(logp_c_V.exp()[:, None, :], logp_c_V[:, :, None]).reshape(-1)

@@ -63,7 +63,7 @@ def left_pad_position_ids(attention_mask_B_T: torch.Tensor) -> torch.Tensor:
 # Backbone and head
 
 
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack that returns the final (normed) hidden state, generic over HF causal LMs."""
     decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
     if decoder is None or decoder is model:
@@ -87,7 +87,7 @@ def final_hidden(
     """
     device = model.get_input_embeddings().weight.device
     input_ids_B_T, attention_mask_B_T = input_ids_B_T.to(device), attention_mask_B_T.to(device)
-    out = _backbone(model)(
+    out = backbone(model)(
         input_ids=input_ids_B_T,
         attention_mask=attention_mask_B_T,
         position_ids=left_pad_position_ids(attention_mask_B_T),

@@ -10,11 +10,15 @@ import torch
 
 from opd.rollout import RolloutBatch, shift_positions
 from opd.scoring.chunked import (
+    ChunkGrads,
+    ChunkScores,
     Rescorer,
     ScoreOutput,
     full_vocab_fused,
     full_vocab_pair,
+    keep_rows,
     score,
+    score_backward,
     score_rescorable,
 )
 
@@ -61,13 +65,37 @@ class PolicyScorer(torch.nn.Module):
         divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         teacher_temperature: float = 1.0,
         loss_weight_B_T: torch.Tensor | None = None,
+        chunk_loss: Callable[[ChunkScores], ChunkGrads] | None = None,
     ) -> ScoreOutput | torch.Tensor | tuple[torch.Tensor, ScoreOutput, ScoreOutput]:
         """``score(self.model, ...)`` → ScoreOutput; with ``teacher`` and ``divergence``: the streamed
         full-vocabulary ``divergence(student_logits, teacher_logits)`` per position (``div_B_T``, the
         teacher at ``teacher_temperature``, no grad to it) as :func:`full_vocab_pair` computes it; with
-        ``loss_weight_B_T`` as well: :func:`full_vocab_fused` (backpropagates the weighted divergence
-        itself and returns ``(div_B_T, student ScoreOutput, teacher ScoreOutput)`` with top-``top_k``)."""
+        ``loss_weight_B_T`` as well: :func:`full_vocab_fused` (``divergence`` then takes log-probs;
+        backpropagates the weighted divergence itself and returns ``(div_B_T, student ScoreOutput,
+        teacher ScoreOutput)`` with top-``top_k``); with
+        ``chunk_loss``: :func:`score_backward` (scores, and backpropagates the loss whose per-chunk
+        gradients ``chunk_loss`` returns; detached ``ScoreOutput``)."""
         grad = torch.is_grad_enabled()
+        if chunk_loss is not None:
+            if teacher is not None or divergence is not None or loss_weight_B_T is not None:
+                raise ValueError(
+                    "PolicyScorer.forward: chunk_loss= does not combine with teacher= / divergence= / "
+                    "loss_weight_B_T=. Fix: pass chunk_loss with the score arguments only."
+                )
+            return score_backward(
+                self.model,
+                input_ids_B_T,
+                attention_mask_B_T,
+                response_mask_B_T,
+                chunk_loss,
+                temperature=self.temperature,
+                top_k=top_k,
+                given_ids_B_T_K=given_ids_B_T_K,
+                entropy=entropy,
+                chunk_size=self.chunk_size,
+                vocab_limit=self.vocab_limit,
+                compute_dtype=self.compute_dtype,
+            )
         if loss_weight_B_T is not None:
             if teacher is None or divergence is None or given_ids_B_T_K is not None:
                 raise ValueError(
@@ -124,6 +152,21 @@ class PolicyScorer(torch.nn.Module):
             compute_dtype=self.compute_dtype,
         )
 
+    def keep_rows(
+        self, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor, response_mask_B_T: torch.Tensor
+    ) -> Rescorer:
+        """No-grad :func:`keep_rows` of the model with this scorer's settings."""
+        return keep_rows(
+            self.model,
+            input_ids_B_T,
+            attention_mask_B_T,
+            response_mask_B_T,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            vocab_limit=self.vocab_limit,
+            compute_dtype=self.compute_dtype,
+        )
+
     def score_rescorable(
         self,
         input_ids_B_T: torch.Tensor,
@@ -146,6 +189,27 @@ class PolicyScorer(torch.nn.Module):
             vocab_limit=self.vocab_limit,
             compute_dtype=self.compute_dtype,
         )
+
+
+def teacher_rows(
+    teacher: PolicyScorer, mb: RolloutBatch, *, teacher_mb: RolloutBatch | None = None
+) -> Callable[..., tuple[torch.Tensor | None, ...]]:
+    """The teacher's backbone over micro-batch ``mb`` now (its response rows kept, no head), and a function
+    ``scores_at(rows_n, cols_n, target_n, given_n_K, top_k)`` that gives :func:`score_teacher`'s values at n
+    positions of ``mb``'s layout later (``Rescorer.scores_at``: the head on those rows only), so a
+    student pass working chunk by chunk has the teacher's scores of each chunk with the teacher's head run
+    once per position, computed as ``score`` computes them. ``teacher_mb`` as in :func:`score_teacher`."""
+    if teacher_mb is None:
+        teacher_mb = mb
+    P, P2 = mb.prompt_len, teacher_mb.prompt_len
+    rows = teacher.keep_rows(
+        teacher_mb.input_ids_B_T, teacher_mb.attention_mask_B_T, teacher_mb.response_mask_B_T
+    )
+
+    def scores_at(rows_n, cols_n, target_n, given_n_K, top_k):
+        return rows.scores_at(rows_n, cols_n + (P2 - P), target_n, given_n_K, top_k)
+
+    return scores_at
 
 
 def score_pair(
@@ -231,7 +295,9 @@ def score_teacher_first(
     """:func:`score_teacher` before the student's ids are known: the teacher's own top-``width``,
     entropy and sampled-token log-probs now (``given_logp_B_T_K`` None), and a function that gives its
     log-probs at ids of ``mb``'s layout later (``Rescorer.given``: K weight rows per position, no second
-    vocabulary-wide head). Both in ``mb``'s layout, as :func:`score_teacher`'s."""
+    vocabulary-wide head). Both in ``mb``'s layout, as :func:`score_teacher`'s. With a teacher that keeps
+    its hidden rows, ``given(ids_n_K, at=(rows_n, cols_n))`` gives just n positions of ``mb``'s layout
+    (``Rescorer.given_at``: a chunk at a time); a served teacher has no ``at``."""
     if not hasattr(teacher, "score_rescorable"):
         # a scorer that keeps no hidden rows (a served teacher, opd.remote): a second scoring call later
         def rescore(ids_B_T_K: torch.Tensor) -> torch.Tensor:
@@ -252,8 +318,10 @@ def score_teacher_first(
             entropy=True,
         )
 
-    def given(ids_B_T_K: torch.Tensor) -> torch.Tensor:
-        return shift_positions(rescorer.given(shift_positions(ids_B_T_K, P, P2)), P2, P)
+    def given(ids: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if at is not None:  # ids_n_K at the positions (rows_n, cols_n) of mb's layout only
+            return rescorer.given_at(at[0], at[1] + (P2 - P), ids)
+        return shift_positions(rescorer.given(shift_positions(ids, P, P2)), P2, P)
 
     return _to_layout(t, P2, P), given
 
