@@ -4,6 +4,7 @@ its weight sync, the scoring module (in lockstep with ``scoring.score``) and the
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import os
 
@@ -312,6 +313,10 @@ def test_a_ddp_wrapper_around_the_scorer_gets_the_same_gradients(scoring_setup, 
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(scorer)
         ddp(ids, attn, resp, given).given_logp_B_T_K.sum().backward()
+        # DDP's reducer holds the process group: freed after destroy_process_group, its gloo threads'
+        # join can hang (seen on a loaded machine), so it goes first
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
     g_ddp = _grads(student)

@@ -178,6 +178,21 @@ def _loss_coefficients(mask: torch.Tensor, mask_all: torch.Tensor, cfg: OPDConfi
     return obj.aggregation_weights(mask, cfg.loss_aggregation) * w
 
 
+def _check_finite_at(
+    role: str, name: str, tok_1_n: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, int]
+) -> None:
+    """:func:`opd.models.check_finite_logp` for one chunk's scored positions ``at`` (rows, columns) of a
+    (B, T) micro-batch, so that a failure counts positions and sequences of the micro-batch, not of a
+    flattened chunk. The (B, T) tensors are only built when the chunk has a non-finite value."""
+    if bool(torch.isfinite(tok_1_n).all()):
+        return
+    logp_B_T = torch.zeros(shape, device=tok_1_n.device)
+    mask_B_T = torch.zeros(shape, device=tok_1_n.device)
+    logp_B_T[at] = tok_1_n[0].float()
+    mask_B_T[at] = 1.0
+    check_finite_logp(role, name, logp_B_T, mask_B_T)
+
+
 def fused_update(
     student: PolicyScorer,
     teacher: PolicyScorer,
@@ -402,8 +417,8 @@ def _one_pass(
             if buf is not None:
                 buf[at] = values.to(dev)
         t_tok_1_n = t_bufs[0][at][None]
-        check_finite_logp("student", cfg.student, s_tok_1_n, ones_1_n)  # before this chunk's backward
-        check_finite_logp("teacher", cfg.teacher, t_tok_1_n, ones_1_n)
+        _check_finite_at("student", cfg.student, s_tok_1_n, at, (B, T))  # before this chunk's backward
+        _check_finite_at("teacher", cfg.teacher, t_tok_1_n, at, (B, T))
         weight_1_n = coeff_B_T[at][None]
         if tis:
             sampler_1_n = mb.sampler_logprobs_B_T[at][None]
