@@ -285,3 +285,10 @@ def test_a_single_cpu_process_from_accelerate_launch_is_warned_about(monkeypatch
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     Runtime.from_config(OPDConfig(device="cpu"))  # a plain single process: no warning
     assert "accelerate" not in caplog.text
+
+
+def test_python_dash_m_opd_is_the_opd_command():
+    """``-m opd`` (the issue's ``accelerate launch -m opd train ...``) runs the same CLI as ``-m opd.cli``."""
+    a = subprocess.run([sys.executable, "-m", "opd", "train", "--help"], capture_output=True, text=True)
+    b = subprocess.run([sys.executable, "-m", "opd.cli", "train", "--help"], capture_output=True, text=True)
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.startswith("usage: opd train")
