@@ -2,6 +2,7 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,18 @@ def tiny_pair(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
     return student, teacher, prompts
+
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+
+
+def accelerate_launch(config: str, *flags: str) -> list[str]:
+    """``accelerate launch --config_file configs/accelerate/<config> --num_processes 2`` as a command (a free
+    port: other launches may run beside it)."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
+    return [
+        *(sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"),
+        *("--config_file", str(ACCELERATE_CONFIGS / config), "--num_processes", "2"),
+        *("--main_process_port", "0", *flags),
+    ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ACCELERATE_CONFIGS, REPO, accelerate_launch
 from safetensors.torch import load_file
 
 from opd.models import load_model, load_tokenizer
@@ -237,3 +238,57 @@ def test_an_accelerate_sharding_config_is_refused(var, monkeypatch):
     monkeypatch.setenv(var, "true")
     with pytest.raises(ConfigError, match="MULTI_GPU"):
         Runtime.from_config(OPDConfig(device="cpu"))
+
+
+# ------------------------------------------------------------------ accelerate launch (the README's command)
+
+
+def test_accelerate_launch_with_the_ddp_config_equals_one_process(tiny_pair, tmp_path):
+    """The docs' data-parallel config (distributed_type: MULTI_GPU), launched on this CPU: accelerate starts
+    2 processes through torchrun, they join a gloo group, and the run ends with the weights of one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "opd.cli", *_args(tiny_pair, one)])
+    proc = _run([*accelerate_launch("ddp.yaml"), "-m", "opd.cli", *_args(tiny_pair, two)])
+    assert "device cpu, 2 processes (rank 0)" in proc.stderr
+    assert proc.stdout.count("opd: done") == 1  # rank 0 reports
+    a, b = (load_file(str(run / "final" / "model.safetensors")) for run in (one, two))
+    start = load_file(str(tiny_pair[0] / "model.safetensors"))
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-4  # the run moved the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == [1, 2, 3]  # one writer
+
+
+def test_the_docs_show_the_shipped_accelerate_configs():
+    """docs/scaling.md quotes configs/accelerate/*.yaml verbatim, so the tested files are the documented ones."""
+    docs = (REPO / "docs" / "scaling.md").read_text()
+    configs = sorted(ACCELERATE_CONFIGS.glob("*.yaml"))
+    assert [c.name for c in configs] == ["ddp.yaml", "fsdp.yaml"]
+    for config in configs:
+        assert f"```yaml\n{config.read_text()}```" in docs, (
+            f"{config.name} differs from its copy in docs/scaling.md"
+        )
+
+
+def test_a_single_cpu_process_from_accelerate_launch_is_warned_about(monkeypatch, caplog):
+    """``accelerate launch --cpu`` (or a MULTI_CPU config) starts one process with ACCELERATE_USE_CPU and no
+    WORLD_SIZE: the run goes on in one process, with a warning that says how to get N."""
+    from opd.config import OPDConfig
+    from opd.runtime import Runtime
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with caplog.at_level("WARNING", logger="opd"):
+        assert Runtime.from_config(OPDConfig(device="cpu")).world_size == 1
+    assert "drop --cpu" in caplog.text
+    caplog.clear()
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    Runtime.from_config(OPDConfig(device="cpu"))  # a plain single process: no warning
+    assert "accelerate" not in caplog.text
+
+
+def test_python_dash_m_opd_is_the_opd_command():
+    """``-m opd`` (the issue's ``accelerate launch -m opd train ...``) runs the same CLI as ``-m opd.cli``."""
+    a = subprocess.run([sys.executable, "-m", "opd", "train", "--help"], capture_output=True, text=True)
+    b = subprocess.run([sys.executable, "-m", "opd.cli", "train", "--help"], capture_output=True, text=True)
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.startswith("usage: opd train")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import accelerate_launch
 from safetensors.torch import load_file
 
 from opd.checkpoint import safe_torch_load
@@ -175,3 +176,40 @@ def test_an_accelerate_fsdp2_config_maps_onto_fsdp_true(monkeypatch):
             m.setenv(var, value)
             with pytest.raises(ConfigError, match=fragment):
                 Runtime.from_config(OPDConfig(device="cpu", fsdp=True))
+
+
+def test_accelerate_launch_with_the_fsdp_config_equals_torchrun(tiny_pair, fsdp_run, tmp_path):
+    """The docs' FSDP2 config (configs/accelerate/fsdp.yaml) plus fsdp=true, launched on this CPU: accelerate
+    starts 2 processes with ACCELERATE_USE_FSDP / FSDP_VERSION=2 / FSDP_OFFLOAD_PARAMS=false /
+    ACCELERATE_MIXED_PRECISION=no, opd accepts them, and the run ends with the torchrun fsdp=true run's
+    weights and grad norms."""
+    run = tmp_path / "accelerate"
+    proc = _run(
+        [
+            *accelerate_launch("fsdp.yaml"),
+            "-m",
+            "opd.cli",
+            *_args(tiny_pair, run, "fsdp=true", "save_every=2"),
+        ]
+    )
+    assert "device cpu, 2 processes (rank 0)" in proc.stderr
+    _same_weights(_weights(fsdp_run[0]), _weights(run), atol=1e-6)
+    _same_rows(fsdp_run[0], run, ["grad_norm", "loss/pg", "kl/sampled"])
+
+
+def test_accelerate_launch_cpu_with_fsdp_is_refused(tiny_pair, tmp_path):
+    """``--cpu`` makes accelerate start one process without the FSDP variables: fsdp=true is refused with
+    the fix (drop --cpu), before the run directory is made."""
+    cmd = [
+        *accelerate_launch("fsdp.yaml", "--cpu"),
+        "-m",
+        "opd.cli",
+        *_args(tiny_pair, tmp_path / "r", "fsdp=true"),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode != 0
+    assert "fsdp=true with 1 process: accelerate launch started a single process on the CPU" in proc.stderr
+    assert "drop --cpu" in proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -98,6 +98,10 @@ def accelerate_fsdp_error(cfg: Any) -> str | None:
 def check_fsdp(cfg: Any, world_size: int) -> None:
     """The rules of ``fsdp=true`` that need the number of processes (one-line :class:`ConfigError`)."""
     if world_size < 2:
+        from opd.runtime import ACCELERATE_ONE_CPU_PROCESS, accelerate_started_one_cpu_process
+
+        if accelerate_started_one_cpu_process():
+            raise ConfigError(f"fsdp=true with 1 process: {ACCELERATE_ONE_CPU_PROCESS}")
         raise ConfigError(
             "fsdp=true with 1 process: sharding needs several; launch with torchrun --nproc_per_node N "
             "(N >= 2) or accelerate launch, or drop fsdp=true"

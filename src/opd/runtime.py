@@ -24,11 +24,18 @@ no pickling). In one process they are no-ops. Every method (``opd train``, ``sft
 Sharded student. ``opd train fsdp=true`` shards the student with FSDP2 (:mod:`opd.fsdp`): its gradients
 then arrive reduce-scattered and summed as DTensor shards, so :meth:`Runtime.all_reduce_grads` leaves
 them alone, and the rest of these helpers (counts, metrics rows) work unchanged. DeepSpeed is refused.
+
+``accelerate launch`` on a machine without a GPU: a ``distributed_type: MULTI_GPU`` (or ``FSDP``) config
+starts its N processes through torchrun, and they run on the CPU with gloo. With ``--cpu`` or a
+``distributed_type: MULTI_CPU`` config accelerate starts a single process (it runs several CPU processes
+only through mpirun) that has ``ACCELERATE_USE_CPU`` but no ``WORLD_SIZE``: that run is warned about
+(:func:`accelerate_started_one_cpu_process`), and ``fsdp=true`` is refused there with the fix.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +46,24 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from opd.config import DEVICE_PATTERN, ConfigError
+
+log = logging.getLogger("opd")
+
+ACCELERATE_ONE_CPU_PROCESS = (
+    "accelerate launch started a single process on the CPU (with --cpu or distributed_type: MULTI_CPU it "
+    "runs several CPU processes only through mpirun); for N CPU processes drop --cpu and launch with a "
+    "MULTI_GPU or FSDP config (configs/accelerate/ddp.yaml, fsdp.yaml) and --num_processes N: without a GPU "
+    "they run on the CPU with gloo; or use torchrun --nproc_per_node N"
+)
+
+
+def accelerate_started_one_cpu_process() -> bool:
+    """True in a process that ``accelerate launch`` started alone on the CPU: its single-process launcher
+    (used for ``--cpu`` and ``MULTI_CPU`` configs) sets ``ACCELERATE_USE_CPU`` and no ``WORLD_SIZE``; the
+    CPU is meant when that variable is true or torch sees no CUDA GPU."""
+    if "ACCELERATE_USE_CPU" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    return os.environ["ACCELERATE_USE_CPU"].lower() in ("1", "true", "yes") or not torch.cuda.is_available()
 
 
 def resolve_device(value: str, key: str = "device") -> torch.device:
@@ -115,6 +140,8 @@ class Runtime:
                 )
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
+            if accelerate_started_one_cpu_process():
+                log.warning(ACCELERATE_ONE_CPU_PROCESS)
             device = resolve_device(cfg.device, "device")
             teacher = resolve_device(cfg.teacher_device, "teacher_device") if cfg.teacher_device else device
             return cls(device=device, teacher_device=teacher)
