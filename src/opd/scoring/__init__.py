@@ -64,8 +64,8 @@ teacher's log-probs at the student's top-``width`` ids. The training loop and ``
 score through it.
 
 Modules: ``head.py`` (the logits/tokens alignment, position ids, the float32 head and its one-time check
-against the model's own forward, input checks), ``chunked.py`` (``score``, ``score_full_logits``,
-``full_vocab_pair`` and how they chunk), ``scorer.py`` (``PolicyScorer`` and ``score_pair``). This package
+against the model's own forward, input checks), ``chunked.py`` (``score``, ``score_backward`` and
+how they chunk), ``full_vocab.py`` (``score_full_logits``, ``full_vocab_pair``, ``full_vocab_fused``), ``scorer.py`` (``PolicyScorer`` and ``score_pair``). This package
 is the public face: import from ``opd.scoring``.
 
 What this package deliberately leaves out:
@@ -84,14 +84,12 @@ from opd.scoring.chunked import (
     ChunkScores,
     Rescorer,
     ScoreOutput,
-    full_vocab_fused,
-    full_vocab_pair,
     keep_rows,
     score,
     score_backward,
-    score_full_logits,
     score_rescorable,
 )
+from opd.scoring.full_vocab import full_vocab_fused, full_vocab_pair, score_full_logits
 from opd.scoring.head import aligned_positions, check_head_path, left_pad_position_ids
 from opd.scoring.scorer import (
     PolicyScorer,

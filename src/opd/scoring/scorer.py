@@ -14,13 +14,12 @@ from opd.scoring.chunked import (
     ChunkScores,
     Rescorer,
     ScoreOutput,
-    full_vocab_fused,
-    full_vocab_pair,
     keep_rows,
     score,
     score_backward,
     score_rescorable,
 )
+from opd.scoring.full_vocab import full_vocab_fused, full_vocab_pair
 
 
 class PolicyScorer(torch.nn.Module):
