@@ -27,6 +27,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,16 @@ def save_checkpoint(
     return final
 
 
+def _load_model_state(model: torch.nn.Module, path: Path, sd: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(sd)``; tied embeddings are stored once, anything else missing is an error."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model: missing={missing} unexpected={unexpected}"
+        )
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -150,24 +161,10 @@ def load_checkpoint(
     sd: dict[str, torch.Tensor] = {}
     for f in sorted((path / "model").glob("*.safetensors")):
         sd.update(load_file(f))
-    if loaders is not None:
-        loaders[0](sd)
-        if optimizer is not None:
-            loaders[1](safe_torch_load(path / "optimizer.pt"))
-        if scheduler is not None:
-            scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
-        if restore_rng:
-            set_rng_state(json.loads((path / "rng.json").read_text()))
-        return json.loads((path / "state.json").read_text())
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    # tied embeddings are stored once; anything else missing is an error
-    missing = [k for k in missing if not _is_tied(model, k)]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {path} does not match the model: missing={missing} unexpected={unexpected}"
-        )
+    load_model, load_optimizer = loaders or (partial(_load_model_state, model, path), None)
+    load_model(sd)
     if optimizer is not None:
-        optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
+        (load_optimizer or optimizer.load_state_dict)(safe_torch_load(path / "optimizer.pt"))
     if scheduler is not None:
         scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
     if restore_rng:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
 from opd.alerts import AlertConfig
-from opd.config_io import _coerce_types, _coerce_value, below, raise_errors, require_keys
+from opd.config_io import _coerce_types, _coerce_value, below, dtype_errors, raise_errors, require_keys
 from opd.errors import ConfigError
 from opd.objectives import AGGREGATIONS, SUPPORTS, WEIGHTINGS
 from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
@@ -62,10 +62,7 @@ class ModelsConfig:
     """Modules that get adapters: all-linear (every linear layer but the output head) or a comma-separated list of module names, e.g. q_proj,v_proj."""
 
     def _check(self) -> list[str]:
-        errs = []
-        for dt_key in ("student_dtype", "teacher_dtype"):
-            if getattr(self, dt_key) not in ("float32", "bfloat16", "float16"):
-                errs.append(f"{dt_key}={getattr(self, dt_key)!r}: choose float32 or bfloat16")
+        errs = dtype_errors(self, ("student_dtype", "teacher_dtype"))
         if self.student_dtype == "float16":
             errs.append(
                 "student_dtype='float16': not supported for training (float16 gradients need loss scaling, "

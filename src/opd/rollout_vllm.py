@@ -53,6 +53,7 @@ from collections.abc import Sequence
 
 import torch
 
+from opd.models import resolve_dtype
 from opd.rollout import (
     RolloutBatch,
     _assemble,
@@ -141,7 +142,7 @@ class VLLMBackend:
         self.tokenizer = tokenizer
         self.sync_timeout_s = sync_timeout_s
         self._allowed = list(range(self.vocab_limit)) if logit_rows(model) > self.vocab_limit else None
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.dtype = resolve_dtype(dtype)
 
         self._dir = tempfile.TemporaryDirectory(prefix="opd-vllm-")
         config = model.config.to_dict()
