@@ -51,13 +51,12 @@ from opd.methods.common import (
     make_scheduler,
     run_processes,
 )
-from opd.methods.loop import StepEnd, begin_process
+from opd.methods.loop import StepEnd, begin_process, open_metrics_log
 from opd.rollout import RolloutBatch
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
 from opd.teacher_data import ForcedSequence, collate, field_sequences, read_sequences
-from opd.tracking import MetricsLogger, NullMetricsLogger
 
 log = logging.getLogger("opd")
 
@@ -246,7 +245,7 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), count_parameters(teacher))
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
+    metrics_log = open_metrics_log(cfg, runtime, out_dir)
 
     ends = StepEnd.open(
         "kd",
@@ -301,7 +300,6 @@ def _train(cfg: KDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             "skipped_steps": ends.count_skipped(out["skipped"]),
             "epoch": sampler.epoch + sampler.position / sampler.size,
             "time/step": step_time,
-            "throughput/tokens_per_s": out["tokens"] / step_time if step_time > 0 else 0.0,
             **cost.row(),
             "memory/peak_mb": peak_memory_mb(runtime.device),
         }

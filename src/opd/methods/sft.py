@@ -60,7 +60,7 @@ from opd.methods.common import (
     run_processes,
     write_config,
 )
-from opd.methods.loop import StepEnd, begin_process, resume_checkpoint
+from opd.methods.loop import StepEnd, begin_process, open_metrics_log, resume_checkpoint
 from opd.rollout import BACKENDS as ROLLOUT_BACKENDS
 from opd.rollout import RolloutBatch, make_backend
 from opd.runtime import Runtime
@@ -75,7 +75,7 @@ from opd.teacher_data import (
     stats_path,
     write_sequences,
 )
-from opd.tracking import MetricsLogger, NullMetricsLogger, progress
+from opd.tracking import progress
 
 log = logging.getLogger("opd")
 
@@ -478,7 +478,7 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
+    metrics_log = open_metrics_log(cfg, runtime, out_dir)
 
     resumed = resume_checkpoint(cfg, out_dir, student, optimizer, scheduler, cost)  # the sampler: below
     if run is not None:  # rank 0
@@ -541,7 +541,6 @@ def _train(cfg: SFTConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
             "skipped_steps": ends.count_skipped(out["skipped"]),
             "epoch": sampler.epoch + sampler.position / sampler.size,
             "time/step": step_time,
-            "throughput/tokens_per_s": out["tokens"] / step_time if step_time > 0 else 0.0,
             **cost.row(),
             "memory/peak_mb": peak_memory_mb(runtime.device),
         }
