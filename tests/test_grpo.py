@@ -239,6 +239,19 @@ def test_run_layout_metrics_and_cost(tiny_pair, tmp_path, monkeypatch):
     )
 
 
+def test_report_to_is_honoured_by_a_baseline_too(tiny_pair, tmp_path, monkeypatch):
+    """``report_to`` is a key of every method's config: GRPO's TensorBoard scalars are its metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    parity_reward(monkeypatch)
+    grpo.train(make_grpo_cfg(tiny_pair, tmp_path, report_to="tensorboard"))
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx([r["reward/mean"] for r in rows])
+
+
 def test_resume_equals_uninterrupted_run(tiny_pair, tmp_path, monkeypatch):
     parity_reward(monkeypatch)
     ref = grpo.train(make_grpo_cfg(tiny_pair, tmp_path / "a", steps=4, save_every=2, ppo_epochs=2))

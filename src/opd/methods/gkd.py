@@ -70,7 +70,7 @@ from opd.methods.common import (
     make_scheduler,
     run_processes,
 )
-from opd.methods.loop import StepEnd, begin_process
+from opd.methods.loop import StepEnd, begin_process, open_metrics_log
 from opd.precision import compute_context
 from opd.rollout import (
     RolloutBackend,
@@ -83,7 +83,6 @@ from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
 from opd.teacher_data import end_of_response_id
-from opd.tracking import MetricsLogger, NullMetricsLogger
 
 log = logging.getLogger("opd")
 
@@ -285,7 +284,7 @@ def _train(cfg: GKDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), count_parameters(models.teacher))
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
+    metrics_log = open_metrics_log(cfg, runtime, out_dir)
 
     ends = StepEnd.open(
         "gkd",

@@ -60,14 +60,13 @@ from opd.methods.common import (
     make_scheduler,
     run_processes,
 )
-from opd.methods.loop import StepEnd, begin_process
+from opd.methods.loop import StepEnd, begin_process, open_metrics_log
 from opd.models import load_model
 from opd.precision import compute_context
 from opd.rollout import RolloutBackend, make_backend, prompt_seed
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
-from opd.tracking import MetricsLogger, NullMetricsLogger
 
 log = logging.getLogger("opd")
 
@@ -287,7 +286,7 @@ def _train(cfg: GRPOConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
     optimizer = make_optimizer(student, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     cost = CostMeter(count_parameters(student), teacher_params=0)
-    metrics_log = MetricsLogger(out_dir / "metrics.jsonl") if runtime.is_main else NullMetricsLogger()
+    metrics_log = open_metrics_log(cfg, runtime, out_dir)
 
     ends = StepEnd.open(
         "grpo",

@@ -16,6 +16,8 @@ import torch
 
 from opd.alerts import AlertMonitor
 from opd.checkpoint import load_newest_checkpoint, save_checkpoint
+from opd.config import tracking_backends
+from opd.config_io import to_dict
 from opd.cost import CostMeter
 from opd.data import PromptSet
 from opd.methods.common import (
@@ -29,7 +31,7 @@ from opd.methods.common import (
 from opd.rundir import RunDir, RunInterrupted, StopSignals
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
-from opd.tracking import progress
+from opd.tracking import MetricsLogger, NullMetricsLogger, progress
 
 __all__ = ["Resumed", "StepEnd", "begin_process", "claim_run_dir", "resume_checkpoint", "seed_processes"]
 
@@ -91,6 +93,15 @@ def resume_checkpoint(
         cost.load_state_dict(state["cost"])
     log.info("resumed from %s (step %d)", ckpt, state["step"])
     return Resumed(state["step"], state.get("skipped_steps", 0), state)
+
+
+def open_metrics_log(cfg: Any, runtime: Runtime, out_dir: Path) -> MetricsLogger | NullMetricsLogger:
+    """Rank 0's metrics log (``metrics.jsonl`` plus the trackers of ``report_to``); a null logger elsewhere."""
+    if not runtime.is_main:
+        return NullMetricsLogger()
+    return MetricsLogger(
+        out_dir / "metrics.jsonl", backends=tracking_backends(cfg.report_to), config=to_dict(cfg)
+    )
 
 
 def seed_processes(cfg: Any, runtime: Runtime, start_step: int) -> None:

@@ -42,8 +42,7 @@ import torch
 
 from opd import fsdp
 from opd import objectives as obj
-from opd.config import OPDConfig, tracking_backends
-from opd.config_io import to_dict
+from opd.config import OPDConfig
 from opd.cost import CostMeter, count_parameters, peak_memory_mb
 from opd.methods.common import (
     load_models,
@@ -54,7 +53,7 @@ from opd.methods.common import (
     masked_mean,
     run_processes,
 )
-from opd.methods.loop import StepEnd, begin_process
+from opd.methods.loop import StepEnd, begin_process, open_metrics_log
 from opd.methods.opd_scoring import (
     ScoredBatch,
     apply_gradients,
@@ -71,7 +70,6 @@ from opd.rollout import RolloutBackend, RolloutBatch, make_backend, prompt_seed,
 from opd.runtime import Runtime
 from opd.sampler import PromptSampler
 from opd.scoring import PolicyScorer
-from opd.tracking import MetricsLogger, NullMetricsLogger
 
 log = logging.getLogger("opd")
 
@@ -237,13 +235,7 @@ def _train(cfg: OPDConfig, runtime: Runtime, run, stop) -> dict[str, Any]:
         fsdp.reshard_before_steps(student, optimizer)
     n_teacher = models.teacher.num_parameters if served else count_parameters(models.teacher)
     cost = CostMeter(n_student, n_teacher)
-    metrics_log = (
-        MetricsLogger(
-            out_dir / "metrics.jsonl", backends=tracking_backends(cfg.report_to), config=to_dict(cfg)
-        )
-        if runtime.is_main
-        else NullMetricsLogger()
-    )
+    metrics_log = open_metrics_log(cfg, runtime, out_dir)
     monitor = make_alert_monitor(cfg)
 
     ends = StepEnd.open(
