@@ -46,6 +46,10 @@ def test_resume_restores_step_skips_sampler_cost_and_weights(tmp_path, caplog):
     cost.add(student_train_tokens=123)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
+    for p in model.parameters():  # one optimiser and schedule step: state a fresh optimizer does not have
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    sched.step()
     state = {"sampler": sampler.state_dict(), "skipped_steps": 2, "cost": cost.state_dict()}
     save_checkpoint(tmp_path, 4, model=model, tokenizer=tok, optimizer=opt, scheduler=sched, state=state)
     expected_batch = PromptSampler(range(7), seed=1)
@@ -58,6 +62,11 @@ def test_resume_restores_step_skips_sampler_cost_and_weights(tmp_path, caplog):
     assert cost2.row() == cost.row()
     for a, b in zip(fresh.parameters(), model.parameters()):
         assert torch.equal(a, b)
+    assert sched2.last_epoch == sched.last_epoch == 1
+    saved, loaded = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert len(loaded) == len(saved) > 0
+    for i in saved:
+        assert torch.equal(loaded[i]["exp_avg"], saved[i]["exp_avg"])
 
 
 def test_processes_get_their_own_stream_and_rank_0_claims_the_directory(tmp_path):
