@@ -182,8 +182,11 @@ def test_full_vocab_fused_gradient_equals_autograd_through_the_pair(tiny_pair):
     ids, am, rm = batch.input_ids_B_T, batch.attention_mask_B_T, batch.response_mask_B_T
     w_B_T = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) * rm
 
-    def kl(zs, zt):
+    def kl(zs, zt):  # of logits: full_vocab_pair's contract
         ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+        return (ls.exp() * (ls - lt)).sum(-1)
+
+    def kl_of_logp(ls, lt):  # of log-probs: full_vocab_fused's contract (no log_softmax, so logits fail)
         return (ls.exp() * (ls - lt)).sum(-1)
 
     grads, divs = [], []
@@ -191,7 +194,7 @@ def test_full_vocab_fused_gradient_equals_autograd_through_the_pair(tiny_pair):
         student = AutoModelForCausalLM.from_pretrained(student_dir)
         if fused:
             div, s_out, t_out = full_vocab_fused(
-                student, teacher, ids, am, rm, kl, w_B_T, top_k=3, chunk_size=5
+                student, teacher, ids, am, rm, kl_of_logp, w_B_T, top_k=3, chunk_size=5
             )
             assert not div.requires_grad and s_out.topk_ids_B_T_K.shape[-1] == 3
             torch.testing.assert_close(s_out.token_logp_B_T, score(student, ids, am, rm).token_logp_B_T)
@@ -247,6 +250,14 @@ def test_score_backward_gradient_equals_autograd_through_score(tiny_pair, temper
         seen.append(c.rows_n.numel())
         at = (c.rows_n, c.tgt_n)
         assert torch.equal(c.topk_ids_n_K, ref.topk_ids_B_T_K[at])
+        for got, want in (
+            (c.token_logp_n, ref.token_logp_B_T),
+            (c.topk_logp_n_K, ref.topk_logp_B_T_K),
+            (c.given_logp_n_K, ref.given_logp_B_T_K),
+            (c.entropy_n, ref.entropy_B_T),
+        ):  # the chunk's scores are the ones score gives at its positions
+            torch.testing.assert_close(got, want.detach()[at], atol=1e-5, rtol=1e-5)
+        assert torch.equal(c.given_ids_n_K, given_B_T_K[at])
         return a_B_T[at], b_B_T_K[at], c_B_T_K[at]
 
     out = score_backward(model, ids, am, rm, chunk_loss, **kw)

@@ -17,6 +17,7 @@ from opd.scoring import (
     score,
     score_full_logits,
 )
+from opd.scoring.head import make_head
 from opd.tiny import build_byte_tokenizer, build_tiny_model
 
 B, T = 3, 12
@@ -332,6 +333,11 @@ def test_gemma2_final_logit_softcapping(tok):
     torch.testing.assert_close(
         out.token_logp_B_T, token_reference(logp_B_T_V, ids, resp), atol=1e-6, rtol=1e-6
     )
+    # the few-rows head (the fused step's teacher at given ids) applies the same cap and temperature
+    head, _ = make_head(model, 0.7, None)
+    h = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    some = torch.randint(0, len(tok), (5, 3), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(head.logits_at(h, some), head.logits(h).gather(-1, some), atol=1e-6, rtol=1e-6)
 
 
 def test_head_check_refuses_unknown_logit_quirk(tok):

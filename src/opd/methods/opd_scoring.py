@@ -285,7 +285,7 @@ def fused_update(
         t_given = None
         if teacher_first:
             # the teacher's top-K ids are needed by the student's pass: the teacher goes first, and gives
-            # its log-probs at the student's top-K afterwards from its kept hidden rows (no second head)
+            # its log-probs at the student's top-K afterwards (a served teacher: a second scoring call)
             t0 = time.perf_counter()
             t_first, t_given = score_teacher_first(teacher, mb, width, teacher_mb=tmb)
             t_teacher += time.perf_counter() - t0
